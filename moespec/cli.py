@@ -1,0 +1,161 @@
+"""The ``moespec`` command line: a thin layer over the library that parses and prints.
+
+Exit codes: 0 success, 1 invalid spec (or other user-input error), 2 usage error.
+Results go to stdout, diagnostics to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from moespec import __version__
+from moespec.errors import MoespecError, SpecError
+from moespec.spec.load import LoadedSpec, load_spec
+
+_OVERRIDE = re.compile(r"^(?:[+~][A-Za-z_0-9]|[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_0-9]+)*=)")
+
+
+def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """Separate spec paths from ``a.b=v`` / ``+a.b=v`` / ``~a.b`` overrides."""
+    specs, overrides = [], []
+    for item in items:
+        is_override = _OVERRIDE.match(item) and not Path(item).exists()
+        (overrides if is_override else specs).append(item)
+    return specs, overrides
+
+
+def _report(err: SpecError, as_json: bool, file: str | None = None) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {"file": file, "ok": False, "errors": [d.to_json() for d in err.diagnostics]}, indent=2
+            )
+        )
+    else:
+        print(err.format(), file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    specs, overrides = _split_args(args.items)
+    if not specs:
+        print("moespec validate: give at least one spec file", file=sys.stderr)
+        return 2
+    results, failed = [], False
+    for path in specs:
+        try:
+            loaded = load_spec(path, overrides)
+        except SpecError as e:
+            failed = True
+            if args.json:
+                results.append({"file": path, "ok": False, "errors": [d.to_json() for d in e.diagnostics]})
+            else:
+                _report(e, False)
+            continue
+        if args.json:
+            results.append({"file": path, "ok": True, "errors": []})
+        else:
+            print(f"{path}: ok ({loaded.spec.name})")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from moespec.spec.jsonschema import json_schema_text
+
+    text = json_schema_text()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _load_one(args: argparse.Namespace) -> LoadedSpec:
+    specs, overrides = _split_args(args.items)
+    if len(specs) != 1:
+        raise SystemExit(_usage(f"moespec {args.command}: give exactly one spec file (got {len(specs)})"))
+    return load_spec(specs[0], overrides)
+
+
+def _usage(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from moespec.explain import explain_data, print_explain
+
+    loaded = _load_one(args)
+    if args.json:
+        print(json.dumps(explain_data(loaded), indent=2))
+    else:
+        print_explain(loaded)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from moespec.starter import starter_text
+
+    out = Path(args.path)
+    if out.exists() and not args.force:
+        print(f"{out}: already exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    text = starter_text(out, schema=args.schema, name=args.name or out.stem)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)  # atomic: never a half-written spec
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the README's CLI reference and tests)."""
+    p = argparse.ArgumentParser(prog="moespec", description="Declarative MoE spec compiler for PyTorch.")
+    p.add_argument("--version", action="version", version=f"moespec {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    over = "overrides: a.b=v sets, +a.b=v adds, ~a.b deletes (v is YAML)"
+    v = sub.add_parser("validate", help="check spec files; print every error compiler-style")
+    v.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"spec files, then {over}")
+    v.add_argument("--json", action="store_true", help="machine-readable results")
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
+    s.add_argument("-o", "--output", help="write to this file instead of stdout")
+    s.set_defaults(func=cmd_schema)
+
+    e = sub.add_parser("explain", help="resolved spec with provenance and derived numbers")
+    e.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
+    e.add_argument("--json", action="store_true", help="machine-readable output (`layers` list)")
+    e.set_defaults(func=cmd_explain)
+
+    i = sub.add_parser("init", help="write a starter spec with the schema modeline")
+    i.add_argument("path", nargs="?", default="moe.yaml", help="file to write (default: moe.yaml)")
+    i.add_argument("--name", help="spec name (default: the file name)")
+    i.add_argument("--schema", help="schema path or URL for the modeline (default: the installed schema)")
+    i.add_argument("--force", action="store_true", help="overwrite an existing file")
+    i.set_defaults(func=cmd_init)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moespec`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        _report(e, getattr(args, "json", False))
+        return 1
+    except MoespecError as e:
+        print(f"moespec: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,100 @@
+"""User-facing errors that print like a compiler: ``file:line:col: path: message``.
+
+Every problem found in a spec becomes a :class:`Diagnostic` that knows where the offending
+value came from (a file position or a command-line override). :class:`SpecError` carries
+all of them at once, so a user fixes every problem in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a value came from.
+
+    ``file`` is a path for values read from YAML, or ``"<cli>"`` for command-line overrides,
+    in which case ``text`` holds the override token. ``line`` and ``col`` are 1-based.
+    """
+
+    file: str
+    line: int = 1
+    col: int = 1
+    text: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+    def source_line(self) -> str | None:
+        """The text of the line this origin points into, if it can be read."""
+        if self.text is not None:
+            return self.text
+        try:
+            lines = Path(self.file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return lines[self.line - 1] if 0 < self.line <= len(lines) else None
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem: where it is, which spec path, and what is wrong."""
+
+    origin: Origin | None
+    path: str
+    message: str
+
+    def format(self, *, snippet: bool = True) -> str:
+        """Compiler-style text: a header line, then the source line with a caret."""
+        where = f"{self.origin}: " if self.origin else ""
+        path = f"{self.path}: " if self.path else ""
+        head = f"{where}{path}{self.message}"
+        if not snippet or self.origin is None:
+            return head
+        src = self.origin.source_line()
+        if src is None:
+            return head
+        caret = " " * (self.origin.col - 1) + "^"
+        return f"{head}\n    {src}\n    {caret}"
+
+    def to_json(self) -> dict[str, object]:
+        """A machine-readable form for ``--json`` output."""
+        o = self.origin
+        return {
+            "file": o.file if o else None,
+            "line": o.line if o else None,
+            "col": o.col if o else None,
+            "path": self.path,
+            "message": self.message,
+        }
+
+
+class MoespecError(Exception):
+    """Base class of errors moespec reports to users."""
+
+
+@dataclass
+class SpecError(MoespecError):
+    """A spec could not be loaded or validated; holds every problem found."""
+
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.format(snippet=False))
+
+    def format(self, *, snippet: bool = True) -> str:
+        """All diagnostics, one block each, followed by a count."""
+        blocks = [d.format(snippet=snippet) for d in self.diagnostics]
+        n = len(self.diagnostics)
+        blocks.append(f"{n} error{'s' if n != 1 else ''} found")
+        return "\n".join(blocks)
+
+    def __str__(self) -> str:
+        return self.format(snippet=False)
+
+
+def spec_error(origin: Origin | None, path: str, message: str) -> SpecError:
+    """Shorthand for a :class:`SpecError` with a single diagnostic."""
+    return SpecError([Diagnostic(origin, path, message)])

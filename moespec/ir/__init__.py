@@ -1,0 +1,1 @@
+"""Resolved, derived views of a validated spec (parameter counts, FLOPs, memory)."""

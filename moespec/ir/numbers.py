@@ -1,0 +1,119 @@
+"""Derived numbers of an MoE layer: parameters, active parameters, FLOPs/token, memory per rank.
+
+Conventions (stated in the README and in ``moespec explain``):
+- parameters are trainable weights and biases; buffers (the aux-loss-free expert bias) are not;
+- FLOPs are forward matmul FLOPs at inference, 2 per multiply-accumulate; elementwise work
+  (activations, softmax, bias adds, combine) and training-only noise projections are excluded;
+- active parameters/FLOPs assume the router picks its k most expensive experts, which is exact
+  for homogeneous experts and an upper bound for heterogeneous ones and zero-compute experts;
+- weight memory per expert-parallel rank holds 1/ep of the routed FFN experts plus a replica of
+  everything else (router, shared experts, zero-compute experts), in ``target.dtype``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from moespec.spec.base import BYTES_PER_DTYPE, Strict
+from moespec.spec.experts import FFNSpec
+from moespec.spec.schema import LayerSpec, Spec
+
+# router kind -> experts computed per token (may be fractional for data-dependent routers).
+ACTIVE_EXPERTS: dict[str, Callable[[Strict, LayerSpec], float]] = {
+    "topk": lambda r, _layer: r.k,  # type: ignore[attr-defined]
+}
+
+
+def ffn_macs(kind: str, d: int, f: int) -> int:
+    """Multiply-accumulates per token of one FFN block (= its weight-matrix entries)."""
+    return (3 if kind == "glu" else 2) * d * f
+
+
+def ffn_params(ffn: FFNSpec, d: int, width: int | None = None) -> int:
+    """Weights (+ biases) of one FFN block of hidden width ``width`` (default ``ffn.d_ff``)."""
+    f = ffn.d_ff if width is None else width
+    bias = ((2 * f if ffn.kind == "glu" else f) + d) if ffn.bias else 0
+    return ffn_macs(ffn.kind, d, f) + bias
+
+
+def _top_k_sum(values: list[int], k: float) -> float:
+    """Sum of the ``k`` largest values; a fractional k takes that fraction of the next one."""
+    top = sorted(values, reverse=True)
+    whole = min(int(k), len(top))
+    rest = top[whole] * (k - whole) if whole < len(top) else 0
+    return sum(top[:whole]) + rest
+
+
+@dataclass(frozen=True)
+class LayerNumbers:
+    """Derived numbers of one MoE layer (one member of a group)."""
+
+    name: str
+    count: int
+    n_experts: int
+    n_ffn_experts: int
+    experts_per_token: float
+    params_total: int
+    params_active: int
+    flops_per_token: int
+    params_router: int
+    params_routed: int
+    params_shared: int
+    params_zero_compute: int
+    weight_bytes_per_rank: int
+
+    def to_json(self) -> dict[str, object]:
+        """Plain dict for ``--json`` output."""
+        return asdict(self)
+
+
+def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerNumbers:
+    """Compute :class:`LayerNumbers` for one layer of ``spec``."""
+    d, ex = spec.d_model, layer.experts
+    n = ex.n_routed
+    router = layer.router
+    router_params = d * n + (n if getattr(router, "bias", False) else 0)
+    noise = getattr(router, "noise", None)
+    if noise is not None and noise.kind == "learned":
+        router_params += d * n  # W_noise
+    # Per routed expert: (params, MACs), in expert-index order.
+    per_expert: list[tuple[int, int]] = []
+    for g in ex.routed:
+        per_expert += [(ffn_params(g, d, g.width), ffn_macs(g.kind, d, g.width))] * g.n_experts
+    for z in ex.zero_compute:
+        cost = (3 * d, 2 * d) if z.kind == "constant" else (0, 0)
+        per_expert += [cost] * z.count
+    routed = sum(p for p, _ in per_expert[: ex.n_ffn])
+    zero = sum(p for p, _ in per_expert[ex.n_ffn :])
+    shared, shared_macs = 0, 0
+    if ex.shared is not None:
+        shared = ex.shared.count * ffn_params(ex.shared, d) + (d if ex.shared.gate else 0)
+        shared_macs = ex.shared.count * ffn_macs(ex.shared.kind, d, ex.shared.d_ff)
+        shared_macs += d if ex.shared.gate else 0
+    k = ACTIVE_EXPERTS[router.kind](router, layer)
+    active_p = _top_k_sum([p for p, _ in per_expert], k)
+    active_m = _top_k_sum([m for _, m in per_expert], k)
+    total = router_params + routed + shared + zero
+    ep = spec.placement.expert_parallel
+    per_rank = routed // ep + router_params + shared + zero
+    return LayerNumbers(
+        name=name,
+        count=count,
+        n_experts=n,
+        n_ffn_experts=ex.n_ffn,
+        experts_per_token=k,
+        params_total=total,
+        params_active=round(router_params + shared + active_p),
+        flops_per_token=round(2 * (d * n + shared_macs + active_m)),
+        params_router=router_params,
+        params_routed=routed,
+        params_shared=shared,
+        params_zero_compute=zero,
+        weight_bytes_per_rank=per_rank * BYTES_PER_DTYPE[spec.target.dtype],
+    )
+
+
+def spec_numbers(spec: Spec) -> list[LayerNumbers]:
+    """Numbers for each layer group of ``spec``."""
+    return [layer_numbers(spec, name, count, layer) for name, count, layer in spec.layer_groups()]

@@ -1,0 +1,42 @@
+"""Shared pieces of the spec models: the strict base class, dtypes and kind registries."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DType = Literal["fp32", "bf16", "fp16", "fp64"]
+BYTES_PER_DTYPE: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown keys are errors, `"8"` is not 8, objects are frozen."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class KindRegistry:
+    """A ``kind -> model`` registry from which a discriminated union is built.
+
+    A new router (or noise, capacity, loss ...) is one class decorated with
+    ``@REGISTRY.register``; the spec language does not change shape for it.
+    """
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.kinds: dict[str, type[Strict]] = {}
+
+    def register(self, cls: type[Strict]) -> type[Strict]:
+        """Class decorator: add ``cls`` under the single value of its ``kind`` Literal."""
+        (kind,) = cls.model_fields["kind"].annotation.__args__  # type: ignore[union-attr]
+        assert kind not in self.kinds, f"duplicate {self.family} kind {kind!r}"
+        self.kinds[kind] = cls
+        return cls
+
+    def union(self) -> Any:
+        """The union of every registered kind, discriminated by ``kind``."""
+        members = tuple(self.kinds.values())
+        if len(members) == 1:
+            return members[0]
+        return Annotated[Union[members], Field(discriminator="kind")]  # noqa: UP007

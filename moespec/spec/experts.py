@@ -1,0 +1,106 @@
+"""Expert declarations: routed FFN groups, shared experts and zero-compute experts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from moespec.spec.base import Strict
+
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
+
+
+class InitSpec(Strict):
+    """How expert weights are initialised."""
+
+    kind: Literal["normal", "trunc_normal", "uniform_fan_in"] = Field(
+        "normal",
+        description="`normal`: N(0, std²); `trunc_normal`: N(0, std²) cut at ±2·std; "
+        "`uniform_fan_in`: U(±1/sqrt(fan_in)) as torch.nn.Linear does.",
+    )
+    std: float = Field(0.02, gt=0, description="Standard deviation for the normal kinds.")
+    output_scale: float = Field(
+        1.0, gt=0, description="Extra factor on the std of the down (output) projection."
+    )
+
+
+class FFNSpec(Strict):
+    """One feed-forward block: `mlp` is act(x W_up) W_down, `glu` is (act(x W_gate) * x W_up) W_down.
+
+    The gated forms of each activation are `kind: glu` with that activation: silu -> SwiGLU,
+    gelu -> GeGLU, gelu_tanh -> GeGLU (tanh approximation), relu -> ReGLU.
+    """
+
+    kind: Literal["mlp", "glu"] = Field(description="`mlp` (two matrices) or `glu` (three, gated).")
+    activation: Activation = Field(description="Activation function (the gate's, for `glu`).")
+    d_ff: int = Field(gt=0, description="Hidden width of the block.")
+    bias: bool = Field(False, description="Whether the projections carry biases.")
+    init: InitSpec = Field(default_factory=InitSpec, description="Weight initialisation.")
+
+
+class RoutedExpertGroup(FFNSpec):
+    """`count` routed experts with the same shape; several groups make a heterogeneous layer."""
+
+    count: int = Field(gt=0, description="Number of experts in this group.")
+    granularity: int = Field(
+        1,
+        ge=1,
+        description="Fine-grained segmentation factor m (DeepSeekMoE): the group is materialised "
+        "as count*m experts of width d_ff/m. The router's k counts materialised experts.",
+    )
+
+    @property
+    def n_experts(self) -> int:
+        """Experts after fine-grained segmentation."""
+        return self.count * self.granularity
+
+    @property
+    def width(self) -> int:
+        """Hidden width of each materialised expert."""
+        return self.d_ff // self.granularity
+
+
+class SharedExperts(FFNSpec):
+    """Always-on experts added to every token's output (DeepSeekMoE, Qwen-MoE)."""
+
+    count: int = Field(1, gt=0, description="Number of shared experts, each of width d_ff.")
+    gate: bool = Field(
+        False,
+        description="Scale the shared output by sigmoid(x w_gate) with a learned d_model vector "
+        "(Qwen-MoE's shared_expert_gate).",
+    )
+
+
+class ZeroComputeExperts(Strict):
+    """MoE++ zero-computation experts that take routing slots but no FFN.
+
+    `zero`: f(x) = 0; `copy`: f(x) = x; `constant`: f(x) = a1·x + a2·v with [a1, a2] =
+    softmax(x W_c) and a learned vector v.
+    """
+
+    kind: Literal["zero", "copy", "constant"] = Field(description="Which zero-compute expert.")
+    count: int = Field(1, gt=0, description="How many of them.")
+
+
+class ExpertsSpec(Strict):
+    """All experts of a layer. Routed expert indices follow `routed` order, then `zero_compute`."""
+
+    routed: list[RoutedExpertGroup] = Field(
+        min_length=1,
+        description="Groups of routed FFN experts; more than one group gives heterogeneous experts.",
+    )
+    shared: SharedExperts | None = Field(None, description="Always-on shared experts, if any.")
+    zero_compute: list[ZeroComputeExperts] = Field(
+        default_factory=list, description="MoE++ zero/copy/constant experts, routed like the others."
+    )
+
+    @property
+    def n_ffn(self) -> int:
+        """Routed FFN experts (after fine-grained segmentation)."""
+        return sum(g.n_experts for g in self.routed)
+
+    @property
+    def n_routed(self) -> int:
+        """Every routable expert, zero-compute ones included."""
+        return self.n_ffn + sum(z.count for z in self.zero_compute)

@@ -1,0 +1,102 @@
+"""The top-level spec model (``moespec: 1``): a layer design, layer groups, placement, target."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, WithJsonSchema
+
+from moespec.spec.base import DType, Strict
+from moespec.spec.experts import ExpertsSpec
+from moespec.spec.routers import Router
+from moespec.spec.sparsity import Capacity, Dropless, LossesSpec
+
+
+class LayerSpec(Strict):
+    """One MoE layer design: experts, router, capacity and losses."""
+
+    experts: ExpertsSpec = Field(description="Routed, shared and zero-compute experts.")
+    router: Router = Field(description="How tokens are assigned to experts; `kind` picks the method.")
+    capacity: Capacity = Field(
+        default_factory=lambda: Dropless(kind="dropless"),
+        description="Token capacity per expert: `dropless` or a `factor`.",
+    )
+    losses: LossesSpec = Field(default_factory=LossesSpec, description="Auxiliary losses.")
+
+
+class GroupSpec(Strict):
+    """A group of `count` identical MoE layers whose design differs from the base `layer`."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Group name (an identifier).")
+    count: int = Field(1, gt=0, description="Number of MoE layers in this group.")
+    # After composition `layer` is the base layer with this patch merged in (maps merge,
+    # lists replace); editors see it as a free-form patch, since any subset may be given.
+    layer: Annotated[
+        LayerSpec,
+        WithJsonSchema(
+            {
+                "type": "object",
+                "description": "Patch merged over the top-level `layer` (maps merge, lists replace).",
+            }
+        ),
+    ] = Field(description="Patch merged over the top-level `layer` (maps merge, lists replace).")
+
+
+class PlacementSpec(Strict):
+    """Expert parallelism: how routed FFN experts are spread over ranks."""
+
+    expert_parallel: int = Field(
+        1, gt=0, description="Expert-parallel degree (ranks sharing a layer's experts)."
+    )
+    mapping: Literal["contiguous", "round_robin"] | list[int] = Field(
+        "contiguous",
+        description="Expert-to-rank mapping: `contiguous` blocks, `round_robin`, or an explicit "
+        "list giving the rank of each routed FFN expert. Zero-compute experts are replicated.",
+    )
+
+
+class TargetSpec(Strict):
+    """What the compiler emits code for."""
+
+    backend: Literal["torch", "triton"] = Field(
+        "torch", description="`torch`: FX graph of custom ops; `triton`: generated Triton kernels."
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Device the module runs on.")
+    arch: Literal["auto", "sm80", "sm86", "sm89", "sm90", "sm100"] = Field(
+        "auto", description="GPU architecture for kernel tuning; `auto` detects it (CUDA only)."
+    )
+    dtype: DType = Field("fp32", description="Parameter and activation dtype.")
+    router_dtype: DType = Field("fp32", description="Router compute dtype (selective precision).")
+
+
+class Spec(Strict):
+    """A moespec v1 spec: one MoE layer design, optionally in several differing groups."""
+
+    moespec: Literal[1] = Field(description="Spec language version; must be 1.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of the design (file-name safe)."
+    )
+    description: str = Field("", description="Free text shown by `moespec explain`.")
+    extends: Annotated[
+        Any,
+        WithJsonSchema(
+            {
+                "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                "description": "Spec file(s) this one extends, relative to this file.",
+            }
+        ),
+    ] = Field(None, description="Spec file(s) this one extends; resolved before validation.")
+    d_model: int = Field(gt=0, description="Model (token) width.")
+    layer: LayerSpec = Field(description="The MoE layer design (the base of every group).")
+    groups: list[GroupSpec] = Field(
+        default_factory=list,
+        description="Layer groups that differ from `layer`; if empty, the spec is one layer.",
+    )
+    placement: PlacementSpec = Field(default_factory=PlacementSpec, description="Expert parallelism.")
+    target: TargetSpec = Field(default_factory=TargetSpec, description="Code generation target.")
+
+    def layer_groups(self) -> list[tuple[str, int, LayerSpec]]:
+        """``(name, count, layer)`` for each group; the base layer alone if there are none."""
+        if not self.groups:
+            return [("layer", 1, self.layer)]
+        return [(g.name, g.count, g.layer) for g in self.groups]

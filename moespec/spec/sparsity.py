@@ -1,0 +1,89 @@
+"""Capacity (token dropping) and auxiliary losses."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from moespec.spec.base import KindRegistry, Strict
+
+CAPACITIES = KindRegistry("capacity")
+BALANCE_LOSSES = KindRegistry("load-balance loss")
+
+
+@CAPACITIES.register
+class Dropless(Strict):
+    """Every routed token is computed (MegaBlocks, Mixtral, DeepSeek)."""
+
+    kind: Literal["dropless"] = Field(description="No capacity limit.")
+
+
+@CAPACITIES.register
+class CapacityFactor(Strict):
+    """Capacity per expert C = max(ceil(factor · T · k / E), min_capacity); overflow is dropped
+    (the token keeps only its residual/shared path for that expert)."""
+
+    kind: Literal["factor"] = Field(description="Capacity from a factor.")
+    train_factor: float = Field(gt=0, description="Capacity factor while training.")
+    eval_factor: float = Field(gt=0, description="Capacity factor in eval mode.")
+    min_capacity: int = Field(4, ge=0, description="Lower bound on C.")
+    drop_policy: Literal["position", "score", "random"] = Field(
+        "position",
+        description="Which tokens are kept when an expert overflows: earliest positions, highest "
+        "router scores (batch-prioritised routing), or a random subset.",
+    )
+
+
+Scope = Literal["batch", "sequence"]
+
+
+class _WeightedLoss(Strict):
+    weight: float = Field(gt=0, description="Coefficient of the loss in `aux_loss`.")
+    scope: Scope = Field(
+        "batch", description="Compute over the whole batch, or per sequence and then average."
+    )
+
+
+@BALANCE_LOSSES.register
+class SwitchLoss(_WeightedLoss):
+    """Switch load-balancing loss: E · sum_e f_e · P_e, f from the top-k mask / k."""
+
+    kind: Literal["switch"] = Field(description="Switch Transformer LBL.")
+
+
+@BALANCE_LOSSES.register
+class GShardLoss(_WeightedLoss):
+    """GShard loss: E² · mean_e(me_e · ce_e) with ce from the top-1 choice only."""
+
+    kind: Literal["gshard"] = Field(description="GShard LBL (top-1 mask).")
+
+
+@BALANCE_LOSSES.register
+class ImportanceLoadLoss(Strict):
+    """Sparsely-Gated MoE: w_imp·CV(importance)² + w_load·CV(load)², with the smooth load estimator."""
+
+    kind: Literal["importance_load_cv2"] = Field(description="Importance + load CV² (Shazeer 2017).")
+    importance_weight: float = Field(gt=0, description="Coefficient of CV(importance)².")
+    load_weight: float = Field(gt=0, description="Coefficient of CV(load)².")
+    scope: Scope = Field(
+        "batch", description="Compute over the whole batch, or per sequence and then average."
+    )
+
+
+class ZLoss(Strict):
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)²."""
+
+    weight: float = Field(gt=0, description="Coefficient of the z-loss.")
+
+
+class LossesSpec(Strict):
+    """Auxiliary losses; their weighted sum is the layer's `aux_loss`."""
+
+    load_balance: BALANCE_LOSSES.union() | None = Field(  # type: ignore[valid-type]
+        None, description="Load-balancing loss, if any."
+    )
+    z_loss: ZLoss | None = Field(None, description="Router z-loss, if any.")
+
+
+Capacity = CAPACITIES.union()
