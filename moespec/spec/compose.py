@@ -166,9 +166,8 @@ def expand_groups(tree: Sourced) -> None:
         group.value["layer"] = merged
 
 
-def compose(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Sourced:
-    """Load ``path`` with its ``extends:``, apply ``overrides``, then expand groups."""
-    tree = load_composed(path)
+def _finish(tree: Sourced, overrides: tuple[str, ...] | list[str]) -> Sourced:
+    """Apply every override (collecting all problems), then expand layer groups."""
     problems: list[Diagnostic] = []
     for token in overrides:
         try:
@@ -181,18 +180,16 @@ def compose(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Sourced:
     return tree
 
 
-def compose_data(data: dict, overrides: tuple[str, ...] | list[str] = (), name: str = "<dict>") -> Sourced:
+def compose(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Sourced:
+    """Load ``path`` with its ``extends:``, apply ``overrides``, then expand groups."""
+    return _finish(load_composed(path), overrides)
+
+
+def compose_data(
+    data: dict, overrides: tuple[str, ...] | list[str] = (), name: str = "<dict>"
+) -> Sourced:
     """Like :func:`compose` for a spec given as a Python dict (no ``extends:``)."""
     tree = from_plain(copy.deepcopy(data), Origin(name))
     if isinstance(tree.value, dict) and "extends" in tree.value:
         raise spec_error(Origin(name), "extends", "`extends` needs a spec file, not a dict")
-    problems: list[Diagnostic] = []
-    for token in overrides:
-        try:
-            apply_override(tree, token)
-        except SpecError as e:
-            problems.extend(e.diagnostics)
-    if problems:
-        raise SpecError(problems)
-    expand_groups(tree)
-    return tree
+    return _finish(tree, overrides)

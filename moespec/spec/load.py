@@ -138,7 +138,6 @@ def load_spec(
         source = source.spec
     if isinstance(source, Spec):
         source = source.model_dump(mode="json", exclude={"extends"})
-        source.pop("extends", None)
     if isinstance(source, dict):
         return validate_tree(compose_data(source, overrides))
     return validate_tree(compose(Path(source), overrides))

@@ -85,7 +85,7 @@ class Spec(Strict):
                 "description": "Spec file(s) this one extends, relative to this file.",
             }
         ),
-    ] = Field(None, description="Spec file(s) this one extends; resolved before validation.")
+    ] = Field(None, description="Spec file path(s) this one extends, relative to it; merged first.")
     d_model: int = Field(gt=0, description="Model (token) width.")
     layer: LayerSpec = Field(description="The MoE layer design (the base of every group).")
     groups: list[GroupSpec] = Field(
