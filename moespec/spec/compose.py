@@ -185,9 +185,7 @@ def compose(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Sourced:
     return _finish(load_composed(path), overrides)
 
 
-def compose_data(
-    data: dict, overrides: tuple[str, ...] | list[str] = (), name: str = "<dict>"
-) -> Sourced:
+def compose_data(data: dict, overrides: tuple[str, ...] | list[str] = (), name: str = "<dict>") -> Sourced:
     """Like :func:`compose` for a spec given as a Python dict (no ``extends:``)."""
     tree = from_plain(copy.deepcopy(data), Origin(name))
     if isinstance(tree.value, dict) and "extends" in tree.value:

@@ -41,6 +41,7 @@ for _tag, _rx, _first in [
     ("tag:yaml.org,2002:bool", _BOOL, list("tTfF")),
     ("tag:yaml.org,2002:int", _INT, list("-+0123456789")),
     ("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789")),
+    ("tag:yaml.org,2002:merge", re.compile(r"^<<$"), ["<"]),
 ]:
     _Resolver.add_implicit_resolver(_tag, _rx, _first)
 
@@ -238,5 +239,23 @@ def load_file(path: Path) -> Sourced:
 
 
 def parse_scalar_text(text: str, origin: Origin) -> Any:
-    """Parse a CLI override's right-hand side as YAML (so `[1, 2]` and `1e-3` work)."""
-    return load_text(text, origin.file).plain() if text.strip() else ""
+    """Parse a CLI override's right-hand side as YAML (so `[1, 2]` and `1e-3` work).
+
+    ``origin`` points at the first character of ``text`` inside the override token; errors
+    are re-anchored there so they show the whole override with a caret.
+    """
+    if not text.strip():
+        return ""
+    try:
+        return load_text(text, origin.file).plain()
+    except SpecError as e:
+        raise SpecError(
+            [
+                Diagnostic(
+                    Origin(origin.file, 1, origin.col + (d.origin.col - 1 if d.origin else 0), origin.text),
+                    d.path,
+                    d.message,
+                )
+                for d in e.diagnostics
+            ]
+        ) from None

@@ -1,0 +1,97 @@
+"""The command line: exit codes, output streams, --json, init, schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moespec.cli import main
+from moespec.spec.jsonschema import json_schema_text
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXTRAL = str(ROOT / "specs" / "mixtral-8x7b.yaml")
+
+
+def test_validate_ok_and_json(capsys):
+    assert main(["validate", MIXTRAL]) == 0
+    assert "ok (mixtral-8x7b)" in capsys.readouterr().out
+    assert main(["validate", MIXTRAL, "layer.router.k=0", "--json"]) == 1
+    (res,) = json.loads(capsys.readouterr().out)
+    assert res["ok"] is False and res["errors"][0]["path"] == "layer.router.k"
+    assert res["errors"][0]["file"] == "<cli>"
+
+
+def test_validate_reports_every_file(capsys, tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("moespec: 1\n")
+    assert main(["validate", str(bad), MIXTRAL, str(tmp_path / "missing.yaml")]) == 1
+    out = capsys.readouterr()
+    assert "ok (mixtral-8x7b)" in out.out
+    assert "missing.yaml:1:1: file not found" in out.err
+    assert "required key is missing" in out.err
+
+
+def test_explain_json_layers(capsys):
+    assert main(["explain", MIXTRAL, "layer.router.k=1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (layer,) = data["layers"]
+    assert layer["params_total"] == 8 * 3 * 4096 * 14336 + 4096 * 8
+    assert layer["params_active"] == 1 * 3 * 4096 * 14336 + 4096 * 8
+    assert layer["flops_per_token"] == 2 * (3 * 4096 * 14336 + 4096 * 8)
+    assert data["provenance"]["layer.router.k"].startswith("<cli>:1:")
+    assert data["provenance"]["layer.router.temperature"] == "default"
+
+
+def test_explain_text_shows_provenance(capsys):
+    assert main(["explain", MIXTRAL]) == 0
+    out = capsys.readouterr().out
+    assert "layer.router.k: 2" in out and "mixtral-8x7b.yaml:19:8" in out
+    assert "1,409,318,912" in out
+
+
+def test_explain_needs_one_spec(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["explain", MIXTRAL, MIXTRAL])
+    assert ei.value.code == 2
+
+
+def test_schema_prints_the_committed_schema(capsys, tmp_path: Path):
+    assert main(["schema"]) == 0
+    assert capsys.readouterr().out == json_schema_text()
+    assert main(["schema", "-o", str(tmp_path / "s.json")]) == 0
+    assert (tmp_path / "s.json").read_text() == json_schema_text()
+
+
+def test_init_writes_a_valid_spec_and_refuses_to_overwrite(capsys, tmp_path: Path):
+    out = tmp_path / "my moe.yaml"
+    assert main(["init", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# yaml-language-server: $schema=")
+    schema_ref = text.splitlines()[0].split("$schema=")[1]
+    assert (out.parent / schema_ref).resolve().is_file()
+    assert main(["validate", str(out)]) == 0
+    assert main(["init", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["init", str(out), "--force", "--schema", "https://x/s.json", "--name", "n"]) == 0
+    assert out.read_text().startswith("# yaml-language-server: $schema=https://x/s.json")
+    assert list(tmp_path.iterdir()) == [out]  # no temp file left behind
+
+
+def test_usage_error_exit_code():
+    with pytest.raises(SystemExit) as ei:
+        main(["frobnicate"])
+    assert ei.value.code == 2
+
+
+def test_python_m_entry_point_and_no_traceback(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    r = subprocess.run(
+        [sys.executable, "-m", "moespec", "validate", str(bad)], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and r.stdout == ""
+    assert "Traceback" not in r.stderr and "bad.yaml:1:1:" in r.stderr
