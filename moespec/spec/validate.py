@@ -54,6 +54,12 @@ def _check_topk(layer: LayerSpec, r: TopKRouter, at: Path) -> Iterator[Problem]:
         elif n % g.n_groups == 0 and r.k > g.topk_groups * (n // g.n_groups):
             kept = g.topk_groups * (n // g.n_groups)
             yield (*at, "k"), f"k={r.k} exceeds the {kept} experts in the {g.topk_groups} kept groups"
+    if r.second_expert_policy != "all" and r.score != "softmax":
+        yield (*at, "second_expert_policy"), "GShard's second-expert policies need score: softmax"
+    lb = layer.losses.load_balance
+    if lb is not None and lb.kind == "importance_load_cv2" and r.noise is None:
+        # The smooth load estimator is P(noisy logit stays in the top-k): it needs noise std > 0.
+        yield (*at, "noise"), "the importance_load_cv2 loss needs router noise (learned or fixed)"
     if r.jitter and r.noise is not None:
         yield (*at, "jitter"), "use either input jitter or logit noise, not both"
 
