@@ -92,6 +92,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from moespec.explain import explain_data, print_explain
 
     loaded = _load_one(args)
+    if args.ir:
+        from moespec.ir.build import build_program
+        from moespec.ir.printer import print_program
+
+        sys.stdout.write(print_program(build_program(loaded.spec)))
+        return 0
     if args.json:
         print(json.dumps(explain_data(loaded), indent=2))
     else:
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="resolved spec with provenance and derived numbers")
     e.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
     e.add_argument("--json", action="store_true", help="machine-readable output (`layers` list)")
+    e.add_argument("--ir", action="store_true", help="print the resolved IR instead")
     e.set_defaults(func=cmd_explain)
 
     i = sub.add_parser("init", help="write a starter spec with the schema modeline")

@@ -1,0 +1,100 @@
+"""Spec -> IR: resolve defaults, assign expert indices, expand placement; verify the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from moespec.ir.nodes import (
+    CombineNode,
+    DispatchNode,
+    ExpertGroupNode,
+    ExpertsNode,
+    LossesNode,
+    MoELayerNode,
+    PlacementNode,
+    Program,
+    RouterNode,
+    SharedNode,
+    ZeroComputeNode,
+)
+from moespec.ir.numbers import ACTIVE_EXPERTS, layer_numbers
+from moespec.ir.verify import verify
+from moespec.spec.schema import LayerSpec, Spec
+
+
+def spec_hash(spec: Spec) -> str:
+    """SHA-256 of the canonical JSON of the resolved spec (the artifact's identity)."""
+    canon = json.dumps(spec.model_dump(mode="json", exclude={"extends"}), sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def expert_to_rank(mapping: str | list[int], n_ffn: int, ep: int) -> tuple[int, ...]:
+    """The rank of each routed FFN expert under a placement mapping."""
+    if isinstance(mapping, list):
+        return tuple(mapping)
+    if mapping == "round_robin":
+        return tuple(e % ep for e in range(n_ffn))
+    per = n_ffn // ep
+    return tuple(e // per for e in range(n_ffn))
+
+
+def _experts(spec: Spec, layer: LayerSpec, at: str) -> ExpertsNode:
+    groups, first = [], 0
+    for g in layer.experts.routed:
+        groups.append(ExpertGroupNode(g.kind, g.activation, g.width, g.n_experts, g.bias, g.init, first))
+        first += g.n_experts
+    zeros = []
+    for z in layer.experts.zero_compute:
+        zeros.append(ZeroComputeNode(z.kind, z.count, first))
+        first += z.count
+    return ExpertsNode(spec.d_model, tuple(groups), tuple(zeros), f"{at}.experts")
+
+
+def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) -> MoELayerNode:
+    """Resolve one layer group into an :class:`MoELayerNode`."""
+    experts = _experts(spec, layer, at)
+    router_dtype = getattr(layer.router, "dtype", None) or spec.target.router_dtype
+    router = RouterNode(layer.router, spec.d_model, experts.n_experts, router_dtype, f"{at}.router")
+    rows = int(ACTIVE_EXPERTS[router.kind](layer.router, layer))
+    shared = None
+    if (s := layer.experts.shared) is not None:
+        shared = SharedNode(
+            s.kind, s.activation, s.count * s.d_ff, s.bias, s.gate, s.init, f"{at}.experts.shared"
+        )
+    p = spec.placement
+    return MoELayerNode(
+        name=name,
+        count=count,
+        d_model=spec.d_model,
+        dtype=spec.target.dtype,
+        router=router,
+        dispatch=DispatchNode(experts.n_experts, rows, layer.capacity, f"{at}.capacity"),
+        experts=experts,
+        shared=shared,
+        combine=CombineNode(f"{at}"),
+        losses=LossesNode(layer.losses.load_balance, layer.losses.z_loss, f"{at}.losses"),
+        placement=PlacementNode(
+            p.expert_parallel, expert_to_rank(p.mapping, experts.n_ffn, p.expert_parallel), "placement"
+        ),
+        numbers=layer_numbers(spec, name, count, layer),
+    )
+
+
+def build_program(spec: Spec) -> Program:
+    """The verified IR of a validated spec."""
+    if spec.groups:
+        items = [(g.name, g.count, g.layer, f"groups.{i}.layer") for i, g in enumerate(spec.groups)]
+    else:
+        items = [("layer", 1, spec.layer, "layer")]
+    program = Program(
+        name=spec.name,
+        spec_hash=spec_hash(spec),
+        d_model=spec.d_model,
+        dtype=spec.target.dtype,
+        device=spec.target.device,
+        backend=spec.target.backend,
+        layers=tuple(build_layer(spec, n, c, lay, at) for n, c, lay, at in items),
+    )
+    verify(program)
+    return program

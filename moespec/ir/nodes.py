@@ -1,0 +1,157 @@
+"""The frozen, fully resolved IR: Program -> MoELayer -> Router / Dispatch / Experts / Combine.
+
+The IR is what lowering consumes. Unlike the spec it has no defaults left to resolve: every
+dtype is concrete, expert indices are assigned, the expert-to-rank map is explicit. Router,
+capacity and loss options stay as their (frozen) spec objects, so a new router kind needs no
+new IR node. Each node carries ``origin``, the spec path it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moespec.ir.numbers import LayerNumbers
+from moespec.spec.base import Strict
+from moespec.spec.experts import InitSpec
+
+
+@dataclass(frozen=True)
+class RouterNode:
+    """Scores and selection. ``config`` is the router's spec model (its ``kind`` picks the op)."""
+
+    config: Strict
+    d_model: int
+    n_experts: int
+    dtype: str
+    origin: str
+
+    @property
+    def kind(self) -> str:
+        """The router kind, e.g. ``topk``."""
+        return self.config.kind  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class DispatchNode:
+    """Sort (token, expert) pairs by expert; apply capacity. At most ``rows_per_token``·T rows."""
+
+    n_experts: int
+    rows_per_token: int
+    capacity: Strict
+    origin: str
+
+
+@dataclass(frozen=True)
+class ExpertGroupNode:
+    """``count`` routed FFN experts with indices ``first .. first+count-1``."""
+
+    kind: str
+    activation: str
+    width: int
+    count: int
+    bias: bool
+    init: InitSpec
+    first: int
+
+
+@dataclass(frozen=True)
+class ZeroComputeNode:
+    """``count`` zero/copy/constant experts with indices ``first .. first+count-1``."""
+
+    kind: str
+    count: int
+    first: int
+
+
+@dataclass(frozen=True)
+class ExpertsNode:
+    """All routed experts: FFN groups first, then zero-compute experts."""
+
+    d_model: int
+    groups: tuple[ExpertGroupNode, ...]
+    zero_compute: tuple[ZeroComputeNode, ...]
+    origin: str
+
+    @property
+    def n_ffn(self) -> int:
+        """Routed FFN experts."""
+        return sum(g.count for g in self.groups)
+
+    @property
+    def n_experts(self) -> int:
+        """Every routable expert."""
+        return self.n_ffn + sum(z.count for z in self.zero_compute)
+
+    @property
+    def homogeneous(self) -> bool:
+        """True when one grouped GEMM covers every FFN expert."""
+        return len(self.groups) == 1
+
+
+@dataclass(frozen=True)
+class SharedNode:
+    """Always-on experts; ``count`` experts of width w are one FFN of width count·w."""
+
+    kind: str
+    activation: str
+    width: int
+    bias: bool
+    gate: bool
+    init: InitSpec
+    origin: str
+
+
+@dataclass(frozen=True)
+class CombineNode:
+    """y_t = sum of weight · expert output over the token's kept selections (+ shared)."""
+
+    origin: str
+
+
+@dataclass(frozen=True)
+class LossesNode:
+    """Auxiliary losses (spec objects, or None)."""
+
+    load_balance: Strict | None
+    z_loss: Strict | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class PlacementNode:
+    """Expert parallelism with an explicit rank per routed FFN expert."""
+
+    expert_parallel: int
+    expert_to_rank: tuple[int, ...]
+    origin: str
+
+
+@dataclass(frozen=True)
+class MoELayerNode:
+    """One MoE layer (``count`` identical copies of it in the model)."""
+
+    name: str
+    count: int
+    d_model: int
+    dtype: str
+    router: RouterNode
+    dispatch: DispatchNode
+    experts: ExpertsNode
+    shared: SharedNode | None
+    combine: CombineNode
+    losses: LossesNode
+    placement: PlacementNode
+    numbers: LayerNumbers
+
+
+@dataclass(frozen=True)
+class Program:
+    """A whole spec after resolution."""
+
+    name: str
+    spec_hash: str
+    d_model: int
+    dtype: str
+    device: str
+    backend: str
+    layers: tuple[MoELayerNode, ...]

@@ -1,0 +1,68 @@
+"""A stable text form of the IR (``moespec explain --ir``; diffable in tests)."""
+
+from __future__ import annotations
+
+from moespec.ir.nodes import MoELayerNode, Program
+from moespec.spec.base import Strict
+
+
+def _opts(obj: Strict | None) -> str:
+    if obj is None:
+        return "none"
+    data = obj.model_dump(mode="json", exclude_defaults=False)
+    kind = data.pop("kind", None)
+    body = " ".join(f"{k}={_fmt(v)}" for k, v in data.items() if v is not None)
+    return f"{kind}({body})" if kind else f"({body})"
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, dict):
+        return "{" + " ".join(f"{k}={_fmt(x)}" for k, x in v.items() if x is not None) + "}"
+    return str(v)
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    return "[" + ",".join(map(str, ranks)) + "]" if len(ranks) <= 16 else f"[{ranks[0]},...,{ranks[-1]}]"
+
+
+def print_layer(layer: MoELayerNode) -> list[str]:
+    """The lines of one layer."""
+    ex, d = layer.experts, layer.d_model
+    lines = [f"layer {layer.name} x{layer.count}  d_model={d} dtype={layer.dtype}"]
+    lines.append(
+        f"  router    E={layer.router.n_experts} dtype={layer.router.dtype} {_opts(layer.router.config)}"
+    )
+    lines.append(
+        f"  dispatch  rows<=T*{layer.dispatch.rows_per_token} capacity={_opts(layer.dispatch.capacity)}"
+    )
+    for g in ex.groups:
+        last = g.first + g.count - 1
+        act = f"{g.kind}({g.activation})"
+        lines.append(f"  experts   [{g.first}..{last}] {act} {d}->{g.width}->{d} bias={_fmt(g.bias)}")
+    for z in ex.zero_compute:
+        lines.append(f"  experts   [{z.first}..{z.first + z.count - 1}] {z.kind}")
+    if layer.shared is not None:
+        s = layer.shared
+        shape = f"{s.kind}({s.activation}) {d}->{s.width}->{d}"
+        lines.append(f"  shared    {shape} bias={_fmt(s.bias)} gate={_fmt(s.gate)}")
+    lines.append("  combine   weighted_sum")
+    lines.append(
+        f"  losses    load_balance={_opts(layer.losses.load_balance)} z_loss={_opts(layer.losses.z_loss)}"
+    )
+    pl = layer.placement
+    lines.append(f"  placement ep={pl.expert_parallel} ranks={_ranks(pl.expert_to_rank)}")
+    return lines
+
+
+def print_program(program: Program) -> str:
+    """The whole program as text, one line per node."""
+    head = (
+        f"program {program.name} spec={program.spec_hash[:12]} backend={program.backend} "
+        f"device={program.device} dtype={program.dtype}"
+    )
+    lines = [head]
+    for layer in program.layers:
+        lines += print_layer(layer)
+    return "\n".join(lines) + "\n"
