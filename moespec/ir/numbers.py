@@ -2,6 +2,7 @@
 
 Conventions (stated in the README and in ``moespec explain``):
 - parameters are trainable weights and biases; buffers (the aux-loss-free expert bias) are not;
+  active parameters are those used per token at inference (no training-only noise projection);
 - FLOPs are forward matmul FLOPs at inference, 2 per multiply-accumulate; elementwise work
   (activations, softmax, bias adds, combine) and training-only noise projections are excluded;
 - active parameters/FLOPs assume the router picks its k most expensive experts, which is exact
@@ -73,10 +74,10 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
     d, ex = spec.d_model, layer.experts
     n = ex.n_routed
     router = layer.router
-    router_params = d * n + (n if getattr(router, "bias", False) else 0)
+    router_active = d * n + (n if getattr(router, "bias", False) else 0)
     noise = getattr(router, "noise", None)
-    if noise is not None and noise.kind == "learned":
-        router_params += d * n  # W_noise
+    # W_noise is trained but only used while training: in the total, not in the active count.
+    router_params = router_active + (d * n if noise is not None and noise.kind == "learned" else 0)
     # Per routed expert: (params, MACs), in expert-index order.
     per_expert: list[tuple[int, int]] = []
     for g in ex.routed:
@@ -104,7 +105,7 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
         n_ffn_experts=ex.n_ffn,
         experts_per_token=k,
         params_total=total,
-        params_active=round(router_params + shared + active_p),
+        params_active=round(router_active + shared + active_p),
         flops_per_token=round(2 * (d * n + shared_macs + active_m)),
         params_router=router_params,
         params_routed=routed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, WithJsonSchema
+from pydantic import ConfigDict, Field, WithJsonSchema
 
 from moespec.spec.base import DType, Strict
 from moespec.spec.experts import ExpertsSpec
@@ -24,8 +24,15 @@ class LayerSpec(Strict):
     losses: LossesSpec = Field(default_factory=LossesSpec, description="Auxiliary losses.")
 
 
+def _layer_patch_optional(schema: dict) -> None:
+    # Composition fills a missing `layer` with the base layer, so editors must not require it.
+    schema["required"] = [r for r in schema.get("required", []) if r != "layer"]
+
+
 class GroupSpec(Strict):
     """A group of `count` identical MoE layers whose design differs from the base `layer`."""
+
+    model_config = ConfigDict(json_schema_extra=_layer_patch_optional)
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Group name (an identifier).")
     count: int = Field(1, gt=0, description="Number of MoE layers in this group.")
