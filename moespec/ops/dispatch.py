@@ -1,0 +1,66 @@
+"""``moespec::sort_by_expert`` and ``moespec::combine``: the two ends of the grouped GEMM.
+
+Legend: T tokens, K selections per token, E experts, N = T*K routed rows, D d_model.
+
+sort_by_expert turns per-token choices ``idx_TK`` (and a keep mask from capacity) into the
+central routing result of ARCHITECTURE.md: rows sorted by expert (stable, so tokens keep
+their order inside an expert), dropped rows moved to the end under the sentinel expert E,
+and ``offsets_E1`` with offsets[E] = kept rows. Shapes are static (N = T*K), so the op needs
+no dynamic-size fake and exports with a dynamic T.
+
+combine scatters weighted expert rows back to tokens: y[t] = sum_n [token_idx[n] = t] w[n] h[n].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("moespec::sort_by_expert", mutates_args=())
+def sort_by_expert(idx_TK: Tensor, keep_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(token_idx_N, slot_N, offsets_E1)``; ``slot_N`` indexes the flattened [T*K]
+    choices (to gather weights), ``offsets_E1`` is int64 with offsets[0] = 0."""
+    k = idx_TK.shape[1]
+    expert_N = torch.where(keep_TK, idx_TK, n_experts).reshape(-1)
+    slot_N = torch.argsort(expert_N, stable=True)
+    counts = torch.zeros(n_experts + 1, dtype=torch.int64, device=idx_TK.device)
+    counts.scatter_add_(0, expert_N, torch.ones_like(expert_N))
+    offsets_E1 = torch.zeros(n_experts + 1, dtype=torch.int64, device=idx_TK.device)
+    offsets_E1[1:] = torch.cumsum(counts[:n_experts], 0)
+    return torch.div(slot_N, k, rounding_mode="floor"), slot_N, offsets_E1
+
+
+@sort_by_expert.register_fake
+def _(idx_TK, keep_TK, n_experts):
+    n = idx_TK.shape[0] * idx_TK.shape[1]
+    i64 = dict(dtype=torch.int64, device=idx_TK.device)
+    return idx_TK.new_empty(n, **i64), idx_TK.new_empty(n, **i64), idx_TK.new_empty(n_experts + 1, **i64)
+
+
+@torch.library.custom_op("moespec::combine", mutates_args=())
+def combine(h_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, n_tokens: int) -> Tensor:
+    """y_TD[t] = sum over rows n of token t of weight_N[n] * h_ND[n] (weight 0 skips a row)."""
+    y_TD = h_ND.new_zeros(n_tokens, h_ND.shape[1])
+    return y_TD.index_add_(0, token_idx_N, h_ND * weight_N.unsqueeze(1).to(h_ND.dtype))
+
+
+@combine.register_fake
+def _(h_ND, token_idx_N, weight_N, n_tokens):
+    return h_ND.new_empty(n_tokens, h_ND.shape[1])
+
+
+def _combine_setup(ctx, inputs, output) -> None:
+    h, token_idx, weight, _ = inputs
+    ctx.save_for_backward(h, token_idx, weight)
+
+
+def _combine_backward(ctx, grad_y_TD):
+    h, token_idx, weight = ctx.saved_tensors
+    g_ND = grad_y_TD.index_select(0, token_idx)
+    grad_h = g_ND * weight.unsqueeze(1).to(g_ND.dtype)
+    grad_w = (g_ND * h).sum(1).to(weight.dtype)
+    return grad_h, None, grad_w, None
+
+
+combine.register_autograd(_combine_backward, setup_context=_combine_setup)
