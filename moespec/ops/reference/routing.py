@@ -9,7 +9,8 @@ Pipeline, in order (each step cites its source):
 4. scores over all experts: softmax(H) or sigmoid(H);
 5. selection criterion: scores (softmax_then_topk, sigmoid) or H (topk_then_softmax), plus
    the expert bias (DeepSeek-V3, selection only), restricted to the kept groups;
-6. selection: top-k, or a GShard second-expert policy for k=2;
+6. selection: top-k (ties to the lower index), or a GShard second-expert policy for k=2,
+   which draws in eval mode too (fairscale/torchscale ``top2gating`` do);
 7. weights from the *unbiased* values: selected scores, renormalised if asked, or softmax of
    the selected logits (topk_then_softmax); times scaling_factor.
 
@@ -169,6 +170,8 @@ def route_topk(
         selectable_TE = selection.group_limited_mask(crit_TE, g.n_groups, g.topk_groups, g.group_score)
         crit_TE = selection.mask_unselected(crit_TE, selectable_TE)
 
+    # GShard policies draw in eval mode too, as fairscale/torchscale ``top2gating`` does
+    # (only the capacity there depends on eval_mode).
     if spec.second_expert_policy == "sampling":
         # Gumbel-max over the logits samples e2 ~ softmax(H) without e1 (GShard); the expert
         # bias plays no part in the draw (it lives in score space, not logit space).

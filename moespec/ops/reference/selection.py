@@ -31,10 +31,7 @@ def group_limited_mask(
     t_count, e_count = crit_TE.shape
     crit_TGe = crit_TE.reshape(t_count, n_groups, e_count // n_groups)
     best_TGe = torch.sort(crit_TGe, dim=-1, descending=True, stable=True).values
-    if group_score == "top2_sum":
-        score_TG = best_TGe[..., 0] + best_TGe[..., 1]
-    else:
-        score_TG = best_TGe[..., 0]
+    score_TG = best_TGe[..., 0] + best_TGe[..., 1] if group_score == "top2_sum" else best_TGe[..., 0]
     kept_TG = torch.zeros(t_count, n_groups, dtype=torch.bool, device=crit_TE.device)
     kept_TG.scatter_(1, stable_topk(score_TG, topk_groups), True)
     return kept_TG.repeat_interleave(e_count // n_groups, dim=1)

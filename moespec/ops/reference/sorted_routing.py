@@ -55,7 +55,9 @@ class SortedRouting:
         )
 
 
-def sort_by_expert(topk_idx_TK: Tensor, topk_weight_TK: Tensor, keep_TK: Tensor, n_experts: int) -> SortedRouting:
+def sort_by_expert(
+    topk_idx_TK: Tensor, topk_weight_TK: Tensor, keep_TK: Tensor, n_experts: int
+) -> SortedRouting:
     """Build :class:`SortedRouting` from per-token choices, keeping only slots where ``keep_TK``.
 
     The (T, K) grid is flattened token-major, so a stable sort by expert leaves each

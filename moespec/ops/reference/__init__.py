@@ -1,0 +1,57 @@
+"""Plain-PyTorch reference semantics of everything a moespec layer spec can say.
+
+This is the oracle the fast paths (fused custom ops, generated Triton) are tested against:
+written from the formulas, loops where they make the math obvious, no performance goals.
+Every semantic choice where sources disagree is stated in the docstring of the module that
+makes it (routing, selection, capacity, losses, experts).
+
+Modules: ``routing`` (top-k router, expert-bias update), ``selection`` (group-limited and
+GShard second-expert selection), ``sorted_routing`` (the central (token, expert, weight)
+rows sorted by expert), ``capacity``, ``experts`` (FFN/GLU, shared, zero-compute),
+``params`` (names, shapes, init), ``losses``, ``stats``, ``layer`` (the composition).
+"""
+
+from moespec.ops.reference.capacity import CapacityResult, apply_capacity, expert_capacity
+from moespec.ops.reference.experts import ACTIVATIONS, expert_forward, expert_table, ffn, shared_forward
+from moespec.ops.reference.layer import moe_layer_reference
+from moespec.ops.reference.losses import (
+    aux_losses,
+    cv_squared,
+    gshard_loss,
+    smooth_load,
+    switch_loss,
+    z_loss,
+)
+from moespec.ops.reference.params import BUFFERS, init_reference_params, param_shapes
+from moespec.ops.reference.routing import RoutingResult, route_topk, update_expert_bias
+from moespec.ops.reference.sorted_routing import SortedRouting, sort_by_expert
+from moespec.ops.reference.stats import LayerStats, load_ratio, router_entropy
+
+__all__ = [
+    "ACTIVATIONS",
+    "BUFFERS",
+    "CapacityResult",
+    "LayerStats",
+    "RoutingResult",
+    "SortedRouting",
+    "apply_capacity",
+    "aux_losses",
+    "cv_squared",
+    "expert_capacity",
+    "expert_forward",
+    "expert_table",
+    "ffn",
+    "gshard_loss",
+    "init_reference_params",
+    "load_ratio",
+    "moe_layer_reference",
+    "param_shapes",
+    "route_topk",
+    "router_entropy",
+    "shared_forward",
+    "smooth_load",
+    "sort_by_expert",
+    "switch_loss",
+    "update_expert_bias",
+    "z_loss",
+]

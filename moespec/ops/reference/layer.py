@@ -1,0 +1,81 @@
+"""Reference MoE layer: router -> capacity -> experts -> combine (+ shared experts).
+
+    y_t = sum over kept slots (t, e) of w_te * expert_e(x_t)  +  shared(x_t)
+
+written as a loop over experts on the central sorted representation. The layer is a pure
+function: it neither updates the expert bias nor keeps state; feed
+``stats.routed_per_expert`` to :func:`update_expert_bias` after a training step.
+
+Shape legend: B sequences, S sequence length, T tokens, D d_model, E experts, K top-k,
+N routed rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moespec.ops.reference.capacity import apply_capacity
+from moespec.ops.reference.experts import expert_forward, shared_forward
+from moespec.ops.reference.losses import aux_losses
+from moespec.ops.reference.routing import route_topk
+from moespec.ops.reference.stats import LayerStats, layer_stats
+from moespec.spec.schema import LayerSpec
+
+
+def moe_layer_reference(
+    x: Tensor,
+    params: dict[str, Tensor],
+    layer: LayerSpec,
+    d_model: int,
+    *,
+    training: bool,
+    generator: torch.Generator | None = None,
+    router_dtype: str = "fp32",
+) -> tuple[Tensor, Tensor, LayerStats]:
+    """``(y, aux_loss, stats)`` for input ``x`` of shape [..., D] (y has x's shape and dtype).
+
+    A 3-D input [B, S, D] is B sequences of S tokens (for ``scope: sequence`` losses);
+    any other shape is one sequence of T = numel / D tokens. ``params`` follows
+    :mod:`moespec.ops.reference.params`; ``router_dtype`` is ``target.router_dtype`` (the
+    router's own ``dtype`` wins). Randomness (jitter, noise, GShard policies, random drops)
+    comes from ``generator`` only.
+    """
+    assert x.shape[-1] == d_model, f"expected last dim {d_model}, got {tuple(x.shape)}"
+    x_TD = x.reshape(-1, d_model)
+    seq_len = x.shape[1] if x.dim() == 3 else None
+    router, experts = layer.router, layer.experts
+    n_experts = experts.n_routed
+
+    routing = route_topk(
+        x_TD,
+        params["router.weight"],
+        router,
+        n_experts=n_experts,
+        training=training,
+        generator=generator,
+        bias_E=params.get("router.bias"),
+        expert_bias_E=params.get("router.expert_bias") if router.expert_bias is not None else None,
+        noise_w_ED=params.get("router.noise_weight"),
+        default_dtype=router_dtype,
+    )
+    cap = apply_capacity(routing, layer.capacity, training=training, generator=generator)
+    srt = routing.to_sorted(cap.keep_TK)
+
+    # Combine: each expert runs once on its contiguous block of rows; outputs are scaled by
+    # the routing weight (cast to the activation dtype) and scattered back to their tokens.
+    y_TD = torch.zeros_like(x_TD)
+    offsets = srt.offsets_E1.tolist()
+    for e in range(n_experts):
+        lo, hi = offsets[e], offsets[e + 1]
+        if lo == hi:
+            continue  # an expert with no tokens does no work
+        tok_N = srt.token_idx_N[lo:hi]
+        out_ND = expert_forward(e, x_TD[tok_N], params, experts)
+        y_TD = y_TD.index_add(0, tok_N, out_ND * srt.weight_N[lo:hi, None].to(x_TD.dtype))
+    if experts.shared is not None:
+        y_TD = y_TD + shared_forward(x_TD, params, experts.shared)
+
+    aux, parts = aux_losses(routing, layer.losses, score=router.score, seq_len=seq_len)
+    stats = layer_stats(routing, cap, srt, router.score, parts)
+    return y_TD.reshape(x.shape), aux, stats

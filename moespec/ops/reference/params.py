@@ -1,0 +1,118 @@
+"""Parameter names, shapes and initialisation of one MoE layer (the reference's contract).
+
+Names (clean, no shape suffix: they are the checkpoint contract), with g the routed-group
+index, z the zero-compute list index, E_g the group's materialised experts, F_g its width:
+
+  router.weight [E, D]          router.bias [E] (bias)      router.noise_weight [E, D] (learned noise)
+  router.expert_bias [E]        buffer, not trained by gradient (expert_bias)
+  experts.{g}.w_up [E_g, F_g, D]   experts.{g}.w_gate [E_g, F_g, D] (glu)   experts.{g}.w_down [E_g, D, F_g]
+  experts.{g}.b_up [E_g, F_g]      experts.{g}.b_gate [E_g, F_g] (glu)      experts.{g}.b_down [E_g, D]
+  shared.w_up / w_gate / w_down / b_* as above with S = shared.count and F = shared.d_ff
+  shared.gate [D] (shared.gate)
+  zero_compute.{z}.w_c [n_z, 2, D]   zero_compute.{z}.v [n_z, D]   (constant experts only)
+
+Shape legend: D d_model, E experts, F ffn width, S shared experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from moespec.spec.experts import FFNSpec
+from moespec.spec.schema import LayerSpec
+
+BUFFERS = ("router.expert_bias",)
+"""Entries of the parameter dict that are state, not trainable parameters."""
+
+FFN_LEAVES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+
+# Parameters the spec gives no init for: router, noise and zero-compute weights.
+DEFAULT_STD = 0.02
+
+
+def _ffn_shapes(prefix: str, ffn: FFNSpec, n: int, width: int, d: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {f"{prefix}.w_up": (n, width, d)}
+    if ffn.kind == "glu":
+        shapes[f"{prefix}.w_gate"] = (n, width, d)
+    shapes[f"{prefix}.w_down"] = (n, d, width)
+    if ffn.bias:
+        shapes[f"{prefix}.b_up"] = (n, width)
+        if ffn.kind == "glu":
+            shapes[f"{prefix}.b_gate"] = (n, width)
+        shapes[f"{prefix}.b_down"] = (n, d)
+    return shapes
+
+
+def param_shapes(layer: LayerSpec, d_model: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer of the layer with its shape (see the module docstring)."""
+    ex, r, d = layer.experts, layer.router, d_model
+    n = ex.n_routed
+    shapes: dict[str, tuple[int, ...]] = {"router.weight": (n, d)}
+    if getattr(r, "bias", False):
+        shapes["router.bias"] = (n,)
+    noise = getattr(r, "noise", None)
+    if noise is not None and noise.kind == "learned":
+        shapes["router.noise_weight"] = (n, d)
+    if getattr(r, "expert_bias", None) is not None:
+        shapes["router.expert_bias"] = (n,)
+    for g, grp in enumerate(ex.routed):
+        shapes.update(_ffn_shapes(f"experts.{g}", grp, grp.n_experts, grp.width, d))
+    if ex.shared is not None:
+        shapes.update(_ffn_shapes("shared", ex.shared, ex.shared.count, ex.shared.d_ff, d))
+        if ex.shared.gate:
+            shapes["shared.gate"] = (d,)
+    for z, zc in enumerate(ex.zero_compute):
+        if zc.kind == "constant":
+            shapes[f"zero_compute.{z}.w_c"] = (zc.count, 2, d)
+            shapes[f"zero_compute.{z}.v"] = (zc.count, d)
+    return shapes
+
+
+def _init_ffn(out: dict[str, Tensor], prefix: str, ffn: FFNSpec, gen: torch.Generator) -> None:
+    """Fill the FFN entries of ``out`` (already allocated) following ``ffn.init``."""
+    init = ffn.init
+    for leaf in FFN_LEAVES:
+        name = f"{prefix}.{leaf}"
+        if name not in out:
+            continue
+        t = out[name]
+        is_down = leaf.endswith("down")
+        # fan_in: D for up/gate (last dim of [E, F, D]), F for down (last dim of [E, D, F]).
+        fan_in = out[f"{prefix}.w_{'down' if is_down else 'up'}"].shape[-1]
+        scale = init.output_scale if is_down else 1.0
+        if init.kind == "uniform_fan_in":
+            # nn.Linear: weight and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            bound = scale / math.sqrt(fan_in)
+            t.uniform_(-bound, bound, generator=gen)
+        elif leaf.startswith("b_"):
+            t.zero_()  # normal kinds: zero biases (the spec's std is about weights)
+        elif init.kind == "normal":
+            t.normal_(0.0, init.std * scale, generator=gen)
+        else:
+            std = init.std * scale
+            torch.nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=gen)
+
+
+def init_reference_params(
+    layer: LayerSpec, d_model: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """Fresh parameters for one layer: expert FFNs per their ``init`` spec; router, noise,
+    shared gate and zero-compute weights N(0, 0.02²) (the spec has no init for them);
+    router bias and expert bias zero. Initialised in fp32, then cast to ``dtype``."""
+    shapes = param_shapes(layer, d_model)
+    out = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
+    for g, grp in enumerate(layer.experts.routed):
+        _init_ffn(out, f"experts.{g}", grp, generator)
+    if layer.experts.shared is not None:
+        _init_ffn(out, "shared", layer.experts.shared, generator)
+    for name, t in out.items():  # dict order, so the draw order is fixed
+        if name.rsplit(".", 1)[1] in FFN_LEAVES:
+            continue
+        if name in ("router.bias", "router.expert_bias"):
+            t.zero_()
+        else:
+            t.normal_(0.0, DEFAULT_STD, generator=generator)
+    return {name: out[name].to(dtype) for name in shapes}
