@@ -5,6 +5,15 @@ from moespec.spec import LoadedSpec, Spec, load_spec
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name in ("build", "aux_losses", "BuildError"):
+        from moespec import api
+
+        return getattr(api, name)
+    raise AttributeError(name)
+
+
 __all__ = [
     "Diagnostic",
     "LoadedSpec",

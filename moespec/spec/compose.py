@@ -5,8 +5,9 @@ scalars) replaces. Each :class:`~moespec.spec.yamlio.Sourced` node keeps its ori
 the merge, so an error in the final spec points at the file (or override) that set it.
 
 Override grammar (a small subset of Hydra's):
-  ``a.b=v``   set a key that the spec already has (``v`` is parsed as YAML)
-  ``+a.b=v``  add a key the spec does not have yet
+  ``a.b=v``   set a key (``v`` is parsed as YAML); the parent ``a`` must exist, so a
+              misspelt path fails here and a misspelt leaf fails schema validation
+  ``+a.b=v``  add a key the spec does not set yet, creating missing parent mappings
   ``~a.b``    delete a key
 A numeric path part indexes a list: ``layer.experts.routed.0.d_ff=128``.
 """
@@ -111,8 +112,6 @@ def apply_override(tree: Sourced, token: str) -> None:
         else:
             node.value.pop(last)
         return
-    if op == "=" and not exists:
-        raise spec_error(key_origin, key_text, _missing_hint(path))
     if op == "+" and exists:
         raise spec_error(key_origin, key_text, f"already set; use {key_text}=... to change it")
     value_origin = Origin("<cli>", 1, len(token) - len(value_text) + 1, token)

@@ -84,7 +84,7 @@ def test_overrides_set_add_delete(tree: Path):
     "token, fragment, col",
     [
         ("layer.router.k=0", "greater than 0", 16),
-        ("layer.router.nope=1", "use +layer.router.nope=... to add it", 1),
+        ("layer.nope.k=1", "use +layer.nope=... to add it", 1),
         ("+layer.router.k=1", "already set", 1),
         ("~layer.router.score", "cannot delete", 1),
         ("layer..k=1", "bad override path", 1),
@@ -99,6 +99,15 @@ def test_override_errors_point_at_the_override(tree: Path, token: str, fragment:
     assert fragment in d.message
     assert (d.origin.file, d.origin.col, d.origin.text) == ("<cli>", col, token)
     assert d.format().splitlines()[1].strip() == token
+
+
+def test_set_a_key_the_file_leaves_to_its_default(tree: Path):
+    s = load_spec(tree / "base.yaml", ["layer.router.order=topk_then_softmax"]).spec
+    assert s.layer.router.order == "topk_then_softmax"
+    with pytest.raises(SpecError) as ei:
+        load_spec(tree / "base.yaml", ["layer.router.ordr=x"])
+    (d,) = ei.value.diagnostics
+    assert d.origin.file == "<cli>" and "unknown key" in d.message
 
 
 def test_groups_patch_the_base_layer(tree: Path):

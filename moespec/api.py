@@ -1,0 +1,51 @@
+"""The Python API: ``moespec.build`` and ``moespec.aux_losses``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moespec.errors import MoespecError
+from moespec.ir.build import build_program
+from moespec.runtime.layer import MoELayer
+from moespec.spec.load import LoadedSpec, load_spec
+from moespec.spec.schema import Spec
+
+
+class BuildError(MoespecError):
+    """A valid spec could not be built as asked (e.g. an unknown layer group name)."""
+
+
+def build(
+    spec: str | Path | dict | Spec | LoadedSpec,
+    overrides: tuple[str, ...] | list[str] = (),
+    *,
+    layer: str | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> MoELayer:
+    """Build the MoE layer a spec describes (``layer`` picks a group when there are several).
+
+    ``spec`` is a path, a dict or a validated spec; ``overrides`` use the CLI's ``a.b=v``
+    syntax. ``seed`` seeds the weight init; ``generator`` drives jitter, noise and random
+    policies (the global RNG when None).
+    """
+    loaded = load_spec(spec, overrides)
+    program = build_program(loaded.spec)
+    names = [lay.name for lay in program.layers]
+    if layer is None and len(names) > 1:
+        raise BuildError(f"the spec has layer groups {names}; pass layer=<name>")
+    name = layer or names[0]
+    if name not in names:
+        raise BuildError(f"no layer group {name!r}; the spec has {names}")
+    ir = program.layers[names.index(name)]
+    spec_layer = dict((n, lay) for n, _, lay in loaded.spec.layer_groups())[name]
+    return MoELayer(ir, spec_layer, seed=seed, generator=generator)
+
+
+def aux_losses(model: nn.Module) -> Tensor:
+    """Sum of ``aux_loss`` over every moespec layer inside ``model`` (0 if none ran yet)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else torch.zeros(())

@@ -1,0 +1,1 @@
+"""IR -> executable code: torch.fx graphs of fused custom ops (``fx``)."""

@@ -1,0 +1,69 @@
+"""The graph's loss-and-statistics node: auxiliary losses plus routing stats, no host sync.
+
+Legend: T tokens, E experts, K top-k.
+
+Losses are the reference formulas (moespec.ops.reference.losses) applied to the fused
+router's outputs: they are plain differentiable torch code and small next to the experts.
+Statistics are tensors (never Python floats), so reading them does not sync a device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moespec.ops.reference.losses import aux_losses, score_distribution
+from moespec.ops.reference.routing import RoutingResult
+from moespec.spec.sparsity import LossesSpec
+
+
+class AuxLossAndStats(nn.Module):
+    """Computes ``(aux_loss, routed_per_expert_E, tokens_per_expert_E, dropped_fraction,
+    router_entropy, load_ratio)`` for one layer call."""
+
+    def __init__(self, losses: LossesSpec, score: str, n_experts: int) -> None:
+        super().__init__()
+        self.losses, self.score, self.n_experts = losses, score, n_experts
+
+    def extra_repr(self) -> str:
+        lb, z = self.losses.load_balance, self.losses.z_loss
+        return f"load_balance={lb.kind if lb else None}, z_loss={z.weight if z else None}"
+
+    def forward(
+        self,
+        clean_TE: Tensor,
+        noisy_TE: Tensor,
+        std_TE: Tensor,
+        probs_TE: Tensor,
+        idx_TK: Tensor,
+        weight_TK: Tensor,
+        active_TK: Tensor,
+        keep_TK: Tensor,
+        seq_len: int,
+    ) -> tuple[Tensor, ...]:
+        routing = RoutingResult(
+            logits_TE=clean_TE,
+            noisy_logits_TE=noisy_TE,
+            # The smooth load estimator needs the noise std; in eval there is no noise.
+            noise_std_TE=std_TE if self.training and std_TE.numel() > 0 else None,
+            probs_TE=probs_TE,
+            topk_idx_TK=idx_TK,
+            topk_weight_TK=weight_TK,
+            active_TK=active_TK,
+            n_experts=self.n_experts,
+        )
+        aux, _ = aux_losses(routing, self.losses, score=self.score, seq_len=seq_len if seq_len > 0 else None)
+        routed_E = _counts(idx_TK, active_TK, self.n_experts)
+        kept_E = _counts(idx_TK, keep_TK, self.n_experts)
+        n_active = routed_E.sum()
+        dropped = (n_active - kept_E.sum()).to(probs_TE.dtype) / n_active.clamp(min=1).to(probs_TE.dtype)
+        p = score_distribution(probs_TE.detach(), self.score)
+        plogp = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
+        entropy = -plogp.sum(-1).mean() if p.shape[0] else p.new_zeros(())
+        ratio = routed_E.max().to(p.dtype) / routed_E.min().to(p.dtype)
+        return aux, routed_E, kept_E, dropped, entropy, ratio
+
+
+def _counts(idx_TK: Tensor, mask_TK: Tensor, n_experts: int) -> Tensor:
+    out = torch.zeros(n_experts, dtype=torch.int64, device=idx_TK.device)
+    return out.scatter_add(0, idx_TK.reshape(-1), mask_TK.reshape(-1).to(torch.int64))

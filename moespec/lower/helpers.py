@@ -1,0 +1,71 @@
+"""Small graph-level functions the FX lowering calls (plain torch, shown by name in gm.code).
+
+Legend: T tokens, D d_model, E experts, K top-k, N routed rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def gshard_keep_second(weight_TK: Tensor, u_T: Tensor, scale: float) -> Tensor:
+    """GShard `random` policy: keep the second expert iff 2·g2 > U(0,1) (g2 before scaling)."""
+    keep_TK = torch.ones_like(weight_TK, dtype=torch.bool)
+    second = 2.0 * weight_TK[:, 1].detach() / scale > u_T.to(weight_TK.dtype)
+    return torch.cat([keep_TK[:, :1], second.unsqueeze(1)], dim=1)
+
+
+def gather_row_weights(weight_TK: Tensor, keep_TK: Tensor, slot_N: Tensor) -> Tensor:
+    """Combine weight of each sorted row; dropped slots weigh 0."""
+    return (weight_TK * keep_TK.to(weight_TK.dtype)).reshape(-1).index_select(0, slot_N)
+
+
+def dense_gates(weight_TK: Tensor, idx_TK: Tensor, keep_TK: Tensor, n_experts: int) -> Tensor:
+    """[T, E] combine weights (zero off the kept selection)."""
+    w_TK = weight_TK * keep_TK.to(weight_TK.dtype)
+    return weight_TK.new_zeros(weight_TK.shape[0], n_experts).scatter(1, idx_TK, w_TK)
+
+
+def zero_compute_output(
+    x_TD: Tensor,
+    gates_TE: Tensor,
+    entries: tuple[tuple[str, int], ...],
+    first: int,
+    consts: tuple[tuple[Tensor, Tensor] | None, ...],
+) -> Tensor:
+    """MoE++ experts from index ``first`` on, one ``(kind, count)`` per spec entry: zero adds
+    nothing, copy adds g·x, constant adds g·(a1·x + a2·v) with [a1, a2] = softmax(x W_c^T)
+    (``consts[i]`` = (W_c [count, 2, D], v [count, D]) for constant entries)."""
+    y_TD = torch.zeros_like(x_TD)
+    e = first
+    for (kind, count), const in zip(entries, consts, strict=False):
+        for j in range(count):
+            g_T1 = gates_TE[:, e + j].unsqueeze(1).to(x_TD.dtype)
+            if kind == "copy":
+                y_TD = y_TD + g_T1 * x_TD
+            elif kind == "constant":
+                w_c_n2D, v_nD = const  # type: ignore[misc]
+                a_T2 = torch.softmax(x_TD @ w_c_n2D[j].T, dim=-1)
+                y_TD = y_TD + g_T1 * (a_T2[:, :1] * x_TD + a_T2[:, 1:] * v_nD[j])
+        e += count
+    return y_TD
+
+
+def shared_rows(x_TD: Tensor, w_up_SFD: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows for S shared experts on every token: token_idx_N = [0..T-1] repeated S times and
+    offsets_E1 = [0, T, 2T, ..., S·T]."""
+    t, s = x_TD.shape[0], w_up_SFD.shape[0]
+    token_idx_N = torch.arange(t, device=x_TD.device).repeat(s)
+    offsets_E1 = torch.arange(s + 1, device=x_TD.device) * t
+    return token_idx_N, offsets_E1
+
+
+def sum_shared(h_ND: Tensor, s: int) -> Tensor:
+    """Sum the S shared experts' outputs: [S·T, D] -> [T, D]."""
+    return h_ND.reshape(s, -1, h_ND.shape[-1]).sum(0)
+
+
+def gate_shared(y_TD: Tensor, x_TD: Tensor, gate_D: Tensor) -> Tensor:
+    """Qwen-MoE shared-expert gate: sigmoid(x · w_gate) · y."""
+    return torch.sigmoid(x_TD @ gate_D.to(x_TD.dtype)).unsqueeze(-1) * y_TD

@@ -1,0 +1,1 @@
+"""What training code uses: built MoE layer modules."""

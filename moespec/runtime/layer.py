@@ -1,0 +1,116 @@
+"""``MoELayer``: the nn.Module training code gets from ``moespec.build``.
+
+Legend: T tokens, D d_model, E experts, K top-k.
+
+The module owns the parameters under clean, stable names (the checkpoint contract; see
+``moespec.ops.reference.params``) and runs one of two FX GraphModules lowered from the IR:
+the training graph (jitter, noise, train capacity) or the eval graph. Random draws happen
+here, from ``self.generator`` (or the global RNG when it is None), in the reference's order,
+and enter the graph as inputs, so the graph itself is pure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx, nn
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.aux import AuxLossAndStats
+from moespec.lower.fx import OUTPUTS, lower_layer, random_inputs
+from moespec.ops.reference._common import TORCH_DTYPES, gumbel, normal, uniform
+from moespec.ops.reference.params import BUFFERS, init_reference_params
+from moespec.spec.schema import LayerSpec
+
+
+def _set(root: nn.Module, dotted: str, value: Tensor, buffer: bool) -> None:
+    *path, leaf = dotted.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    if buffer:
+        mod.register_buffer(leaf, value)
+    else:
+        mod.register_parameter(leaf, nn.Parameter(value))
+
+
+class MoELayer(nn.Module):
+    """One MoE layer built from a spec. ``forward(x)`` takes [..., d_model] and returns the
+    same shape. After each call ``aux_loss`` holds the weighted auxiliary loss (a scalar with
+    gradient) and ``routing_stats`` a dict of tensors (no host sync)."""
+
+    def __init__(
+        self, ir: MoELayerNode, spec: LayerSpec, *, seed: int = 0, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.d_model, self.dtype = ir.d_model, TORCH_DTYPES[ir.dtype]
+        self.generator = generator
+        init_gen = torch.Generator().manual_seed(seed)
+        params = init_reference_params(spec, ir.d_model, generator=init_gen, dtype=self.dtype)
+        for name, value in params.items():
+            _set(self, name, value, buffer=name in BUFFERS)
+        self.aux = AuxLossAndStats(
+            spec.losses, getattr(spec.router, "score", "softmax"), ir.experts.n_experts
+        )
+        # The IR and graphs are not submodules: parameters must appear once in state_dict.
+        object.__setattr__(self, "ir", ir)
+        object.__setattr__(self, "_graphs", {t: lower_layer(ir, self, training=t) for t in (True, False)})
+        self.aux_loss: Tensor | None = None
+        self.routing_stats: dict[str, Tensor] = {}
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The GraphModule the current mode runs (training or eval)."""
+        return self._graphs[self.training]
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"moespec layer expects input of shape [..., {self.d_model}], got {tuple(x.shape)}"
+            )
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"moespec layer was built for dtype {self.dtype} (target.dtype); got {x.dtype}. "
+                "Cast the input, or build with a different target.dtype."
+            )
+
+    def _draw(self, x_TD: Tensor) -> list[Tensor]:
+        t, d = x_TD.shape
+        e, k = self.ir.experts.n_experts, self.ir.dispatch.rows_per_token
+        dims = {"T": t, "D": d, "E": e, "K": k}
+        gen = self.generator
+        draws = []
+        for ri in random_inputs(self.ir, self.training):
+            shape = tuple(dims[c] for c in ri.shape)
+            if gen is None:
+                gen = torch.Generator(device=x_TD.device).manual_seed(int(torch.randint(2**62, ()).item()))
+            if ri.dist == "uniform":
+                if ri.shape == "TK":  # the reference draws capacity priorities flat
+                    draws.append(uniform((t * k,), gen, x_TD.new_empty(0, dtype=torch.float32)).reshape(t, k))
+                else:
+                    draws.append(uniform(shape, gen, x_TD.new_empty(0, dtype=torch.float32)))
+            elif ri.dist == "normal":
+                draws.append(normal(shape, gen, x_TD.new_empty(0, dtype=torch.float32)))
+            else:
+                draws.append(gumbel(shape, gen, x_TD.new_empty(0, dtype=torch.float32)))
+        return draws
+
+    def forward(self, x: Tensor) -> Tensor:
+        """y = MoE(x) for x of shape [..., d_model]; a 3-D x is [batch, seq, d_model]."""
+        self._check(x)
+        x_TD = x.reshape(-1, self.d_model)
+        seq_len = x.shape[1] if x.dim() == 3 else 0
+        y_TD, *rest = self._graphs[self.training](x_TD, *self._draw(x_TD), seq_len)
+        self.aux_loss = rest[0]
+        self.routing_stats = dict(zip(OUTPUTS[2:], rest[1:], strict=False))
+        bias_cfg = getattr(self.ir.router.config, "expert_bias", None)
+        if self.training and bias_cfg is not None:
+            # Aux-loss-free balancing (DeepSeek-V3): b_e += rate * sign(mean load - load_e).
+            with torch.no_grad():
+                load_E = self.routing_stats["routed_per_expert"].to(self.router.expert_bias.dtype)
+                self.router.expert_bias.add_(bias_cfg.update_rate * torch.sign(load_E.mean() - load_E))
+        return y_TD.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"name={self.ir.name!r}, d_model={self.d_model}, experts={self.ir.experts.n_experts}"
