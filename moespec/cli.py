@@ -24,9 +24,16 @@ def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
     """Separate spec paths from ``a.b=v`` / ``+a.b=v`` / ``~a.b`` overrides."""
     specs, overrides = [], []
     for item in items:
-        is_override = _OVERRIDE.match(item) and not Path(item).exists()
-        (overrides if is_override else specs).append(item)
+        looks_like = bool(_OVERRIDE.match(item)) or "=" in item or item[:1] in ("+", "~")
+        (overrides if looks_like and not _is_file(item) else specs).append(item)
     return specs, overrides
+
+
+def _is_file(item: str) -> bool:
+    try:
+        return Path(item).exists()
+    except OSError:  # e.g. a name too long for the file system: not a file
+        return False
 
 
 def _report(err: SpecError, as_json: bool, file: str | None = None) -> None:

@@ -56,7 +56,9 @@ class Diagnostic:
         src = self.origin.source_line()
         if src is None:
             return head
-        caret = " " * (self.origin.col - 1) + "^"
+        # Control characters (NUL, bell, ...) would garble the terminal: show them as U+FFFD.
+        src = "".join(c if c == "\t" or (c >= " " and c != "\x7f") else "\ufffd" for c in src)
+        caret = "".join(c if c == "\t" else " " for c in src[: self.origin.col - 1]) + "^"
         return f"{head}\n    {src}\n    {caret}"
 
     def to_json(self) -> dict[str, object]:

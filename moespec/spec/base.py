@@ -13,7 +13,7 @@ BYTES_PER_DTYPE: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 class Strict(BaseModel):
     """Base of every spec model: unknown keys are errors, `"8"` is not 8, objects are frozen."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class KindRegistry:

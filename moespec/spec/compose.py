@@ -98,6 +98,12 @@ def apply_override(tree: Sourced, token: str) -> None:
     for i, part in enumerate(parents):
         child = _child(node, part)
         if child is None:
+            if op == "~":
+                raise spec_error(
+                    key_origin, key_text, f"cannot delete: the spec does not set {_dot(path[: i + 1])!r}"
+                )
+            if isinstance(node.value, list):
+                raise spec_error(key_origin, key_text, _index_error(part, node))
             if op != "+":
                 raise spec_error(key_origin, key_text, _missing_hint(path[: i + 1]))
             child = Sourced({}, key_origin, key_origin)
@@ -108,7 +114,7 @@ def apply_override(tree: Sourced, token: str) -> None:
         if not exists:
             raise spec_error(key_origin, key_text, "cannot delete: the spec does not set this key")
         if isinstance(node.value, dict):
-            del node.value[last]
+            del node.value[str(last)]
         else:
             node.value.pop(last)
         return
@@ -119,9 +125,17 @@ def apply_override(tree: Sourced, token: str) -> None:
     _set_child(node, last, value, key_origin)
 
 
+def _dot(path: list[str | int]) -> str:
+    return ".".join(map(str, path))
+
+
 def _missing_hint(path: list[str | int]) -> str:
-    dotted = ".".join(map(str, path))
-    return f"the spec does not set {dotted!r}; use +{dotted}=... to add it"
+    return f"the spec does not set {_dot(path)!r}; use +{_dot(path)}=... to add it"
+
+
+def _index_error(part: str | int, node: Sourced) -> str:
+    n = len(node.value)
+    return f"index {part} is out of range (the list has {n} item{'s' if n != 1 else ''})"
 
 
 def _child(node: Sourced, part: str | int) -> Sourced | None:
@@ -140,8 +154,10 @@ def _set_child(node: Sourced, part: str | int, value: Sourced, key_origin: Origi
         node.value[part] = value
     elif isinstance(node.value, list) and isinstance(part, int) and part == len(node.value):
         node.value.append(value)  # `+list.N=v` appends
+    elif isinstance(node.value, list):
+        raise spec_error(key_origin, key_origin.text or "", _index_error(part, node))
     else:
-        raise spec_error(key_origin, str(part), "cannot set a key inside a non-mapping value")
+        raise spec_error(key_origin, key_origin.text or "", f"cannot set {part!r} inside a non-mapping value")
 
 
 def expand_groups(tree: Sourced) -> None:

@@ -64,7 +64,10 @@ def locate(
         if child is None:
             if last and (missing or (isinstance(node.value, dict) and isinstance(part, str))):
                 parts.append(str(part))
-                return node.origin, ".".join(parts), "in the mapping starting here"
+                # Point at the parent's key (`layer:`) rather than its first child.
+                where = node.key_origin or node.origin
+                owner = f"`{parts[-2]}`" if len(parts) > 1 else "the spec"
+                return where, ".".join(parts), f"{owner} needs a `{part}:` key"
             continue
         parts.append(str(part))
         node = child
@@ -79,19 +82,42 @@ def _pydantic_diagnostics(tree: Sourced, err: ValidationError) -> list[Diagnosti
         origin, path, note = locate(
             tree, tuple(e["loc"]), is_key=kind == "extra_forbidden", missing=kind == "missing"
         )
-        msg = _message(e)
-        if note:
+        msg = note if kind == "missing" and note else _message(e)
+        if note and kind != "missing":
             msg = f"{msg} ({note})"
         out.append(Diagnostic(origin, path, msg))
     return out
 
 
+_TYPE_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a number", type(None): "null"}  # fmt: skip
+
+
+def _got(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
 def _message(e: dict[str, Any]) -> str:
-    kind, msg = e["type"], e["msg"]
+    kind, msg, value = e["type"], e["msg"], e.get("input")
+    loc = e["loc"]
     if kind == "extra_forbidden":
         return "unknown key (not part of the spec language)"
     if kind == "missing":
         return "required key is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping, got {_got(value)}"
+    if kind == "literal_error" and loc and loc[-1] == "kind":
+        return f"unknown kind {value!r}; expected {e.get('ctx', {}).get('expected')}"
+    if kind == "literal_error" and tuple(loc) == ("moespec",):
+        return f"unsupported spec language version {value!r} (this moespec reads version 1)"
+    if kind in ("int_type", "float_type") and isinstance(value, str):
+        return f"{msg}, got a string; remove the quotes if you meant a number [{kind}]"
+    if (
+        kind == "bool_type"
+        and isinstance(value, str)
+        and value.lower() in ("yes", "no", "on", "off", "y", "n")
+    ):
+        return f"{msg}: {value!r} is a string in YAML 1.2; write true or false [{kind}]"
     if kind == "union_tag_invalid":
         ctx = e.get("ctx", {})
         return f"unknown kind {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"

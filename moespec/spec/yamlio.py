@@ -55,12 +55,27 @@ class _Loader(
 ):
     """A composer only: we build Python values ourselves to keep the positions."""
 
-    def __init__(self, stream: str) -> None:
+    def __init__(self, stream: str, file: str) -> None:
         yaml.reader.Reader.__init__(self, stream)
         yaml.scanner.Scanner.__init__(self)
         yaml.parser.Parser.__init__(self)
         yaml.composer.Composer.__init__(self)
         _Resolver.__init__(self)
+        self.file = file
+
+    def compose_node(self, parent, index):
+        # Explicit tags (`!!int "x"`, `!!python/object:...`, `!custom`) are not part of the
+        # spec language: reject them instead of letting them coerce or be ignored.
+        if self.check_event(yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            event = self.peek_event()
+            if event.tag not in (None, "!"):
+                shown = event.tag.replace("tag:yaml.org,2002:", "!!")
+                raise spec_error(
+                    _origin(event.start_mark, self.file),
+                    "",
+                    f"explicit YAML tags are not supported (found {shown})",
+                )
+        return super().compose_node(parent, index)
 
 
 @dataclass
@@ -126,21 +141,43 @@ def _scalar(node: yaml.ScalarNode, file: str) -> Any:
     raise spec_error(_origin(node.start_mark, file), "", f"unsupported YAML tag {tag!r}")
 
 
+MAX_NODES = 100_000  # alias expansion bound ("billion laughs")
+
+
 class _Builder:
     """Turns a composed node tree into a Sourced tree, collecting every problem."""
 
     def __init__(self, file: str) -> None:
         self.file = file
         self.problems: list[Diagnostic] = []
+        self.active: set[int] = set()  # nodes being built: a repeat is a recursive alias
+        self.count = 0
 
     def build(self, node: yaml.Node, path: Path_) -> Sourced:
         origin = _origin(node.start_mark, self.file)
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise spec_error(
+                origin, _dotted(path), f"the document expands to more than {MAX_NODES} values (alias bomb?)"
+            )
+        if id(node) in self.active:
+            raise spec_error(origin, _dotted(path), "recursive alias (a value that contains itself)")
         if isinstance(node, yaml.ScalarNode):
-            try:
-                return Sourced(_scalar(node, self.file), origin)
-            except SpecError as e:
-                self.problems.extend(Diagnostic(d.origin, _dotted(path), d.message) for d in e.diagnostics)
-                return Sourced(None, origin)
+            return self._scalar(node, path, origin)
+        self.active.add(id(node))
+        try:
+            return self._collection(node, path, origin)
+        finally:
+            self.active.discard(id(node))
+
+    def _scalar(self, node: yaml.ScalarNode, path: Path_, origin: Origin) -> Sourced:
+        try:
+            return Sourced(_scalar(node, self.file), origin)
+        except SpecError as e:
+            self.problems.extend(Diagnostic(d.origin, _dotted(path), d.message) for d in e.diagnostics)
+            return Sourced(None, origin)
+
+    def _collection(self, node: yaml.Node, path: Path_, origin: Origin) -> Sourced:
         if isinstance(node, yaml.SequenceNode):
             return Sourced([self.build(n, (*path, i)) for i, n in enumerate(node.value)], origin)
         assert isinstance(node, yaml.MappingNode)
@@ -159,9 +196,12 @@ class _Builder:
                             merged.add(k)
                 continue
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-                shown = getattr(key_node, "value", "?")
+                if isinstance(key_node, yaml.ScalarNode):
+                    got = f"{key_node.value!r} ({key_node.tag.rsplit(':', 1)[-1]}); quote it"
+                else:
+                    got = "a sequence" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
                 self.problems.append(
-                    Diagnostic(key_origin, _dotted(path), f"mapping keys must be strings, got {shown!r}")
+                    Diagnostic(key_origin, _dotted(path), f"mapping keys must be strings, got {got}")
                 )
                 continue
             key = key_node.value
@@ -197,13 +237,22 @@ def _dotted(path: Path_) -> str:
 def load_text(text: str, file: str) -> Sourced:
     """Parse one YAML document into a Sourced tree; raise SpecError on any problem."""
     if "\x00" in text:
-        raise spec_error(Origin(file), "", "not a YAML text file (contains NUL bytes)")
+        raise spec_error(
+            _text_origin(text, text.index("\x00"), file), "", "not a YAML text file (contains NUL bytes)"
+        )
     try:
-        loader = _Loader(text)
+        loader = _Loader(text, file)
         try:
             node = loader.get_single_node()
         finally:
             loader.dispose()
+    except yaml.reader.ReaderError as e:
+        what = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        raise spec_error(
+            _text_origin(text, e.position, file), "", f"control character {what} is not allowed in YAML"
+        ) from None
+    except RecursionError:
+        raise spec_error(Origin(file), "", "the document is nested too deeply") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         origin = _origin(mark, file) if mark else Origin(file)
@@ -214,10 +263,18 @@ def load_text(text: str, file: str) -> Sourced:
     if node is None:
         raise spec_error(Origin(file), "", "the file is empty; a spec starts with `moespec: 1`")
     builder = _Builder(file)
-    tree = builder.build(node, ())
+    try:
+        tree = builder.build(node, ())
+    except RecursionError:
+        raise spec_error(Origin(file), "", "the document is nested too deeply") from None
     if builder.problems:
         raise SpecError(builder.problems)
     return tree
+
+
+def _text_origin(text: str, pos: int, file: str) -> Origin:
+    line = text.count("\n", 0, pos) + 1
+    return Origin(file, line, pos - (text.rfind("\n", 0, pos) + 1) + 1)
 
 
 def load_file(path: Path) -> Sourced:
@@ -234,7 +291,11 @@ def load_file(path: Path) -> Sourced:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise spec_error(Origin(shown), "", f"not a UTF-8 text file (bad byte at offset {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise spec_error(
+            Origin(shown, line, col), "", f"not a UTF-8 text file (bad byte 0x{data[e.start]:02x})"
+        ) from None
     return load_text(text, shown)
 
 
