@@ -32,7 +32,7 @@ def test_validate_reports_every_file(capsys, tmp_path: Path):
     out = capsys.readouterr()
     assert "ok (mixtral-8x7b)" in out.out
     assert "missing.yaml:1:1: file not found" in out.err
-    assert "required key is missing" in out.err
+    assert "the spec needs a `name:` key" in out.err
 
 
 def test_explain_json_layers(capsys):
