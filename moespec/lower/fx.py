@@ -31,6 +31,7 @@ from moespec.ops.reference._common import TORCH_DTYPES
 OPS = torch.ops.moespec
 OUTPUTS = (
     "y_TD",
+    "router_logits",
     "aux_loss",
     "routed_per_expert",
     "tokens_per_expert",
@@ -215,7 +216,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         y = b.fn(operator.add, y, _shared(b, layer, x, empty_x), origin=layer.shared.origin)
 
     aux = g.call_module("aux", (clean, noisy, std, probs, idx, weight, active, keep, seq_len))
-    outs = [y] + [b.item(aux, i, layer.losses.origin, n) for i, n in enumerate(OUTPUTS[1:])]
+    outs = [y, clean] + [b.item(aux, i, layer.losses.origin, n) for i, n in enumerate(OUTPUTS[2:])]
     g.output(tuple(outs))
     g.lint()
     return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")

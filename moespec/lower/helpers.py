@@ -39,7 +39,7 @@ def zero_compute_output(
     (``consts[i]`` = (W_c [count, 2, D], v [count, D]) for constant entries)."""
     y_TD = torch.zeros_like(x_TD)
     e = first
-    for (kind, count), const in zip(entries, consts, strict=False):
+    for (kind, count), const in zip(entries, consts, strict=True):
         for j in range(count):
             g_T1 = gates_TE[:, e + j].unsqueeze(1).to(x_TD.dtype)
             if kind == "copy":

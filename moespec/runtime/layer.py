@@ -38,7 +38,10 @@ def _set(root: nn.Module, dotted: str, value: Tensor, buffer: bool) -> None:
 class MoELayer(nn.Module):
     """One MoE layer built from a spec. ``forward(x)`` takes [..., d_model] and returns the
     same shape. After each call ``aux_loss`` holds the weighted auxiliary loss (a scalar with
-    gradient) and ``routing_stats`` a dict of tensors (no host sync)."""
+    gradient), ``router_logits`` the [T, E] router logits (before noise, in the router dtype)
+    and ``routing_stats`` a dict of tensors (no host sync): ``routed_per_expert``,
+    ``tokens_per_expert`` (after capacity), ``dropped_fraction``, ``router_entropy``,
+    ``load_ratio`` (max/min routed load)."""
 
     def __init__(
         self, ir: MoELayerNode, spec: LayerSpec, *, seed: int = 0, generator: torch.Generator | None = None
@@ -57,6 +60,7 @@ class MoELayer(nn.Module):
         object.__setattr__(self, "ir", ir)
         object.__setattr__(self, "_graphs", {t: lower_layer(ir, self, training=t) for t in (True, False)})
         self.aux_loss: Tensor | None = None
+        self.router_logits: Tensor | None = None
         self.routing_stats: dict[str, Tensor] = {}
 
     @property
@@ -101,9 +105,9 @@ class MoELayer(nn.Module):
         self._check(x)
         x_TD = x.reshape(-1, self.d_model)
         seq_len = x.shape[1] if x.dim() == 3 else 0
-        y_TD, *rest = self._graphs[self.training](x_TD, *self._draw(x_TD), seq_len)
-        self.aux_loss = rest[0]
-        self.routing_stats = dict(zip(OUTPUTS[2:], rest[1:], strict=False))
+        y_TD, logits_TE, aux, *stats = self._graphs[self.training](x_TD, *self._draw(x_TD), seq_len)
+        self.aux_loss, self.router_logits = aux, logits_TE
+        self.routing_stats = dict(zip(OUTPUTS[3:], stats, strict=True))
         bias_cfg = getattr(self.ir.router.config, "expert_bias", None)
         if self.training and bias_cfg is not None:
             # Aux-loss-free balancing (DeepSeek-V3): b_e += rate * sign(mean load - load_e).
