@@ -11,6 +11,8 @@ and enter the graph as inputs, so the graph itself is pure.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, fx, nn
 
@@ -20,6 +22,17 @@ from moespec.lower.fx import OUTPUTS, lower_layer, random_inputs
 from moespec.ops.reference._common import TORCH_DTYPES, gumbel, normal, uniform
 from moespec.ops.reference.params import BUFFERS, init_reference_params
 from moespec.spec.schema import LayerSpec
+
+# Generated forward functions, shared by every layer whose graph prints the same code. Each
+# GraphModule has its own class, so calling GraphModules would make torch.compile recompile
+# per layer; one function per distinct graph lets identical layers share a compilation.
+_FORWARDS: dict[str, Callable[..., tuple[Tensor, ...]]] = {}
+
+
+def _shared_forward(gm: fx.GraphModule) -> Callable[..., tuple[Tensor, ...]]:
+    # The code only reads self.router / self.experts / self.shared / self.zero_compute /
+    # self.aux, which the MoELayer (the graph's root) owns under the same names.
+    return _FORWARDS.setdefault(gm.code, type(gm).forward)
 
 
 def _set(root: nn.Module, dotted: str, value: Tensor, buffer: bool) -> None:
@@ -58,7 +71,9 @@ class MoELayer(nn.Module):
         )
         # The IR and graphs are not submodules: parameters must appear once in state_dict.
         object.__setattr__(self, "ir", ir)
-        object.__setattr__(self, "_graphs", {t: lower_layer(ir, self, training=t) for t in (True, False)})
+        graphs = {t: lower_layer(ir, self, training=t) for t in (True, False)}
+        object.__setattr__(self, "_graphs", graphs)
+        object.__setattr__(self, "_forwards", {t: _shared_forward(gm) for t, gm in graphs.items()})
         self.aux_loss: Tensor | None = None
         self.router_logits: Tensor | None = None
         self.routing_stats: dict[str, Tensor] = {}
@@ -80,24 +95,32 @@ class MoELayer(nn.Module):
             )
 
     def _draw(self, x_TD: Tensor) -> list[Tensor]:
+        """The random graph inputs, in the reference's order and fp32.
+
+        With ``self.generator`` the draws are bit-identical to the reference's for the same
+        seed (eager only: torch.compile cannot trace a Generator object). Without one they
+        come from the global RNG, which torch.compile traces (fullgraph) and
+        ``torch.manual_seed`` makes deterministic.
+        """
         t, d = x_TD.shape
-        e, k = self.ir.experts.n_experts, self.ir.dispatch.rows_per_token
-        dims = {"T": t, "D": d, "E": e, "K": k}
-        gen = self.generator
+        dims = {"T": t, "D": d, "E": self.ir.experts.n_experts, "K": self.ir.dispatch.rows_per_token}
+        gen, f32 = self.generator, x_TD.new_empty(0, dtype=torch.float32)
         draws = []
         for ri in random_inputs(self.ir, self.training):
             shape = tuple(dims[c] for c in ri.shape)
-            if gen is None:
-                gen = torch.Generator(device=x_TD.device).manual_seed(int(torch.randint(2**62, ()).item()))
-            if ri.dist == "uniform":
-                if ri.shape == "TK":  # the reference draws capacity priorities flat
-                    draws.append(uniform((t * k,), gen, x_TD.new_empty(0, dtype=torch.float32)).reshape(t, k))
-                else:
-                    draws.append(uniform(shape, gen, x_TD.new_empty(0, dtype=torch.float32)))
+            if gen is not None:
+                flat = (shape[0] * shape[1],) if ri.shape == "TK" else shape  # reference draws TK flat
+                sample = {"uniform": uniform, "normal": normal, "gumbel": gumbel}[ri.dist](flat, gen, f32)
+                draws.append(sample.reshape(shape))
             elif ri.dist == "normal":
-                draws.append(normal(shape, gen, x_TD.new_empty(0, dtype=torch.float32)))
+                draws.append(torch.randn(shape, device=x_TD.device))
             else:
-                draws.append(gumbel(shape, gen, x_TD.new_empty(0, dtype=torch.float32)))
+                u = torch.rand(shape, device=x_TD.device)
+                if ri.dist == "gumbel":
+                    u = -torch.log(
+                        -torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps))
+                    )
+                draws.append(u)
         return draws
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,7 +128,7 @@ class MoELayer(nn.Module):
         self._check(x)
         x_TD = x.reshape(-1, self.d_model)
         seq_len = x.shape[1] if x.dim() == 3 else 0
-        y_TD, logits_TE, aux, *stats = self._graphs[self.training](x_TD, *self._draw(x_TD), seq_len)
+        y_TD, logits_TE, aux, *stats = self._forwards[self.training](self, x_TD, *self._draw(x_TD), seq_len)
         self.aux_loss, self.router_logits = aux, logits_TE
         self.routing_stats = dict(zip(OUTPUTS[3:], stats, strict=True))
         bias_cfg = getattr(self.ir.router.config, "expert_bias", None)

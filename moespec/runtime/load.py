@@ -1,0 +1,126 @@
+"""``moespec.load(DIR)``: rebuild a layer from an artifact directory and load its weights.
+
+Every check is loud: a missing file, a manifest from a newer moespec, an edited
+``spec.lock.yaml`` (its hash no longer matches the manifest), weights written for another
+spec or layer, and any missing, unexpected or reshaped tensor raise :class:`ArtifactError`
+listing what is wrong. Nothing is ever silently skipped or only warned about.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moespec import __version__
+from moespec.export.layout import LAYOUT, LOCK, WEIGHTS, ArtifactError, read_manifest
+from moespec.ir.build import spec_hash
+from moespec.runtime.layer import MoELayer
+from moespec.spec.schema import Spec
+
+log = logging.getLogger(__name__)
+_MAX_LISTED = 20  # keys listed per category in an error message
+
+
+def check_spec_hash(spec: Spec, expected: str, where: Path) -> None:
+    """Raise if the resolved spec's SHA-256 differs from ``expected`` (the lock was edited)."""
+    actual = spec_hash(spec)
+    if actual != expected:
+        raise ArtifactError(
+            f"{where}: the resolved spec does not match the artifact (sha256 {actual[:12]}..., manifest "
+            f"says {expected[:12]}...); the lock file was edited. Rebuild with `moespec build` instead."
+        )
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown) + more
+
+
+def check_state_dict(module: torch.nn.Module, state: Mapping[str, Tensor], where: Path) -> None:
+    """Raise unless ``state`` has exactly the module's keys, shapes and dtypes (never a warning)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes, dtypes = [], []
+    for k, want in expected.items():
+        got = state.get(k)
+        if got is None:
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            shapes.append(f"{k}: file has {list(got.shape)}, the spec needs {list(want.shape)}")
+        elif got.dtype != want.dtype:
+            dtypes.append(f"{k}: file has {got.dtype}, the spec needs {want.dtype}")
+    if missing or unexpected or shapes or dtypes:
+        blocks = [f"{where}: the weights do not match the layer the spec builds"]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+            ("dtype mismatches", dtypes),
+        ):
+            if items:
+                blocks.append(_listing(title, items))
+        raise ArtifactError("\n".join(blocks))
+
+
+def read_weights(path: Path, *, spec_sha256: str, layer: str) -> dict[str, Tensor]:
+    """Tensors of ``model.safetensors``, after checking its metadata names this spec and layer."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable weights file ({e})") from None
+    problems = []
+    if meta.get("format") != LAYOUT:
+        problems.append(f"layout {meta.get('format')!r}, expected {LAYOUT!r}")
+    if meta.get("spec_sha256") != spec_sha256:
+        problems.append(f"spec sha256 {str(meta.get('spec_sha256'))[:12]}... is not {spec_sha256[:12]}...")
+    if meta.get("layer") != layer:
+        problems.append(f"layer {meta.get('layer')!r} is not {layer!r}")
+    if problems:
+        raise ArtifactError(f"{path}: weights were written for another artifact: " + "; ".join(problems))
+    return state
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer:
+    """The layer of the artifact directory ``path``, with its weights, on ``device`` (CPU if None).
+
+    Rebuilds the module from ``spec.lock.yaml`` (checked against the manifest's spec hash),
+    loads ``model.safetensors`` after an exact key/shape/dtype check, and returns it in
+    training mode like ``moespec.build``. Raises :class:`ArtifactError` on any mismatch.
+    """
+    import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
+    from moespec.api import build
+    from moespec.export.report import registered_op_set
+    from moespec.spec.load import load_spec
+
+    root = Path(path)
+    manifest = read_manifest(root)
+    missing_ops = sorted(set(manifest["op_set"]) - set(registered_op_set()))
+    if missing_ops:
+        raise ArtifactError(
+            f"{root}: the artifact uses ops this moespec {__version__} does not provide: "
+            f"{', '.join(missing_ops)} (built by moespec {manifest.get('moespec_version')})"
+        )
+    if manifest.get("moespec_version") != __version__:
+        log.warning(
+            "%s was built by moespec %s; loading with moespec %s",
+            root,
+            manifest.get("moespec_version"),
+            __version__,
+        )
+    loaded = load_spec(root / LOCK)
+    check_spec_hash(loaded.spec, manifest["spec_sha256"], root / LOCK)
+    module = build(loaded, layer=manifest["layer"], seed=int(manifest.get("seed", 0)))
+    state = read_weights(root / WEIGHTS, spec_sha256=manifest["spec_sha256"], layer=manifest["layer"])
+    check_state_dict(module, state, root / WEIGHTS)
+    module.load_state_dict(state, strict=True)
+    return module if device is None else module.to(device)
