@@ -15,9 +15,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+DEMO_OUT := out/mixtral-small
+
 demo: $(STAMP)
 	$(BIN)/moespec validate specs/*.yaml
-	$(BIN)/moespec explain specs/mixtral-8x7b.yaml d_model=512 layer.experts.routed.0.d_ff=1024
+	$(BIN)/moespec build specs/mixtral-8x7b.yaml d_model=256 layer.experts.routed.0.d_ff=512 \
+		target.dtype=fp32 -o $(DEMO_OUT) --force
+	$(BIN)/python -c "import moespec, torch; m = moespec.load('$(DEMO_OUT)'); \
+		x = torch.randn(4, 64, 256); y = m(x); (y.square().mean() + m.aux_loss).backward(); \
+		g = m.get_parameter('experts.0.w_up').grad; \
+		print(f'moespec.load($(DEMO_OUT)): {tuple(x.shape)} -> {tuple(y.shape)}, ' \
+		f'aux_loss {m.aux_loss.item():.4f}, |grad w_up| {g.norm().item():.3g}')"
+	$(BIN)/moespec bench $(DEMO_OUT) --tokens 512 --repeat 5
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check moespec tests benchmarks

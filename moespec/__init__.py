@@ -11,6 +11,14 @@ def __getattr__(name: str):
         from moespec import api
 
         return getattr(api, name)
+    if name == "load":
+        from moespec.runtime.load import load
+
+        return load
+    if name in ("build_artifact", "ArtifactError"):
+        from moespec.export import artifact
+
+        return getattr(artifact, name)
     raise AttributeError(name)
 
 

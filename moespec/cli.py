@@ -127,6 +127,78 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from moespec.export.artifact import build_artifact
+    from moespec.export.report import summary_text
+
+    specs, overrides = _split_args(args.items)
+    if len(specs) != 1:
+        return _usage(f"moespec build: give exactly one spec file (got {len(specs)})")
+    art = build_artifact(specs[0], args.output, overrides, layer=args.layer, seed=args.seed, force=args.force)
+    print(f"wrote {art.path}/: {', '.join(sorted(p.name for p in art.path.iterdir()))}")
+    sys.stdout.write(summary_text(art.report))
+    return 0
+
+
+def _bench_progress(enabled: bool):
+    """A rich progress bar on stderr when it is a terminal; otherwise nothing."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moespec.bench import bench_layer, layer_for_bench, result_table
+
+    specs, overrides = _split_args(args.items)
+    if len(specs) != 1:
+        return _usage(f"moespec bench: give exactly one spec file or artifact directory (got {len(specs)})")
+    if args.tokens < 1 or args.repeat < 1 or args.warmup < 0:
+        return _usage("moespec bench: --tokens and --repeat must be >= 1, --warmup >= 0")
+    module, name, device = layer_for_bench(specs[0], overrides, layer=args.layer, seed=args.seed)
+    with _bench_progress(not args.json and sys.stderr.isatty()) as bar:
+        tasks: dict[str, object] = {}
+
+        def progress(pass_name: str, step: int, total: int) -> None:
+            if bar is not None:
+                tasks.setdefault(pass_name, bar.add_task(pass_name, total=total))
+                bar.update(tasks[pass_name], completed=step)
+
+        res = bench_layer(
+            module,
+            spec_name=name,
+            tokens=args.tokens,
+            repeat=args.repeat,
+            warmup=args.warmup,
+            device=args.device or device,
+            seed=args.seed,
+            progress=progress,
+        )
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+    else:
+        from rich.console import Console
+
+        head, table, foot = result_table(res)
+        console = Console(width=None if os.isatty(1) else 120)
+        console.print(head, highlight=False, soft_wrap=True)
+        console.print(table)
+        console.print(foot, highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the README's CLI reference and tests)."""
     p = argparse.ArgumentParser(prog="moespec", description="Declarative MoE spec compiler for PyTorch.")
@@ -155,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--schema", help="schema path or URL for the modeline (default: the installed schema)")
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     i.set_defaults(func=cmd_init)
+
+    b = sub.add_parser("build", help="write an artifact directory: module.py, weights, lock, report")
+    b.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
+    b.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
+    b.add_argument("--layer", help="layer group to build (required when the spec has several)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation (default: 0)")
+    b.add_argument("--force", action="store_true", help="replace DIR if it is an existing artifact")
+    b.set_defaults(func=cmd_build)
+
+    bn = sub.add_parser("bench", help="time forward and forward+backward of a built layer here")
+    bn.add_argument(
+        "items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file (or artifact dir), then {over}"
+    )
+    bn.add_argument("--tokens", type=int, default=256, help="tokens per batch (default: 256)")
+    bn.add_argument("--repeat", type=int, default=5, help="timed runs per pass, median shown (default: 5)")
+    bn.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    bn.add_argument("--layer", help="layer group to build (required when the spec has several)")
+    bn.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
+    bn.add_argument("--device", help="cpu or cuda (default: the spec's target.device)")
+    bn.add_argument("--json", action="store_true", help="machine-readable output")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 

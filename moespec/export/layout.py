@@ -1,0 +1,89 @@
+"""The artifact directory's contract: file names, format version and the error type.
+
+An artifact directory holds::
+
+    manifest.json       versions, op set, spec sha256, layer, seed, files (bytes + sha256)
+    spec.lock.yaml      the fully resolved spec (extends and overrides applied, defaults written)
+    model.safetensors   the layer's state_dict ("moespec-native" layout) with metadata
+    module.py           standalone loader generated from templates/module/module.py.jinja
+    report.json         derived numbers, state_dict keys/shapes, IR text, ops used in the graphs
+    report.txt          the same for humans
+    ir.txt, graph.txt   the IR and the FX graph code, for review and diffs
+
+This module imports nothing heavy, so readers (``moespec.load``) and writers share it cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from moespec.errors import MoespecError
+
+FORMAT = "moespec-artifact"
+FORMAT_VERSION = 1
+LAYOUT = "moespec-native"  # state_dict key layout of model.safetensors
+MODULE_TEMPLATE = "module/module.py.jinja"
+
+MANIFEST = "manifest.json"
+LOCK = "spec.lock.yaml"
+WEIGHTS = "model.safetensors"
+MODULE = "module.py"
+REPORT_JSON = "report.json"
+REPORT_TXT = "report.txt"
+IR_TXT = "ir.txt"
+GRAPH_TXT = "graph.txt"
+REQUIRED = (MANIFEST, LOCK, WEIGHTS)  # what ``moespec.load`` needs; the rest is for people
+
+
+class ArtifactError(MoespecError):
+    """An artifact directory cannot be written (target exists) or read (missing, corrupted,
+    edited, or built for a different spec/layer)."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (weights can be large)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """True if ``path`` is a directory holding a moespec manifest (safe to replace with --force)."""
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of artifact ``root``; :class:`ArtifactError` if it is missing or malformed."""
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not an artifact directory (it does not exist or is not a directory)")
+    missing = [name for name in REQUIRED if not (root / name).is_file()]
+    if missing:
+        raise ArtifactError(
+            f"{root}: incomplete artifact, missing {', '.join(missing)} (rebuild it with `moespec build`)"
+        )
+    path = root / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a moespec artifact manifest (expected format {FORMAT!r})")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {version!r} is newer than this moespec reads "
+            f"({FORMAT_VERSION}); upgrade moespec"
+        )
+    for key in ("spec_sha256", "layer", "op_set"):
+        if key not in data:
+            raise ArtifactError(f"{path}: manifest has no {key!r} entry")
+    return data
