@@ -45,7 +45,6 @@ def act_grad(name: str, a: Tensor) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-
 def act_(name: str, a: Tensor) -> Tensor:
     """act(a) written into ``a`` itself (one fused pass, no allocation); returns ``a``."""
     if name == "relu":

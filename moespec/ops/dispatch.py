@@ -38,11 +38,27 @@ def _(idx_TK, keep_TK, n_experts):
     return idx_TK.new_empty(n, **i64), idx_TK.new_empty(n, **i64), idx_TK.new_empty(n_experts + 1, **i64)
 
 
+# CPU: combine in row blocks so the weighted rows live in a small, cache-sized temporary
+# (a whole [N, D] temporary can exceed malloc's mmap threshold and page-fault on every call).
+_COMBINE_BLOCK_BYTES = 2 << 20
+
+
+def _row_blocks(t: Tensor) -> list[tuple[int, int]]:
+    n = t.shape[0]
+    if t.device.type != "cpu":
+        return [(0, n)]
+    step = max(256, _COMBINE_BLOCK_BYTES // max(1, t.shape[1] * t.element_size()))
+    return [(r, min(r + step, n)) for r in range(0, n, step)]
+
+
 @torch.library.custom_op("moespec::combine", mutates_args=())
 def combine(h_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, n_tokens: int) -> Tensor:
     """y_TD[t] = sum over rows n of token t of weight_N[n] * h_ND[n] (weight 0 skips a row)."""
     y_TD = h_ND.new_zeros(n_tokens, h_ND.shape[1])
-    return y_TD.index_add_(0, token_idx_N, h_ND * weight_N.unsqueeze(1).to(h_ND.dtype))
+    w_N1 = weight_N.unsqueeze(1).to(h_ND.dtype)
+    for lo, hi in _row_blocks(h_ND):
+        y_TD.index_add_(0, token_idx_N[lo:hi], h_ND[lo:hi] * w_N1[lo:hi])
+    return y_TD
 
 
 @combine.register_fake
@@ -57,10 +73,23 @@ def _combine_setup(ctx, inputs, output) -> None:
 
 def _combine_backward(ctx, grad_y_TD):
     h, token_idx, weight = ctx.saved_tensors
-    g_ND = grad_y_TD.index_select(0, token_idx)
-    grad_h = g_ND * weight.unsqueeze(1).to(g_ND.dtype)
-    grad_w = (g_ND * h).sum(1).to(weight.dtype)
-    return grad_h, None, grad_w, None
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y_TD, h, weight)):
+        # create_graph=True: differentiable out-of-place ops (double backward).
+        g_ND = grad_y_TD.index_select(0, token_idx)
+        grad_w = (g_ND * h).sum(1).to(weight.dtype)
+        return g_ND * weight.unsqueeze(1).to(g_ND.dtype), None, grad_w, None
+    # grad_h = g[token] * w is filled block by block in place; grad_w reads g[token] first.
+    grad_h = h.new_empty(h.shape)
+    grad_w = weight.new_empty(weight.shape) if need_w else None
+    w_N1 = weight.unsqueeze(1).to(grad_h.dtype)
+    g_TD = grad_y_TD.to(grad_h.dtype)
+    for lo, hi in _row_blocks(h):
+        g_BD = torch.index_select(g_TD, 0, token_idx[lo:hi], out=grad_h[lo:hi])
+        if grad_w is not None:
+            grad_w[lo:hi] = (g_BD * h[lo:hi]).sum(1)
+        g_BD.mul_(w_N1[lo:hi])
+    return grad_h if need_h else None, None, grad_w, None
 
 
 combine.register_autograd(_combine_backward, setup_context=_combine_setup)

@@ -17,8 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.activations import act, act_grad
-from moespec.ops.gemm import gmm, gmm_wgrad
+from moespec.ops.activations import act, act_backward_
+from moespec.ops.gemm import expert_blocks, gmm, gmm_wgrad
+
+# CPU: the blocked kernels (one expert's row block at a time, temporaries sized to stay in
+# cache, GEMMs writing outputs in place). Off the CPU, whole-group grouped GEMMs.
+_BLOCKED_CPU = True
+_BLOCK_BYTES = 4 << 20  # one block's widest temporary, [rows, max(F, D)], at most this
+_MIN_BLOCK_ROWS = 256
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -54,32 +60,90 @@ def expert_ffn(
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Grouped expert FFN over expert-sorted rows (see the module docstring)."""
+    if x_TD.device.type == "cpu" and _BLOCKED_CPU:
+        return _forward_blocked(
+            x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
+            b_down_ED, activation,
+        )  # fmt: skip
     n_rows, n_exp, f = token_idx_N.shape[0], w_up_EFD.shape[0], w_up_EFD.shape[1]
     glu = _present(w_gate_EFD)
-    y_ND = x_TD.new_zeros(n_rows, x_TD.shape[1])
-    up_NF = x_TD.new_zeros(n_rows, f)
-    gate_NF = x_TD.new_zeros(n_rows, f) if glu else _empty(x_TD)
     lo, hi, local_E1 = _group_rows(offsets_E1, first, n_exp)
+    whole = lo == 0 and hi == n_rows  # the group covers every row: its results are the outputs
     if hi == lo:
-        return y_ND, up_NF, gate_NF
+        gate_NF = x_TD.new_zeros(n_rows, f) if glu else _empty(x_TD)
+        return x_TD.new_zeros(n_rows, x_TD.shape[1]), x_TD.new_zeros(n_rows, f), gate_NF
     x_RD = x_TD.index_select(0, token_idx_N[lo:hi])
-    up_RF = gmm(x_RD, w_up_EFD, local_E1)
+    rows = hi - lo  # == local_E1[-1]: no row of x_RD is past the group's last offset
+    up_RF = gmm(x_RD, w_up_EFD, local_E1, n_valid=rows)
     if _present(b_up_EF):
-        up_RF = up_RF + _per_row(b_up_EF, local_E1)
+        up_RF.add_(_per_row(b_up_EF, local_E1))
     if glu:
-        gate_RF = gmm(x_RD, w_gate_EFD, local_E1)
+        gate_RF = gmm(x_RD, w_gate_EFD, local_E1, n_valid=rows)
         if _present(b_gate_EF):
-            gate_RF = gate_RF + _per_row(b_gate_EF, local_E1)
-        h_RF = act(activation, gate_RF) * up_RF
-        gate_NF[lo:hi] = gate_RF
+            gate_RF.add_(_per_row(b_gate_EF, local_E1))
+        h_RF = act(activation, gate_RF).mul_(up_RF)
     else:
         h_RF = act(activation, up_RF)
-    y_RD = gmm(h_RF, w_down_EDF, local_E1)
+    y_RD = gmm(h_RF, w_down_EDF, local_E1, n_valid=rows)
     if _present(b_down_ED):
-        y_RD = y_RD + _per_row(b_down_ED, local_E1)
-    y_ND[lo:hi] = y_RD
-    up_NF[lo:hi] = up_RF
+        y_RD.add_(_per_row(b_down_ED, local_E1))
+    if whole:
+        return y_RD, up_RF, gate_RF if glu else _empty(x_TD)
+    return (
+        _scatter_rows(y_RD, n_rows, lo),
+        _scatter_rows(up_RF, n_rows, lo),
+        (_scatter_rows(gate_RF, n_rows, lo) if glu else _empty(x_TD)),
+    )
+
+
+def _scatter_rows(t_RX: Tensor, n_rows: int, lo: int) -> Tensor:
+    out = t_RX.new_zeros(n_rows, t_RX.shape[1])
+    out[lo : lo + t_RX.shape[0]] = t_RX
+    return out
+
+
+def _zero_outside(t: Tensor, lo: int, hi: int) -> Tensor:
+    t[:lo].zero_()
+    t[hi:].zero_()
+    return t
+
+
+def _block_rows(*widths: int, elt: int) -> int:
+    return max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (max(widths) * elt))
+
+
+def _forward_blocked(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF,
+                     b_gate_EF, b_down_ED, activation):  # fmt: skip
+    """CPU: one pass per row block of one expert; GEMMs write the outputs' slices in place."""
+    n_rows, d = token_idx_N.shape[0], x_TD.shape[1]
+    n_exp, f = w_up_EFD.shape[0], w_up_EFD.shape[1]
+    glu, bias = _present(w_gate_EFD), _present(b_up_EF)
+    bounds = offsets_E1.tolist()
+    lo, hi = bounds[first], bounds[first + n_exp]
+    y_ND = _zero_outside(x_TD.new_empty(n_rows, d), lo, hi)
+    up_NF = _zero_outside(x_TD.new_empty(n_rows, f), lo, hi)
+    gate_NF = _zero_outside(x_TD.new_empty(n_rows, f), lo, hi) if glu else _empty(x_TD)
+    w_up_EDF, w_down_EFD = w_up_EFD.transpose(1, 2), w_down_EDF.transpose(1, 2)
+    w_gate_EDF = w_gate_EFD.transpose(1, 2) if glu else w_gate_EFD
+    for e, r0, r1 in expert_blocks(bounds, first, n_exp, _block_rows(f, d, elt=x_TD.element_size())):
+        x_BD = x_TD.index_select(0, token_idx_N[r0:r1])
+        up_BF = up_NF[r0:r1]
+        _linear(x_BD, w_up_EDF[e], b_up_EF[e] if bias else None, up_BF)
+        if glu:
+            gate_BF = gate_NF[r0:r1]
+            _linear(x_BD, w_gate_EDF[e], b_gate_EF[e] if bias else None, gate_BF)
+            h_BF = act(activation, gate_BF).mul_(up_BF)
+        else:
+            h_BF = act(activation, up_BF)
+        _linear(h_BF, w_down_EFD[e], b_down_ED[e] if bias else None, y_ND[r0:r1])
     return y_ND, up_NF, gate_NF
+
+
+def _linear(a: Tensor, w_t: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """out = a @ w_t (+ b), written into ``out``."""
+    if b is None:
+        return torch.mm(a, w_t, out=out)
+    return torch.addmm(b, a, w_t, out=out)
 
 
 @expert_ffn.register_fake
@@ -107,9 +171,15 @@ def expert_ffn_backward(
 ) -> list[Tensor]:
     """Gradients of :func:`expert_ffn`: [x, w_up, w_gate, w_down, b_up, b_gate, b_down]
     (empty tensors for absent ones)."""
+    if x_TD.device.type == "cpu" and _BLOCKED_CPU:
+        return _backward_blocked(
+            grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, up_NF,
+            gate_NF, has_bias, activation,
+        )  # fmt: skip
     n_exp = w_up_EFD.shape[0]
     glu = _present(w_gate_EFD)
     lo, hi, local_E1 = _group_rows(offsets_E1, first, n_exp)
+    rows = hi - lo
     grad_x_TD = torch.zeros_like(x_TD)
     idx_R = token_idx_N[lo:hi]
     x_RD = x_TD.index_select(0, idx_R)
@@ -117,23 +187,24 @@ def expert_ffn_backward(
     up_RF = up_NF[lo:hi]
     if glu:
         gate_RF = gate_NF[lo:hi]
-        h_RF = act(activation, gate_RF) * up_RF
+        a_RF = act(activation, gate_RF)
+        h_RF = a_RF * up_RF
     else:
         h_RF = act(activation, up_RF)
     grad_w_down = gmm_wgrad(g_RD, h_RF, local_E1, n_exp)  # [E, D, F]
-    grad_h_RF = gmm(g_RD, w_down_EDF.transpose(1, 2), local_E1)  # g @ W_down[e]
+    grad_h_RF = gmm(g_RD, w_down_EDF.transpose(1, 2), local_E1, n_valid=rows)  # g @ W_down[e]
     if glu:
-        grad_up_RF = grad_h_RF * act(activation, gate_RF)
-        grad_gate_RF = grad_h_RF * up_RF * act_grad(activation, gate_RF)
+        grad_up_RF = a_RF.mul_(grad_h_RF)
+        grad_gate_RF = act_backward_(activation, grad_h_RF.mul_(up_RF), gate_RF)
     else:
-        grad_up_RF = grad_h_RF * act_grad(activation, up_RF)
+        grad_up_RF = act_backward_(activation, grad_h_RF, up_RF)
         grad_gate_RF = None
     grad_w_up = gmm_wgrad(grad_up_RF, x_RD, local_E1, n_exp)
-    grad_x_RD = gmm(grad_up_RF, w_up_EFD.transpose(1, 2), local_E1)
+    grad_x_RD = gmm(grad_up_RF, w_up_EFD.transpose(1, 2), local_E1, n_valid=rows)
     grad_w_gate = _empty(x_TD)
     if grad_gate_RF is not None:
         grad_w_gate = gmm_wgrad(grad_gate_RF, x_RD, local_E1, n_exp)
-        grad_x_RD = grad_x_RD + gmm(grad_gate_RF, w_gate_EFD.transpose(1, 2), local_E1)
+        grad_x_RD.add_(gmm(grad_gate_RF, w_gate_EFD.transpose(1, 2), local_E1, n_valid=rows))
     grad_x_TD.index_add_(0, idx_R, grad_x_RD)
     grads_b = [_empty(x_TD) for _ in range(3)]  # distinct: outputs must not alias
     if has_bias:
@@ -141,6 +212,68 @@ def expert_ffn_backward(
         seg = lambda t: torch.stack([s.sum(0) for s in torch.split(t, counts)])  # noqa: E731
         grads_b = [seg(grad_up_RF), seg(grad_gate_RF) if glu else _empty(x_TD), seg(g_RD)]
     return [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
+
+
+def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF,
+                      up_NF, gate_NF, has_bias, activation):  # fmt: skip
+    """CPU: per row block of one expert, recompute act from the saved pre-activations, then
+    the six GEMMs; weight gradients accumulate in place, x's gradient scatters per block."""
+    n_exp, f, d = w_up_EFD.shape
+    glu = _present(w_gate_EFD)
+    bounds = offsets_E1.tolist()
+    grad_x_TD = torch.zeros_like(x_TD)
+    grad_w_up = torch.empty_like(w_up_EFD)
+    grad_w_gate = torch.empty_like(w_gate_EFD) if glu else _empty(x_TD)
+    grad_w_down = torch.empty_like(w_down_EDF)
+    grads_b = [_empty(x_TD) for _ in range(3)]  # distinct: outputs must not alias
+    if has_bias:
+        grads_b = [x_TD.new_zeros(n_exp, f), x_TD.new_zeros(n_exp, f) if glu else _empty(x_TD),
+                   x_TD.new_zeros(n_exp, d)]  # fmt: skip
+    seen = [False] * n_exp  # expert e's weight gradients hold a first block already
+    for e, r0, r1 in expert_blocks(bounds, first, n_exp, _block_rows(f, d, elt=x_TD.element_size())):
+        acc = seen[e]
+        seen[e] = True
+        idx_B = token_idx_N[r0:r1]
+        x_BD = x_TD.index_select(0, idx_B)
+        g_BD = grad_y_ND[r0:r1]
+        up_BF = up_NF[r0:r1]
+        if glu:
+            gate_BF = gate_NF[r0:r1]
+            a_BF = act(activation, gate_BF)
+            h_BF = a_BF * up_BF
+        else:
+            h_BF = act(activation, up_BF)
+        _wgrad(g_BD, h_BF, grad_w_down[e], acc)  # [D, F]
+        gh_BF = torch.mm(g_BD, w_down_EDF[e])
+        if glu:
+            gu_BF = a_BF.mul_(gh_BF)  # d up = d h * act(gate)
+            gg_BF = act_backward_(activation, gh_BF.mul_(up_BF), gate_BF)  # d gate = d h * up * act'
+        else:
+            gu_BF, gg_BF = act_backward_(activation, gh_BF, up_BF), None
+        _wgrad(gu_BF, x_BD, grad_w_up[e], acc)
+        gx_BD = torch.mm(gu_BF, w_up_EFD[e])
+        if gg_BF is not None:
+            _wgrad(gg_BF, x_BD, grad_w_gate[e], acc)
+            gx_BD.addmm_(gg_BF, w_gate_EFD[e])
+        grad_x_TD.index_add_(0, idx_B, gx_BD)
+        if has_bias:
+            grads_b[0][e].add_(gu_BF.sum(0))
+            if gg_BF is not None:
+                grads_b[1][e].add_(gg_BF.sum(0))
+            grads_b[2][e].add_(g_BD.sum(0))
+    for e in range(n_exp):
+        if not seen[e]:  # an expert without rows gets zero weight gradients
+            for gw in (grad_w_up, grad_w_gate, grad_w_down) if glu else (grad_w_up, grad_w_down):
+                gw[e].zero_()
+    return [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
+
+
+def _wgrad(g_BM: Tensor, x_BK: Tensor, out_MK: Tensor, accumulate: bool) -> None:
+    """out (+)= g.T @ x, the transposed operand read as a view (BLAS transpose flag)."""
+    if accumulate:
+        out_MK.addmm_(g_BM.t(), x_BK)
+    else:
+        torch.mm(g_BM.t(), x_BK, out=out_MK)
 
 
 @expert_ffn_backward.register_fake
@@ -165,9 +298,14 @@ def _setup(ctx, inputs, output) -> None:
     _, up, gate = output
     ctx.save_for_backward(x, token_idx, offsets, w_up, w_gate, w_down, up, gate)
     ctx.first, ctx.activation, ctx.has_bias = first, activation, b_up.numel() > 0
+    # up/gate are outputs only to be saved: their (unused) gradients stay None instead of
+    # being materialised as [N, F] zeros on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_up, _grad_gate):
+    if grad_y is None:
+        return (None,) * 11
     x, token_idx, offsets, w_up, w_gate, w_down, up, gate = ctx.saved_tensors
     g = torch.ops.moespec.expert_ffn_backward(
         grad_y.contiguous(), x, token_idx, offsets, ctx.first, w_up, w_gate, w_down, up, gate,

@@ -4,13 +4,18 @@ Legend: N routed rows (sorted by expert), D d_model, F expert width, E experts.
 ``offsets_E1`` holds E+1 row offsets (offsets[0] = 0); rows at or past offsets[E] belong to
 no expert (dropped / sentinel) and are left as zeros.
 
-``torch.nn.functional.grouped_mm`` is used where it applies (it needs 16-byte aligned strides
-and a supported dtype); otherwise a loop of ``torch.mm`` over the expert slices computes the
-same thing. On CPU the loop's ``tolist()`` is not a device sync, and both run at dense-GEMM
-speed for realistic shapes (see benchmarks/).
+Off the CPU, ``torch.nn.functional.grouped_mm`` is used where it applies (it needs 16-byte
+aligned strides and a supported dtype). On the CPU ATen's grouped_mm is itself a loop of
+``torch.mm`` over the groups into a fresh output, so the loop here is used instead: it writes
+each expert's slice straight into ``out`` (no copy, no masking pass) and reads transposed
+operands as views (no ``.contiguous()`` copies; BLAS takes the transpose flags). On the CPU
+the loop's ``tolist()`` is not a device sync. :func:`expert_blocks` is the row tiling of the
+blocked CPU expert kernels in ``moespec.ops.expert_ffn``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -20,32 +25,58 @@ _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _aligned(*tensors: Tensor) -> bool:
-    # grouped_mm requires every non-unit stride to be a multiple of 16 bytes.
+    """grouped_mm's operand check (ATen ``check_valid_strides_and_return_transposed``): a
+    16-byte aligned data pointer, row- or column-major last two dims, and the leading stride
+    of those a multiple of 16 bytes. Checked on every dim, size-1 ones included, as ATen does."""
     for t in tensors:
-        size = t.element_size()
-        if any((s * size) % 16 for s, n in zip(t.stride(), t.shape, strict=False) if n > 1 and s != 1):
+        st, sz = t.stride(), t.shape
+        align = max(1, 16 // t.element_size())
+        if t.data_ptr() % 16:
+            return False
+        if st[-2] == 1 and st[-1] >= max(1, sz[-2]):
+            lead = st[-1]
+        elif st[-1] == 1 and st[-2] >= max(1, sz[-1]):
+            lead = st[-2]
+        else:
+            return False
+        if lead % align:
             return False
     return True
 
 
 def _use_gmm(*tensors: Tensor) -> bool:
-    return _GMM is not None and all(t.dtype in _GMM_DTYPES for t in tensors) and _aligned(*tensors)
+    return (
+        _GMM is not None
+        and tensors[0].device.type != "cpu"
+        and all(t.dtype in _GMM_DTYPES for t in tensors)
+        and _aligned(*tensors)
+    )
 
 
-def gmm(x_ND: Tensor, w_EMK: Tensor, offsets_E1: Tensor) -> Tensor:
+def gmm(
+    x_ND: Tensor, w_EMK: Tensor, offsets_E1: Tensor, *, out: Tensor | None = None, n_valid: int | None = None
+) -> Tensor:
     """out[n] = x[n] @ w[e(n)].T for the rows of expert e; rows past offsets[E] are zero.
 
     ``w_EMK`` has shape [E, M, K] (torch.nn.Linear layout), ``x_ND`` has K = D columns.
+    ``out`` ([N, M]) receives the result when given; ``n_valid`` = offsets[E] when the caller
+    knows it (``n_valid == N`` skips zeroing the tail).
     """
     n_rows, m = x_ND.shape[0], w_EMK.shape[1]
     w_EKM = w_EMK.transpose(1, 2)
     if _use_gmm(x_ND, w_EKM):
-        out = _GMM(x_ND, w_EKM, offs=offsets_E1[1:].to(torch.int32))
+        res = _GMM(x_ND, w_EKM, offs=offsets_E1[1:].to(torch.int32))
         # grouped_mm leaves rows past the last offset uninitialised.
-        valid_N = torch.arange(n_rows, device=x_ND.device) < offsets_E1[-1]
-        return torch.where(valid_N.unsqueeze(1), out, out.new_zeros(()))
-    out = x_ND.new_zeros(n_rows, m)
+        if n_valid is None:
+            valid_N = torch.arange(n_rows, device=x_ND.device) < offsets_E1[-1]
+            res = torch.where(valid_N.unsqueeze(1), res, res.new_zeros(()))
+        elif n_valid < n_rows:
+            res[n_valid:].zero_()
+        return res if out is None else out.copy_(res)
     bounds = offsets_E1.tolist()
+    if out is None:
+        out = x_ND.new_empty(n_rows, m)
+    out[bounds[-1] :].zero_()
     for e in range(w_EMK.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
         if hi > lo:
@@ -56,13 +87,28 @@ def gmm(x_ND: Tensor, w_EMK: Tensor, offsets_E1: Tensor) -> Tensor:
 def gmm_wgrad(g_NM: Tensor, x_NK: Tensor, offsets_E1: Tensor, n_experts: int) -> Tensor:
     """grad_w[e] = g_e.T @ x_e over each expert's rows: shape [E, M, K]; empty experts get 0."""
     m, k = g_NM.shape[1], x_NK.shape[1]
-    g_MN = g_NM.t().contiguous()
-    if _use_gmm(g_MN, x_NK) and offsets_E1.shape[0] == n_experts + 1:
-        return _GMM(g_MN, x_NK, offs=offsets_E1[1:].to(torch.int32))
-    out = g_NM.new_zeros(n_experts, m, k)
+    if offsets_E1.shape[0] == n_experts + 1 and _use_gmm(x_NK):
+        g_MN = g_NM.t().contiguous()
+        if _use_gmm(g_MN):
+            return _GMM(g_MN, x_NK, offs=offsets_E1[1:].to(torch.int32))
+    out = g_NM.new_empty(n_experts, m, k)
     bounds = offsets_E1.tolist()
     for e in range(n_experts):
         lo, hi = bounds[e], bounds[e + 1]
         if hi > lo:
-            torch.mm(g_MN[:, lo:hi], x_NK[lo:hi], out=out[e])
+            torch.mm(g_NM[lo:hi].t(), x_NK[lo:hi], out=out[e])
+        else:
+            out[e].zero_()
     return out
+
+
+def expert_blocks(
+    bounds: list[int], first: int, n_experts: int, max_rows: int
+) -> Iterator[tuple[int, int, int]]:
+    """``(e, lo, hi)`` row blocks of experts ``first .. first+n_experts-1`` (``e`` local to
+    the group; ``bounds`` are the global offsets as ints); an expert with more than
+    ``max_rows`` rows is split into consecutive blocks, an expert without rows yields none."""
+    for e in range(n_experts):
+        lo, hi = bounds[first + e], bounds[first + e + 1]
+        for r in range(lo, hi, max_rows):
+            yield e, r, min(r + max_rows, hi)

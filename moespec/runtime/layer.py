@@ -69,14 +69,30 @@ class MoELayer(nn.Module):
         self.aux = AuxLossAndStats(
             spec.losses, getattr(spec.router, "score", "softmax"), ir.experts.n_experts
         )
-        # The IR and graphs are not submodules: parameters must appear once in state_dict.
         object.__setattr__(self, "ir", ir)
-        graphs = {t: lower_layer(ir, self, training=t) for t in (True, False)}
-        object.__setattr__(self, "_graphs", graphs)
-        object.__setattr__(self, "_forwards", {t: _shared_forward(gm) for t, gm in graphs.items()})
+        self._lower()
         self.aux_loss: Tensor | None = None
         self.router_logits: Tensor | None = None
         self.routing_stats: dict[str, Tensor] = {}
+
+    def _lower(self) -> None:
+        # The IR and graphs are not submodules: parameters must appear once in state_dict.
+        graphs = {t: lower_layer(self.ir, self, training=t) for t in (True, False)}
+        object.__setattr__(self, "_graphs", graphs)
+        object.__setattr__(self, "_forwards", {t: _shared_forward(gm) for t, gm in graphs.items()})
+
+    def __getstate__(self) -> dict:
+        # Pickle / deepcopy: generated graph code is rebuilt on load, and the last call's
+        # outputs (still attached to an autograd graph) are not part of the layer's state.
+        state = self.__dict__.copy()
+        for key in ("_graphs", "_forwards"):
+            state.pop(key, None)
+        state.update(aux_loss=None, router_logits=None, routing_stats={})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lower()
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -88,10 +104,12 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"moespec layer expects input of shape [..., {self.d_model}], got {tuple(x.shape)}"
             )
-        if x.dtype != self.dtype:
+        # The parameters' dtype is the truth: `layer.to(torch.bfloat16)` changes it.
+        expected = self.router.weight.dtype
+        if x.dtype != expected:
             raise TypeError(
-                f"moespec layer was built for dtype {self.dtype} (target.dtype); got {x.dtype}. "
-                "Cast the input, or build with a different target.dtype."
+                f"moespec layer was built for dtype {expected} (its parameters' dtype: target.dtype or a "
+                f"later .to()); got {x.dtype}. Cast the input or the layer."
             )
 
     def _draw(self, x_TD: Tensor) -> list[Tensor]:
