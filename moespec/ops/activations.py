@@ -1,7 +1,7 @@
 """Activation functions and their derivatives, written out so backward ops need no autograd.
 
-Legend: any shape; ``a`` is the pre-activation. The trailing-underscore forms work in place
-(one fused pass, no allocation) for the blocked CPU expert kernels.
+Legend: any shape; ``a`` is the pre-activation. ``act_backward_`` works in place (one fused
+ATen pass, no allocation) for the expert backward kernels.
 """
 
 from __future__ import annotations
@@ -42,19 +42,6 @@ def act_grad(name: str, a: Tensor) -> Tensor:
     if name == "silu":
         s = torch.sigmoid(a)
         return s * (1.0 + a * (1.0 - s))
-    raise ValueError(f"unknown activation {name!r}")
-
-
-def act_(name: str, a: Tensor) -> Tensor:
-    """act(a) written into ``a`` itself (one fused pass, no allocation); returns ``a``."""
-    if name == "relu":
-        return a.relu_()
-    if name == "gelu":
-        return torch.ops.aten.gelu.out(a, approximate="none", out=a)
-    if name == "gelu_tanh":
-        return torch.ops.aten.gelu.out(a, approximate="tanh", out=a)
-    if name == "silu":
-        return torch.nn.functional.silu(a, inplace=True)
     raise ValueError(f"unknown activation {name!r}")
 
 

@@ -10,6 +10,15 @@ offsets[first+E]) belongs to expert e and computes
 Rows outside the group are zero. The op returns ``(y_ND, up_NF, gate_NF)``; the pre-activations
 are saved for backward instead of recomputing two of the three GEMMs. Absent optional tensors
 are passed as empty tensors (custom ops have no Optional outputs).
+
+CPU kernels are blocked: one expert's rows at a time (split into blocks of at most
+``_BLOCK_BYTES`` of [rows, max(F, D)] temporaries), gathering the block's x rows, with every
+GEMM writing straight into its output slice (``torch.mm(out=)``, bias via ``addmm``), the
+activation fused in place, and the backward recomputing act(gate) per block from the saved
+pre-activations with ATen's fused ``*_backward`` kernels. No [N, *] temporary is allocated
+(a fresh tensor of 32 MiB or more is mmapped by glibc and page-faults on every call), no
+output is zero-filled then copied, no masking pass runs. Off the CPU the op runs whole-group
+grouped GEMMs (``moespec.ops.gemm``).
 """
 
 from __future__ import annotations
@@ -112,6 +121,14 @@ def _block_rows(*widths: int, elt: int) -> int:
     return max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (max(widths) * elt))
 
 
+def _blocks(
+    bounds: list[int], first: int, n_exp: int, f: int, d: int, elt: int
+) -> tuple[list[int], list[int]]:
+    """Experts and row counts of the group's row blocks, in row order from bounds[first]."""
+    blocks = list(expert_blocks(bounds, first, n_exp, _block_rows(f, d, elt=elt)))
+    return [e for e, _, _ in blocks], [r1 - r0 for _, r0, r1 in blocks]
+
+
 def _forward_blocked(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF,
                      b_gate_EF, b_down_ED, activation):  # fmt: skip
     """CPU: one pass per row block of one expert; GEMMs write the outputs' slices in place."""
@@ -123,19 +140,28 @@ def _forward_blocked(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
     y_ND = _zero_outside(x_TD.new_empty(n_rows, d), lo, hi)
     up_NF = _zero_outside(x_TD.new_empty(n_rows, f), lo, hi)
     gate_NF = _zero_outside(x_TD.new_empty(n_rows, f), lo, hi) if glu else _empty(x_TD)
-    w_up_EDF, w_down_EFD = w_up_EFD.transpose(1, 2), w_down_EDF.transpose(1, 2)
-    w_gate_EDF = w_gate_EFD.transpose(1, 2) if glu else w_gate_EFD
-    for e, r0, r1 in expert_blocks(bounds, first, n_exp, _block_rows(f, d, elt=x_TD.element_size())):
-        x_BD = x_TD.index_select(0, token_idx_N[r0:r1])
-        up_BF = up_NF[r0:r1]
-        _linear(x_BD, w_up_EDF[e], b_up_EF[e] if bias else None, up_BF)
-        if glu:
-            gate_BF = gate_NF[r0:r1]
-            _linear(x_BD, w_gate_EDF[e], b_gate_EF[e] if bias else None, gate_BF)
+    if hi == lo:
+        return y_ND, up_NF, gate_NF
+    experts, sizes = _blocks(bounds, first, n_exp, f, d, x_TD.element_size())
+    # Per-block views made in one call each (cheaper than indexing per block in Python).
+    idx_b = token_idx_N[lo:hi].split(sizes)
+    up_b, y_b = up_NF[lo:hi].split(sizes), y_ND[lo:hi].split(sizes)
+    gate_b = gate_NF[lo:hi].split(sizes) if glu else None
+    w_up = w_up_EFD.transpose(1, 2).unbind(0)  # [D, F] per expert
+    w_gate = w_gate_EFD.transpose(1, 2).unbind(0) if glu else None
+    w_down = w_down_EDF.transpose(1, 2).unbind(0)  # [F, D]
+    b_up = b_up_EF.unbind(0) if bias else None
+    b_gate = b_gate_EF.unbind(0) if bias and glu else None
+    b_down = b_down_ED.unbind(0) if bias else None
+    for i, e in enumerate(experts):
+        x_BD = x_TD.index_select(0, idx_b[i])
+        up_BF = _linear(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
+        if gate_b is not None:
+            gate_BF = _linear(x_BD, w_gate[e], b_gate[e] if b_gate else None, gate_b[i])
             h_BF = act(activation, gate_BF).mul_(up_BF)
         else:
             h_BF = act(activation, up_BF)
-        _linear(h_BF, w_down_EFD[e], b_down_ED[e] if bias else None, y_ND[r0:r1])
+        _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
     return y_ND, up_NF, gate_NF
 
 
@@ -221,6 +247,7 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
     n_exp, f, d = w_up_EFD.shape
     glu = _present(w_gate_EFD)
     bounds = offsets_E1.tolist()
+    lo, hi = bounds[first], bounds[first + n_exp]
     grad_x_TD = torch.zeros_like(x_TD)
     grad_w_up = torch.empty_like(w_up_EFD)
     grad_w_gate = torch.empty_like(w_gate_EFD) if glu else _empty(x_TD)
@@ -229,42 +256,48 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
     if has_bias:
         grads_b = [x_TD.new_zeros(n_exp, f), x_TD.new_zeros(n_exp, f) if glu else _empty(x_TD),
                    x_TD.new_zeros(n_exp, d)]  # fmt: skip
+    experts, sizes = _blocks(bounds, first, n_exp, f, d, x_TD.element_size()) if hi > lo else ([], [])
+    for e in set(range(n_exp)) - set(experts):  # an expert without rows: zero weight gradients
+        for gw in (grad_w_up, grad_w_gate, grad_w_down) if glu else (grad_w_up, grad_w_down):
+            gw[e].zero_()
+    if not experts:
+        return [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
+    idx_b, g_b = token_idx_N[lo:hi].split(sizes), grad_y_ND[lo:hi].split(sizes)
+    up_b = up_NF[lo:hi].split(sizes)
+    gate_b = gate_NF[lo:hi].split(sizes) if glu else None
+    w_up, w_down = w_up_EFD.unbind(0), w_down_EDF.unbind(0)  # [F, D], [D, F]
+    w_gate = w_gate_EFD.unbind(0) if glu else None
+    gw_up, gw_down = grad_w_up.unbind(0), grad_w_down.unbind(0)
+    gw_gate = grad_w_gate.unbind(0) if glu else None
     seen = [False] * n_exp  # expert e's weight gradients hold a first block already
-    for e, r0, r1 in expert_blocks(bounds, first, n_exp, _block_rows(f, d, elt=x_TD.element_size())):
-        acc = seen[e]
-        seen[e] = True
-        idx_B = token_idx_N[r0:r1]
-        x_BD = x_TD.index_select(0, idx_B)
-        g_BD = grad_y_ND[r0:r1]
-        up_BF = up_NF[r0:r1]
-        if glu:
-            gate_BF = gate_NF[r0:r1]
+    for i, e in enumerate(experts):
+        acc, seen[e] = seen[e], True
+        x_BD = x_TD.index_select(0, idx_b[i])
+        g_BD, up_BF = g_b[i], up_b[i]
+        if gate_b is not None:
+            gate_BF = gate_b[i]
             a_BF = act(activation, gate_BF)
-            h_BF = a_BF * up_BF
+            h_BF = torch.mul(a_BF, up_BF)
         else:
             h_BF = act(activation, up_BF)
-        _wgrad(g_BD, h_BF, grad_w_down[e], acc)  # [D, F]
-        gh_BF = torch.mm(g_BD, w_down_EDF[e])
-        if glu:
+        _wgrad(g_BD, h_BF, gw_down[e], acc)  # [D, F]
+        gh_BF = torch.mm(g_BD, w_down[e])
+        if gate_b is not None:
             gu_BF = a_BF.mul_(gh_BF)  # d up = d h * act(gate)
             gg_BF = act_backward_(activation, gh_BF.mul_(up_BF), gate_BF)  # d gate = d h * up * act'
         else:
             gu_BF, gg_BF = act_backward_(activation, gh_BF, up_BF), None
-        _wgrad(gu_BF, x_BD, grad_w_up[e], acc)
-        gx_BD = torch.mm(gu_BF, w_up_EFD[e])
+        _wgrad(gu_BF, x_BD, gw_up[e], acc)
+        gx_BD = torch.mm(gu_BF, w_up[e])
         if gg_BF is not None:
-            _wgrad(gg_BF, x_BD, grad_w_gate[e], acc)
-            gx_BD.addmm_(gg_BF, w_gate_EFD[e])
-        grad_x_TD.index_add_(0, idx_B, gx_BD)
+            _wgrad(gg_BF, x_BD, gw_gate[e], acc)
+            gx_BD.addmm_(gg_BF, w_gate[e])
+        grad_x_TD.index_add_(0, idx_b[i], gx_BD)
         if has_bias:
             grads_b[0][e].add_(gu_BF.sum(0))
             if gg_BF is not None:
                 grads_b[1][e].add_(gg_BF.sum(0))
             grads_b[2][e].add_(g_BD.sum(0))
-    for e in range(n_exp):
-        if not seen[e]:  # an expert without rows gets zero weight gradients
-            for gw in (grad_w_up, grad_w_gate, grad_w_down) if glu else (grad_w_up, grad_w_down):
-                gw[e].zero_()
     return [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
 
 
