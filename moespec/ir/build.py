@@ -18,7 +18,7 @@ from moespec.ir.nodes import (
     SharedNode,
     ZeroComputeNode,
 )
-from moespec.ir.numbers import ACTIVE_EXPERTS, layer_numbers
+from moespec.ir.numbers import layer_numbers
 from moespec.ir.verify import verify
 from moespec.spec.schema import LayerSpec, Spec
 
@@ -56,7 +56,7 @@ def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) ->
     experts = _experts(spec, layer, at)
     router_dtype = getattr(layer.router, "dtype", None) or spec.target.router_dtype
     router = RouterNode(layer.router, spec.d_model, experts.n_experts, router_dtype, f"{at}.router")
-    rows = int(ACTIVE_EXPERTS[router.kind](layer.router, layer))
+    rows = layer.router.rows_per_token(layer)
     shared = None
     if (s := layer.experts.shared) is not None:
         shared = SharedNode(

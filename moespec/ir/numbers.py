@@ -13,17 +13,12 @@ Conventions (stated in the README and in ``moespec explain``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from moespec.spec.base import BYTES_PER_DTYPE, Strict
+from moespec.spec.base import BYTES_PER_DTYPE
 from moespec.spec.experts import FFNSpec
+from moespec.spec.routers.base import numel
 from moespec.spec.schema import LayerSpec, Spec
-
-# router kind -> experts computed per token (may be fractional for data-dependent routers).
-ACTIVE_EXPERTS: dict[str, Callable[[Strict, LayerSpec], float]] = {
-    "topk": lambda r, _layer: r.k,  # type: ignore[attr-defined]
-}
 
 
 def ffn_macs(kind: str, d: int, f: int) -> int:
@@ -74,10 +69,8 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
     d, ex = spec.d_model, layer.experts
     n = ex.n_routed
     router = layer.router
-    router_active = d * n + (n if getattr(router, "bias", False) else 0)
-    noise = getattr(router, "noise", None)
-    # W_noise is trained but only used while training: in the total, not in the active count.
-    router_params = router_active + (d * n if noise is not None and noise.kind == "learned" else 0)
+    router_active = router.active_router_params(layer, d)
+    router_params = sum(numel(p.shape) for p in router.params(layer, d).values() if not p.buffer)
     # Per routed expert: (params, MACs), in expert-index order.
     per_expert: list[tuple[int, int]] = []
     for g in ex.routed:
@@ -92,7 +85,7 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
         shared = ex.shared.count * ffn_params(ex.shared, d) + (d if ex.shared.gate else 0)
         shared_macs = ex.shared.count * ffn_macs(ex.shared.kind, d, ex.shared.d_ff)
         shared_macs += d if ex.shared.gate else 0
-    k = ACTIVE_EXPERTS[router.kind](router, layer)
+    k = router.experts_per_token(layer)
     active_p = _top_k_sum([p for p, _ in per_expert], k)
     active_m = _top_k_sum([m for _, m in per_expert], k)
     total = router_params + routed + shared + zero
@@ -106,7 +99,7 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
         experts_per_token=k,
         params_total=total,
         params_active=round(router_active + shared + active_p),
-        flops_per_token=round(2 * (d * n + shared_macs + active_m)),
+        flops_per_token=round(2 * (router.router_macs(layer, d) + shared_macs + active_m)),
         params_router=router_params,
         params_routed=routed,
         params_shared=shared,

@@ -21,9 +21,9 @@ class AuxLossAndStats(nn.Module):
     """Computes ``(aux_loss, routed_per_expert_E, tokens_per_expert_E, dropped_fraction,
     router_entropy, load_ratio)`` for one layer call."""
 
-    def __init__(self, losses: LossesSpec, score: str, n_experts: int) -> None:
+    def __init__(self, losses: LossesSpec, score: str, n_experts: int, nominal_k: int | None = None) -> None:
         super().__init__()
-        self.losses, self.score, self.n_experts = losses, score, n_experts
+        self.losses, self.score, self.n_experts, self.nominal_k = losses, score, n_experts, nominal_k
 
     def extra_repr(self) -> str:
         lb, z = self.losses.load_balance, self.losses.z_loss
@@ -39,6 +39,7 @@ class AuxLossAndStats(nn.Module):
         weight_TK: Tensor,
         active_TK: Tensor,
         keep_TK: Tensor,
+        extra_loss: Tensor,
         seq_len: int,
     ) -> tuple[Tensor, ...]:
         routing = RoutingResult(
@@ -51,6 +52,9 @@ class AuxLossAndStats(nn.Module):
             topk_weight_TK=weight_TK,
             active_TK=active_TK,
             n_experts=self.n_experts,
+            nominal_k=self.nominal_k,
+            # A router-specific loss (0-element when the router has none).
+            extra_loss=extra_loss if extra_loss.numel() > 0 else None,
         )
         aux, _ = aux_losses(routing, self.losses, score=self.score, seq_len=seq_len if seq_len > 0 else None)
         routed_E = _counts(idx_TK, active_TK, self.n_experts)

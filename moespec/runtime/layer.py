@@ -18,9 +18,10 @@ from torch import Tensor, fx, nn
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.aux import AuxLossAndStats
-from moespec.lower.fx import OUTPUTS, lower_layer, random_inputs
+from moespec.lower.fx import OUTPUTS, extra_inputs, lower_layer, random_inputs
+from moespec.lower.routers import lowering
 from moespec.ops.reference._common import TORCH_DTYPES, gumbel, normal, uniform
-from moespec.ops.reference.params import BUFFERS, init_reference_params
+from moespec.ops.reference.params import buffer_names, init_reference_params
 from moespec.spec.schema import LayerSpec
 
 # Generated forward functions, shared by every layer whose graph prints the same code. Each
@@ -64,10 +65,14 @@ class MoELayer(nn.Module):
         self.generator = generator
         init_gen = torch.Generator().manual_seed(seed)
         params = init_reference_params(spec, ir.d_model, generator=init_gen, dtype=self.dtype)
+        buffers = buffer_names(spec, ir.d_model)
         for name, value in params.items():
-            _set(self, name, value, buffer=name in BUFFERS)
+            _set(self, name, value, buffer=name in buffers)
         self.aux = AuxLossAndStats(
-            spec.losses, getattr(spec.router, "score", "softmax"), ir.experts.n_experts
+            spec.losses,
+            getattr(spec.router, "score", "softmax"),
+            ir.experts.n_experts,
+            spec.router.nominal_k(spec),
         )
         object.__setattr__(self, "ir", ir)
         self._lower()
@@ -141,20 +146,45 @@ class MoELayer(nn.Module):
                 draws.append(u)
         return draws
 
-    def forward(self, x: Tensor) -> Tensor:
-        """y = MoE(x) for x of shape [..., d_model]; a 3-D x is [batch, seq, d_model]."""
+    def _extra(self, x: Tensor, given: dict[str, Tensor | None]) -> list[Tensor]:
+        """The router's extra inputs (e.g. ``input_ids``), each flattened to [T]."""
+        names = extra_inputs(self.ir)
+        unknown = sorted(k for k in given if k not in names)
+        if unknown:
+            raise TypeError(
+                f"moespec layer {self.ir.name!r} ({self.ir.router.kind} router) takes no input "
+                f"{unknown[0]!r}; its extra inputs: {list(names) or 'none'}"
+            )
+        out = []
+        for name in names:
+            t = given.get(name)
+            if t is None:
+                raise TypeError(
+                    f"moespec layer {self.ir.name!r} ({self.ir.router.kind} router) needs `{name}` "
+                    f"of shape {tuple(x.shape[:-1])}: call layer(x, {name}=...)"
+                )
+            if tuple(t.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"`{name}` must have shape {tuple(x.shape[:-1])} (x without its last dim), "
+                    f"got {tuple(t.shape)}"
+                )
+            out.append(t.reshape(-1))
+        return out
+
+    def forward(self, x: Tensor, **inputs: Tensor | None) -> Tensor:
+        """y = MoE(x) for x of shape [..., d_model]; a 3-D x is [batch, seq, d_model].
+        Routers that read more than x (hash routing: ``input_ids``) take it by keyword."""
         self._check(x)
         x_TD = x.reshape(-1, self.d_model)
+        extra = self._extra(x, inputs)
         seq_len = x.shape[1] if x.dim() == 3 else 0
-        y_TD, logits_TE, aux, *stats = self._forwards[self.training](self, x_TD, *self._draw(x_TD), seq_len)
+        fwd = self._forwards[self.training]
+        y_TD, logits_TE, aux, *stats = fwd(self, x_TD, *extra, *self._draw(x_TD), seq_len)
         self.aux_loss, self.router_logits = aux, logits_TE
         self.routing_stats = dict(zip(OUTPUTS[3:], stats, strict=True))
-        bias_cfg = getattr(self.ir.router.config, "expert_bias", None)
-        if self.training and bias_cfg is not None:
-            # Aux-loss-free balancing (DeepSeek-V3): b_e += rate * sign(mean load - load_e).
+        if self.training:
             with torch.no_grad():
-                load_E = self.routing_stats["routed_per_expert"].to(self.router.expert_bias.dtype)
-                self.router.expert_bias.add_(bias_cfg.update_rate * torch.sign(load_E.mean() - load_E))
+                lowering(self.ir).after_forward(self, self.routing_stats)
         return y_TD.reshape(x.shape)
 
     def extra_repr(self) -> str:

@@ -8,61 +8,10 @@ passed the schema, and all of them run, so every problem is reported at once.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from moespec.spec.base import Strict
-from moespec.spec.routers import TopKRouter
+from moespec.spec.routers.base import Path, Problem
 from moespec.spec.schema import LayerSpec, Spec
-
-Problem = tuple[tuple[str | int, ...], str]
-Path = tuple[str | int, ...]
-
-# Router-kind specific checks: kind -> function(layer, router, path_to_router).
-ROUTER_CHECKS: dict[str, Callable[[LayerSpec, Strict, Path], Iterator[Problem]]] = {}
-
-
-def router_check(kind: str):
-    """Register a semantic check for one router kind."""
-
-    def deco(fn: Callable[[LayerSpec, Strict, Path], Iterator[Problem]]):
-        ROUTER_CHECKS[kind] = fn
-        return fn
-
-    return deco
-
-
-@router_check("topk")
-def _check_topk(layer: LayerSpec, r: TopKRouter, at: Path) -> Iterator[Problem]:  # type: ignore[override]
-    n = layer.experts.n_routed
-    if r.k > n:
-        yield (*at, "k"), f"k={r.k} exceeds the number of routed experts ({n})"
-    if r.score == "sigmoid" and r.order == "topk_then_softmax":
-        yield (*at, "order"), "`topk_then_softmax` needs score: softmax (sigmoid scores have no softmax)"
-    if r.second_expert_policy != "all" and r.k != 2:
-        yield (
-            (*at, "second_expert_policy"),
-            f"`{r.second_expert_policy}` is GShard's top-2 policy; it needs k=2 (got k={r.k})",
-        )
-    if r.groups is not None:
-        g = r.groups
-        if n % g.n_groups:
-            yield (*at, "groups", "n_groups"), f"n_groups={g.n_groups} does not divide the {n} routed experts"
-        elif g.group_score == "top2_sum" and n // g.n_groups < 2:
-            yield (*at, "groups", "group_score"), "top2_sum needs at least 2 experts per group"
-        if g.topk_groups > g.n_groups:
-            yield (*at, "groups", "topk_groups"), f"topk_groups={g.topk_groups} exceeds n_groups={g.n_groups}"
-        elif n % g.n_groups == 0 and r.k > g.topk_groups * (n // g.n_groups):
-            kept = g.topk_groups * (n // g.n_groups)
-            yield (*at, "k"), f"k={r.k} exceeds the {kept} experts in the {g.topk_groups} kept groups"
-    if r.second_expert_policy != "all" and r.score != "softmax":
-        yield (*at, "second_expert_policy"), "GShard's second-expert policies need score: softmax"
-    lb = layer.losses.load_balance
-    if lb is not None and lb.kind == "importance_load_cv2" and r.noise is None:
-        # The smooth load estimator is P(noisy logit stays in the top-k): it needs noise std > 0.
-        yield (*at, "noise"), "the importance_load_cv2 loss needs router noise (learned or fixed)"
-    if r.jitter and r.noise is not None:
-        yield (*at, "jitter"), "use either input jitter or logit noise, not both"
-
 
 def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
     for i, grp in enumerate(layer.experts.routed):
@@ -71,9 +20,7 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
                 (*at, "experts", "routed", i, "granularity"),
                 (f"granularity={grp.granularity} does not divide d_ff={grp.d_ff}"),
             )
-    check = ROUTER_CHECKS.get(layer.router.kind)
-    if check is not None:
-        yield from check(layer, layer.router, (*at, "router"))
+    yield from layer.router.checks(layer, (*at, "router"))
     router_dtype = getattr(layer.router, "dtype", None)
     if router_dtype is not None:
         yield from _check_dtype(spec, router_dtype, (*at, "router", "dtype"))

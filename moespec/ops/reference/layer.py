@@ -18,7 +18,7 @@ from torch import Tensor
 from moespec.ops.reference.capacity import apply_capacity
 from moespec.ops.reference.experts import expert_forward, shared_forward
 from moespec.ops.reference.losses import aux_losses
-from moespec.ops.reference.routing import route_topk
+from moespec.ops.reference.routers import RouteContext, SoftRouting, route
 from moespec.ops.reference.stats import LayerStats, layer_stats
 from moespec.spec.schema import LayerSpec
 
@@ -32,6 +32,7 @@ def moe_layer_reference(
     training: bool,
     generator: torch.Generator | None = None,
     router_dtype: str = "fp32",
+    inputs: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, LayerStats]:
     """``(y, aux_loss, stats)`` for input ``x`` of shape [..., D] (y has x's shape and dtype).
 
@@ -39,7 +40,8 @@ def moe_layer_reference(
     any other shape is one sequence of T = numel / D tokens. ``params`` follows
     :mod:`moespec.ops.reference.params`; ``router_dtype`` is ``target.router_dtype`` (the
     router's own ``dtype`` wins). Randomness (jitter, noise, GShard policies, random drops)
-    comes from ``generator`` only.
+    comes from ``generator`` only. ``inputs`` are extra router inputs (``input_ids``), each
+    flattened to [T] like x.
     """
     assert x.shape[-1] == d_model, f"expected last dim {d_model}, got {tuple(x.shape)}"
     x_TD = x.reshape(-1, d_model)
@@ -47,18 +49,10 @@ def moe_layer_reference(
     router, experts = layer.router, layer.experts
     n_experts = experts.n_routed
 
-    routing = route_topk(
-        x_TD,
-        params["router.weight"],
-        router,
-        n_experts=n_experts,
-        training=training,
-        generator=generator,
-        bias_E=params.get("router.bias"),
-        expert_bias_E=params.get("router.expert_bias") if router.expert_bias is not None else None,
-        noise_w_ED=params.get("router.noise_weight"),
-        default_dtype=router_dtype,
-    )
+    ctx = RouteContext(n_experts, training, generator, router_dtype, dict(inputs or {}))
+    routing = route(x_TD, params, router, ctx)
+    if isinstance(routing, SoftRouting):
+        return soft_layer(x, x_TD, params, layer, routing)
     cap = apply_capacity(routing, layer.capacity, training=training, generator=generator)
     srt = routing.to_sorted(cap.keep_TK)
 
@@ -76,6 +70,14 @@ def moe_layer_reference(
     if experts.shared is not None:
         y_TD = y_TD + shared_forward(x_TD, params, experts.shared)
 
-    aux, parts = aux_losses(routing, layer.losses, score=router.score, seq_len=seq_len)
-    stats = layer_stats(routing, cap, srt, router.score, parts)
+    score = getattr(router, "score", "softmax")
+    aux, parts = aux_losses(routing, layer.losses, score=score, seq_len=seq_len)
+    stats = layer_stats(routing, cap, srt, score, parts)
     return y_TD.reshape(x.shape), aux, stats
+
+
+def soft_layer(
+    x: Tensor, x_TD: Tensor, params: dict[str, Tensor], layer: LayerSpec, routing: SoftRouting
+) -> tuple[Tensor, Tensor, LayerStats]:
+    """Soft MoE: slots X~ = D^T X; slot s runs expert s // p; Y = C Y~ (+ shared)."""
+    raise NotImplementedError("Soft MoE reference layer")

@@ -101,7 +101,7 @@ def rows(routing: RoutingResult, lo: int, hi: int) -> RoutingResult:
     cut = {
         f.name: getattr(routing, f.name)[lo:hi]
         for f in dataclasses.fields(routing)
-        if isinstance(getattr(routing, f.name), Tensor)
+        if isinstance(getattr(routing, f.name), Tensor) and getattr(routing, f.name).dim() > 0
     }
     return dataclasses.replace(routing, **cut)
 
@@ -148,4 +148,7 @@ def aux_losses(
     if losses.z_loss is not None:
         parts["z_loss"] = z_loss(routing.logits_TE)
         total = total + losses.z_loss.weight * parts["z_loss"]
+    if routing.extra_loss is not None:
+        parts["router"] = routing.extra_loss
+        total = total + routing.extra_loss
     return total, parts

@@ -22,10 +22,16 @@ import torch
 from torch import Tensor
 
 from moespec.spec.experts import FFNSpec
+from moespec.spec.routers.base import RouterParam
 from moespec.spec.schema import LayerSpec
 
 BUFFERS = ("router.expert_bias",)
-"""Entries of the parameter dict that are state, not trainable parameters."""
+"""Buffers of the top-k router; :func:`buffer_names` gives those of any layer."""
+
+
+def buffer_names(layer: LayerSpec, d_model: int) -> set[str]:
+    """Entries of the layer's parameter dict that are state (buffers), not trained."""
+    return {name for name, p in layer.router.params(layer, d_model).items() if p.buffer}
 
 FFN_LEAVES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
 
@@ -48,16 +54,8 @@ def _ffn_shapes(prefix: str, ffn: FFNSpec, n: int, width: int, d: int) -> dict[s
 
 def param_shapes(layer: LayerSpec, d_model: int) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer of the layer with its shape (see the module docstring)."""
-    ex, r, d = layer.experts, layer.router, d_model
-    n = ex.n_routed
-    shapes: dict[str, tuple[int, ...]] = {"router.weight": (n, d)}
-    if getattr(r, "bias", False):
-        shapes["router.bias"] = (n,)
-    noise = getattr(r, "noise", None)
-    if noise is not None and noise.kind == "learned":
-        shapes["router.noise_weight"] = (n, d)
-    if getattr(r, "expert_bias", None) is not None:
-        shapes["router.expert_bias"] = (n,)
+    ex, d = layer.experts, d_model
+    shapes = {name: p.shape for name, p in layer.router.params(layer, d).items()}
     for g, grp in enumerate(ex.routed):
         shapes.update(_ffn_shapes(f"experts.{g}", grp, grp.n_experts, grp.width, d))
     if ex.shared is not None:
@@ -96,6 +94,21 @@ def _init_ffn(out: dict[str, Tensor], prefix: str, ffn: FFNSpec, gen: torch.Gene
             torch.nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=gen)
 
 
+def _init_other(t: Tensor, p: RouterParam | None, gen: torch.Generator) -> None:
+    """Router tensors per their :class:`RouterParam`; anything else N(0, 0.02²)."""
+    kind = p.init if p is not None else "normal"
+    if kind == "zeros":
+        t.zero_()
+    elif kind == "ones":
+        t.fill_(1.0)
+    elif kind == "uniform":
+        t.uniform_(-p.gain, p.gain, generator=gen)  # type: ignore[union-attr]
+    elif kind == "orthogonal":
+        torch.nn.init.orthogonal_(t, gain=p.gain, generator=gen)  # type: ignore[union-attr]
+    else:
+        t.normal_(0.0, DEFAULT_STD, generator=gen)
+
+
 def init_reference_params(
     layer: LayerSpec, d_model: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float32
 ) -> dict[str, Tensor]:
@@ -108,11 +121,9 @@ def init_reference_params(
         _init_ffn(out, f"experts.{g}", grp, generator)
     if layer.experts.shared is not None:
         _init_ffn(out, "shared", layer.experts.shared, generator)
+    router = layer.router.params(layer, d_model)
     for name, t in out.items():  # dict order, so the draw order is fixed
         if name.rsplit(".", 1)[1] in FFN_LEAVES:
             continue
-        if name in ("router.bias", "router.expert_bias"):
-            t.zero_()
-        else:
-            t.normal_(0.0, DEFAULT_STD, generator=generator)
+        _init_other(t, router.get(name), generator)
     return {name: out[name].to(dtype) for name in shapes}

@@ -43,6 +43,11 @@ class RoutingResult:
     - ``topk_idx_TK``: chosen experts, best first (for `sampling`, the sampled one second).
     - ``topk_weight_TK``: combine weights (renormalised / softmaxed, times scaling_factor).
     - ``active_TK``: False where GShard's `random` policy dropped the second expert.
+    - ``nominal_k``: the k the balance losses normalise by, when it is not ``K`` (routers
+      with a data-dependent number of experts per token use the dense form K = E, see
+      :func:`dense_routing`).
+    - ``extra_loss``: a router-specific weighted loss added to the layer's ``aux_loss``
+      (e.g. ReMoE's L1 term), or None.
     """
 
     logits_TE: Tensor
@@ -53,11 +58,13 @@ class RoutingResult:
     topk_weight_TK: Tensor
     active_TK: Tensor
     n_experts: int
+    nominal_k: int | None = None
+    extra_loss: Tensor | None = None
 
     @property
     def k(self) -> int:
-        """Slots per token."""
-        return self.topk_idx_TK.shape[1]
+        """Slots per token (the nominal k of a dense-form routing)."""
+        return self.nominal_k if self.nominal_k is not None else self.topk_idx_TK.shape[1]
 
     def selected_TE(self, keep_TK: Tensor | None = None) -> Tensor:
         """Bool [T, E]: token t routed to expert e (active slots, further masked by keep)."""
@@ -80,6 +87,33 @@ class RoutingResult:
         slots, optionally restricted to ``keep_TK`` (capacity)."""
         keep = self.active_TK if keep_TK is None else keep_TK & self.active_TK
         return sort_by_expert(self.topk_idx_TK, self.topk_weight_TK, keep, self.n_experts)
+
+
+def dense_routing(
+    logits_TE: Tensor,
+    probs_TE: Tensor,
+    gates_TE: Tensor,
+    selected_TE: Tensor,
+    *,
+    nominal_k: int,
+    extra_loss: Tensor | None = None,
+) -> RoutingResult:
+    """A routing where each token may use any number of experts, in the dense form K = E:
+    slot e of token t is expert e, active where ``selected_TE``, weighing ``gates_TE``."""
+    t_count, n_experts = logits_TE.shape
+    idx_TE = torch.arange(n_experts, device=logits_TE.device).expand(t_count, n_experts)
+    return RoutingResult(
+        logits_TE=logits_TE,
+        noisy_logits_TE=logits_TE,
+        noise_std_TE=None,
+        probs_TE=probs_TE,
+        topk_idx_TK=idx_TE,
+        topk_weight_TK=gates_TE,
+        active_TK=selected_TE,
+        n_experts=n_experts,
+        nominal_k=nominal_k,
+        extra_loss=extra_loss,
+    )
 
 
 def router_logits(

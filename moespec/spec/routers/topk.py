@@ -1,20 +1,17 @@
-"""Router declarations. Each router kind is one class registered in ``ROUTERS``.
-
-Later router kinds (expert choice, Soft MoE, BASE, hash, ReLU, top-p, DSelect-k, ...) are
-added as new registered classes; the layer's ``router`` field is the discriminated union of
-everything registered, so the language keeps its shape.
-"""
+"""The token-choice top-k router family (`kind: topk`) and its options."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from moespec.spec.base import DType, KindRegistry, Strict
+from moespec.spec.base import DType, Strict
+from moespec.spec.routers.base import NOISES, ROUTERS, Path, Problem, RouterParam, RouterSpec
 
-ROUTERS = KindRegistry("router")
-NOISES = KindRegistry("noise")
+if TYPE_CHECKING:
+    from moespec.spec.schema import LayerSpec
 
 
 @NOISES.register
@@ -55,7 +52,7 @@ class ExpertBias(Strict):
 
 
 @ROUTERS.register
-class TopKRouter(Strict):
+class TopKRouter(RouterSpec):
     """Token-choice top-k routing (Shazeer 2017, GShard, Switch, Mixtral, DeepSeek, Qwen).
 
     logits = (x W_r) / temperature; scores = softmax or sigmoid; each token picks its k best
@@ -99,4 +96,56 @@ class TopKRouter(Strict):
     )
 
 
-Router = ROUTERS.union()
+    def experts_per_token(self, layer: LayerSpec) -> float:
+        return self.k
+
+    def router_macs(self, layer: LayerSpec, d_model: int) -> float:
+        # The noise projection runs only while training; FLOPs are inference FLOPs.
+        return d_model * layer.experts.n_routed
+
+    def params(self, layer: LayerSpec, d_model: int) -> dict[str, RouterParam]:
+        n = layer.experts.n_routed
+        out = {"router.weight": RouterParam((n, d_model))}
+        if self.bias:
+            out["router.bias"] = RouterParam((n,), "zeros")
+        if self.noise is not None and self.noise.kind == "learned":
+            out["router.noise_weight"] = RouterParam((n, d_model))
+        if self.expert_bias is not None:
+            out["router.expert_bias"] = RouterParam((n,), "zeros", buffer=True)
+        return out
+
+    def active_router_params(self, layer: LayerSpec, d_model: int) -> int:
+        # W_noise is trained but only used while training: in the total, not the active count.
+        n = layer.experts.n_routed
+        return d_model * n + (n if self.bias else 0)
+
+    def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
+        r, n = self, layer.experts.n_routed
+        if r.k > n:
+            yield (*at, "k"), f"k={r.k} exceeds the number of routed experts ({n})"
+        if r.score == "sigmoid" and r.order == "topk_then_softmax":
+            yield (*at, "order"), "`topk_then_softmax` needs score: softmax (sigmoid scores have no softmax)"
+        if r.second_expert_policy != "all" and r.k != 2:
+            yield (
+                (*at, "second_expert_policy"),
+                f"`{r.second_expert_policy}` is GShard's top-2 policy; it needs k=2 (got k={r.k})",
+            )
+        if r.groups is not None:
+            g = r.groups
+            if n % g.n_groups:
+                yield (*at, "groups", "n_groups"), f"n_groups={g.n_groups} does not divide the {n} routed experts"
+            elif g.group_score == "top2_sum" and n // g.n_groups < 2:
+                yield (*at, "groups", "group_score"), "top2_sum needs at least 2 experts per group"
+            if g.topk_groups > g.n_groups:
+                yield (*at, "groups", "topk_groups"), f"topk_groups={g.topk_groups} exceeds n_groups={g.n_groups}"
+            elif n % g.n_groups == 0 and r.k > g.topk_groups * (n // g.n_groups):
+                kept = g.topk_groups * (n // g.n_groups)
+                yield (*at, "k"), f"k={r.k} exceeds the {kept} experts in the {g.topk_groups} kept groups"
+        if r.second_expert_policy != "all" and r.score != "softmax":
+            yield (*at, "second_expert_policy"), "GShard's second-expert policies need score: softmax"
+        lb = layer.losses.load_balance
+        if lb is not None and lb.kind == "importance_load_cv2" and r.noise is None:
+            # The smooth load estimator is P(noisy logit stays in the top-k): it needs noise std > 0.
+            yield (*at, "noise"), "the importance_load_cv2 loss needs router noise (learned or fixed)"
+        if r.jitter and r.noise is not None:
+            yield (*at, "jitter"), "use either input jitter or logit noise, not both"

@@ -1,0 +1,93 @@
+"""FX lowerings of the router kinds, one module per kind, registered by kind.
+
+A router lowering is a :class:`RouterLowering` subclass. ``lower`` appends the router's
+nodes to the layer graph and returns :class:`RouteNodes`; the generic part of the layer
+(capacity, sort by expert, experts, combine, losses, stats; ``moespec.lower.fx``) does the
+rest, so a new router never touches dispatch or experts. Two forms:
+
+- token choice: ``weight_TK``, ``idx_TK``, ``active_TK`` with a static K per token;
+- dense (``dense=True``): K = E, ``idx_TK`` is each row's 0..E-1, ``active_TK`` the
+  selection mask and ``weight_TK`` the [T, E] gates; rows are compacted by
+  ``moespec::sort_selected``, so only selected (token, expert) pairs reach the experts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor, fx
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder, RandomInput
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass
+class RouteNodes:
+    """The router's graph values (see the package docstring). ``logits_TE`` are the clean
+    logits (the layer's ``router_logits``, the z-loss input); ``noisy_TE``/``std_TE`` the
+    noisy logits and noise std (``std_TE`` a 0-element tensor without noise); ``probs_TE``
+    the scores the balance losses and entropy read; ``extra_loss`` a router-specific
+    weighted loss added to ``aux_loss``. (The k balance losses normalise by in the dense
+    form is the spec's :meth:`RouterSpec.nominal_k`.)"""
+
+    logits_TE: fx.Node
+    noisy_TE: fx.Node
+    std_TE: fx.Node
+    probs_TE: fx.Node
+    weight_TK: fx.Node
+    idx_TK: fx.Node
+    active_TK: fx.Node
+    dense: bool = False
+    extra_loss: fx.Node | None = None
+
+
+class RouterLowering:
+    """Base class: override ``lower``; the hooks have no-op defaults."""
+
+    kind: str = ""
+
+    def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
+        """Random tensors the graph takes as inputs, in the reference's draw order."""
+        return []
+
+    def extra_inputs(self, layer: MoELayerNode) -> tuple[str, ...]:
+        """Names of extra forward inputs the router reads (e.g. ``input_ids``)."""
+        return ()
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        """Append the router's nodes; ``inputs`` maps random and extra input names to nodes."""
+        raise NotImplementedError
+
+    def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
+        """Training-mode state update after a forward (under no_grad), e.g. a bias or an
+        L1 coefficient controller; ``stats`` is the layer's ``routing_stats``."""
+
+
+LOWERINGS: dict[str, RouterLowering] = {}
+
+
+def register(cls: type[RouterLowering]) -> type[RouterLowering]:
+    """Class decorator: register the lowering of router kind ``cls.kind``."""
+    assert cls.kind and cls.kind not in LOWERINGS, f"bad or duplicate router lowering {cls.kind!r}"
+    LOWERINGS[cls.kind] = cls()
+    return cls
+
+
+def lowering(layer: MoELayerNode) -> RouterLowering:
+    """The lowering of ``layer``'s router kind."""
+    kind = layer.router.kind
+    if kind not in LOWERINGS:
+        raise NotImplementedError(f"router kind {kind!r} has no FX lowering")
+    return LOWERINGS[kind]
+
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_mod}")

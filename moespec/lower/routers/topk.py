@@ -1,0 +1,100 @@
+"""Lowering of `kind: topk`:
+
+    logits  = linear(x · jitter, router.weight) / temperature   (+ noise · std while training)
+    weight_TK, idx_TK, probs_TE = moespec.topk_route(logits, expert_bias, gumbel, ...)
+    active_TK = GShard `random` policy's keep-second mask (else all True)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower import helpers
+from moespec.lower.builder import Builder, RandomInput
+from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.ops.reference._common import TORCH_DTYPES
+
+OPS = torch.ops.moespec
+
+
+@register
+class TopKLowering(RouterLowering):
+    kind = "topk"
+
+    def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
+        r, out = layer.router.config, []
+        if training and r.jitter > 0:
+            out.append(RandomInput("jitter_u_TD", "uniform", "TD", True))
+        if training and r.noise is not None:
+            out.append(RandomInput("noise_TE", "normal", "TE", True))
+        if r.second_expert_policy == "sampling":
+            out.append(RandomInput("gumbel_TE", "gumbel", "TE", False))
+        if r.second_expert_policy == "random":
+            out.append(RandomInput("second_u_T", "uniform", "T", False))
+        return out
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        r, at = layer.router.config, layer.router.origin
+        rdtype = TORCH_DTYPES[layer.router.dtype]
+        # Router in the router dtype (selective precision), jitter/noise while training.
+        xr = b.to(x_TD, rdtype)
+        if "jitter_u_TD" in inputs:
+            eps = r.jitter
+            scaled = b.fn(operator.mul, inputs["jitter_u_TD"], 2.0 * eps, origin=at)
+            xr = b.fn(operator.mul, xr, b.fn(operator.add, 1.0 - eps, scaled, origin=at), origin=at)
+        w_r = b.to(b.get("router.weight"), rdtype)
+        bias = b.to(b.get("router.bias"), rdtype) if r.bias else None
+        logits = b.fn(F.linear, xr, w_r, bias, origin=at)
+        if r.temperature != 1.0:
+            logits = b.fn(operator.truediv, logits, r.temperature, origin=at)
+        noisy, std = logits, b.empty_like(logits)
+        if "noise_TE" in inputs:
+            if r.noise.kind == "learned":
+                w_n = b.to(b.get("router.noise_weight"), rdtype)
+                sp = b.fn(F.softplus, b.fn(F.linear, xr, w_n, origin=at), origin=at)
+                std = b.fn(operator.add, sp, r.noise.epsilon, origin=at)
+            else:
+                std = b.fn(torch.full_like, logits, r.noise.std, origin=at)
+            eps_std = b.fn(operator.mul, inputs["noise_TE"], std, origin=at)
+            noisy = b.fn(operator.add, logits, eps_std, origin=at)
+        empty_r = b.empty_like(logits)
+        expert_bias = b.get("router.expert_bias") if r.expert_bias is not None else empty_r
+        groups = r.groups
+        route = b.fn(
+            OPS.topk_route,
+            noisy,
+            expert_bias,
+            inputs.get("gumbel_TE", empty_r),
+            r.k,
+            r.score,
+            r.order,
+            r.renormalize,
+            r.scaling_factor,
+            groups.n_groups if groups else 0,
+            groups.topk_groups if groups else 0,
+            groups.group_score if groups else "max",
+            origin=at,
+        )
+        weight, idx, probs = (b.item(route, i, at, n) for i, n in enumerate(("weight_TK", "idx_TK", "probs_TE")))
+        if "second_u_T" in inputs:
+            u = inputs["second_u_T"]
+            active = b.fn(helpers.gshard_keep_second, weight, u, r.scaling_factor, origin=at)
+        else:
+            active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
+        return RouteNodes(logits, noisy, std, probs, weight, idx, active)
+
+    def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
+        cfg = module.ir.router.config.expert_bias
+        if cfg is None:
+            return
+        # Aux-loss-free balancing (DeepSeek-V3): b_e += rate * sign(mean load - load_e).
+        bias_E = module.router.expert_bias
+        load_E = stats["routed_per_expert"].to(bias_E.dtype)
+        bias_E.add_(cfg.update_rate * torch.sign(load_E.mean() - load_E))

@@ -1,0 +1,89 @@
+"""The router-spec contract: what every router kind tells the rest of the compiler.
+
+A router kind is one :class:`RouterSpec` subclass with a ``kind`` Literal, registered with
+``@ROUTERS.register``. Besides its fields it answers, from the layer it sits in:
+
+- :meth:`RouterSpec.checks`: semantic problems pydantic cannot see (k > E, ...);
+- :meth:`RouterSpec.experts_per_token`: routed experts computed per token on average, for
+  active parameters and FLOPs (may be fractional);
+- :meth:`RouterSpec.router_macs`: router multiply-accumulates per token;
+- :meth:`RouterSpec.params`: the router's parameters and buffers (names under ``router.``).
+
+The reference function and the FX lowering of a kind live in
+``moespec.ops.reference.routers.<kind>`` and ``moespec.lower.routers.<kind>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from moespec.spec.base import KindRegistry, Strict
+
+if TYPE_CHECKING:
+    from moespec.spec.schema import LayerSpec
+
+ROUTERS = KindRegistry("router")
+NOISES = KindRegistry("noise")
+
+Path = tuple[str | int, ...]
+Problem = tuple[Path, str]
+
+
+@dataclass(frozen=True)
+class RouterParam:
+    """One router tensor: ``shape``, how it starts (``normal`` N(0, 0.02²), ``zeros``,
+    ``ones``, ``orthogonal`` with gain ``gain``, ``uniform`` U(-gain, gain)), and whether it
+    is a buffer (state, not trained by gradient; still in ``state_dict``)."""
+
+    shape: tuple[int, ...]
+    init: str = "normal"
+    buffer: bool = False
+    gain: float = 1.0
+
+
+class RouterSpec(Strict):
+    """Base class of router specs (see the module docstring). Defaults fit a linear router
+    ``router.weight [E, D]`` with no extra checks."""
+
+    def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
+        """Semantic problems of this router inside ``layer`` (``at``: path to the router)."""
+        return iter(())
+
+    def experts_per_token(self, layer: LayerSpec) -> float:
+        """Routed experts run per token, on average (k for top-k)."""
+        raise NotImplementedError
+
+    def rows_per_token(self, layer: LayerSpec) -> int:
+        """Static upper bound on routed (token, expert) rows per token (dispatch buffers)."""
+        return max(1, round(self.experts_per_token(layer)))
+
+    def nominal_k(self, layer: LayerSpec) -> int | None:
+        """The k the balance losses normalise by for a dense-form routing (None: the
+        token-choice K itself)."""
+        return None
+
+    def router_macs(self, layer: LayerSpec, d_model: int) -> float:
+        """Router multiply-accumulates per token at inference (a linear router: D·E)."""
+        return d_model * layer.experts.n_routed
+
+    def params(self, layer: LayerSpec, d_model: int) -> dict[str, RouterParam]:
+        """Router parameters and buffers by name (``router.*``), in init order."""
+        return {"router.weight": RouterParam((layer.experts.n_routed, d_model))}
+
+    def active_router_params(self, layer: LayerSpec, d_model: int) -> int:
+        """Router parameters used per token at inference (training-only ones excluded)."""
+        return sum(numel(p.shape) for p in self.params(layer, d_model).values() if not p.buffer)
+
+    @property
+    def causal(self) -> bool:
+        """False for routers whose choice for a token depends on later tokens."""
+        return True
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
