@@ -19,7 +19,7 @@ from torch import Tensor
 @torch.library.custom_op("moespec::sort_selected", mutates_args=())
 def sort_selected(selected_TE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Selected pairs of ``selected_TE`` (bool [T, E]) sorted by expert, then token."""
-    n_tok, n_exp = selected_TE.shape
+    n_exp = selected_TE.shape[1]
     # nonzero() of the [E, T] transpose walks expert-major, tokens ascending within an expert.
     e_N, t_N = selected_TE.t().nonzero(as_tuple=True)
     counts_E = selected_TE.sum(0)
@@ -32,6 +32,8 @@ def sort_selected(selected_TE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _(selected_TE):
     n = torch.library.get_ctx().new_dynamic_size()
     i64 = dict(dtype=torch.int64, device=selected_TE.device)
-    return selected_TE.new_empty(n, **i64), selected_TE.new_empty(n, **i64), selected_TE.new_empty(
-        selected_TE.shape[1] + 1, **i64
+    return (
+        selected_TE.new_empty(n, **i64),
+        selected_TE.new_empty(n, **i64),
+        selected_TE.new_empty(selected_TE.shape[1] + 1, **i64),
     )

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from moespec.spec.routers.base import Path, Problem
 from moespec.spec.schema import LayerSpec, Spec
 
+
 def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
     for i, grp in enumerate(layer.experts.routed):
         if grp.d_ff % grp.granularity:

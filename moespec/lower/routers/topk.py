@@ -1,8 +1,8 @@
 """Lowering of `kind: topk`:
 
-    logits  = linear(x · jitter, router.weight) / temperature   (+ noise · std while training)
-    weight_TK, idx_TK, probs_TE = moespec.topk_route(logits, expert_bias, gumbel, ...)
-    active_TK = GShard `random` policy's keep-second mask (else all True)
+logits  = linear(x · jitter, router.weight) / temperature   (+ noise · std while training)
+weight_TK, idx_TK, probs_TE = moespec.topk_route(logits, expert_bias, gumbel, ...)
+active_TK = GShard `random` policy's keep-second mask (else all True)
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class TopKLowering(RouterLowering):
             groups.group_score if groups else "max",
             origin=at,
         )
-        weight, idx, probs = (b.item(route, i, at, n) for i, n in enumerate(("weight_TK", "idx_TK", "probs_TE")))
+        weight, idx, probs = (
+            b.item(route, i, at, n) for i, n in enumerate(("weight_TK", "idx_TK", "probs_TE"))
+        )
         if "second_u_T" in inputs:
             u = inputs["second_u_T"]
             active = b.fn(helpers.gshard_keep_second, weight, u, r.scaling_factor, origin=at)

@@ -33,6 +33,7 @@ def buffer_names(layer: LayerSpec, d_model: int) -> set[str]:
     """Entries of the layer's parameter dict that are state (buffers), not trained."""
     return {name for name, p in layer.router.params(layer, d_model).items() if p.buffer}
 
+
 FFN_LEAVES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
 
 # Parameters the spec gives no init for: router, noise and zero-compute weights.

@@ -95,7 +95,6 @@ class TopKRouter(RouterSpec):
         "`sampling` picks it from logits + Gumbel noise; `random` keeps it with prob 2·g2.",
     )
 
-
     def experts_per_token(self, layer: LayerSpec) -> float:
         return self.k
 
@@ -133,11 +132,17 @@ class TopKRouter(RouterSpec):
         if r.groups is not None:
             g = r.groups
             if n % g.n_groups:
-                yield (*at, "groups", "n_groups"), f"n_groups={g.n_groups} does not divide the {n} routed experts"
+                yield (
+                    (*at, "groups", "n_groups"),
+                    f"n_groups={g.n_groups} does not divide the {n} routed experts",
+                )
             elif g.group_score == "top2_sum" and n // g.n_groups < 2:
                 yield (*at, "groups", "group_score"), "top2_sum needs at least 2 experts per group"
             if g.topk_groups > g.n_groups:
-                yield (*at, "groups", "topk_groups"), f"topk_groups={g.topk_groups} exceeds n_groups={g.n_groups}"
+                yield (
+                    (*at, "groups", "topk_groups"),
+                    f"topk_groups={g.topk_groups} exceeds n_groups={g.n_groups}",
+                )
             elif n % g.n_groups == 0 and r.k > g.topk_groups * (n // g.n_groups):
                 kept = g.topk_groups * (n // g.n_groups)
                 yield (*at, "k"), f"k={r.k} exceeds the {kept} experts in the {g.topk_groups} kept groups"

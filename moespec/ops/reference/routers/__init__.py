@@ -64,7 +64,9 @@ def reference_router(kind: str) -> Callable[[RefRouter], RefRouter]:
     return deco
 
 
-def route(x_TD: Tensor, params: dict[str, Tensor], spec: Strict, ctx: RouteContext) -> RoutingResult | SoftRouting:
+def route(
+    x_TD: Tensor, params: dict[str, Tensor], spec: Strict, ctx: RouteContext
+) -> RoutingResult | SoftRouting:
     """Run the reference router of ``spec.kind``."""
     kind = spec.kind  # type: ignore[attr-defined]
     if kind not in REFERENCE_ROUTERS:
