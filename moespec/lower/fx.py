@@ -134,6 +134,8 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         y = b.fn(operator.add, y, zout, origin=at_e)
     if layer.shared is not None:
         y = b.fn(operator.add, y, _shared(b, layer, x, empty_x), origin=layer.shared.origin)
+    if rt.residual_TD is not None:
+        y = b.fn(operator.add, y, rt.residual_TD, origin=layer.router.origin)
 
     extra = rt.extra_loss if rt.extra_loss is not None else empty_r
     aux_args = (rt.logits_TE, rt.noisy_TE, rt.std_TE, rt.probs_TE, idx, weight, active, keep, extra, seq_len)

@@ -4,7 +4,13 @@
 against). Importing this package registers the fused custom ops ``torch.ops.moespec.*``
 (topk_route, capacity_keep, sort_by_expert, sort_selected, expert_ffn, expert_ffn_backward,
 combine);
-artifacts and exported programs import it before running.
+artifacts and exported programs import it before running. Every module of this package is
+imported (name order), so a new op is one new module.
 """
 
-from moespec.ops import capacity, dispatch, expert_ffn, route, select  # noqa: F401
+import importlib
+import pkgutil
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod != "reference":
+        importlib.import_module(f"{__name__}.{_mod}")

@@ -33,7 +33,8 @@ class RouteNodes:
     logits (the layer's ``router_logits``, the z-loss input); ``noisy_TE``/``std_TE`` the
     noisy logits and noise std (``std_TE`` a 0-element tensor without noise); ``probs_TE``
     the scores the balance losses and entropy read; ``extra_loss`` a router-specific
-    weighted loss added to ``aux_loss``. (The k balance losses normalise by in the dense
+    weighted loss added to ``aux_loss``; ``residual_TD`` a [T, D] term added to the layer's
+    output (BASE's (1 - α)·x mix), or None. (The k balance losses normalise by in the dense
     form is the spec's :meth:`RouterSpec.nominal_k`.)"""
 
     logits_TE: fx.Node
@@ -45,6 +46,7 @@ class RouteNodes:
     active_TK: fx.Node
     dense: bool = False
     extra_loss: fx.Node | None = None
+    residual_TD: fx.Node | None = None
 
 
 class RouterLowering:
