@@ -1,0 +1,1 @@
+"""Small, documented examples (e.g. custom router functions for `kind: custom`)."""

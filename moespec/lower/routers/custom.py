@@ -1,0 +1,47 @@
+"""Lowering of `kind: custom`: one call of the user's function, then the generic layer.
+
+logits_TE, weight_TK, idx_TK = fn(x_TD, router.weight, **options)     (output: topk)
+logits_TE, gates_TE = fn(x_TD, router.weight, **options)              (output: dense)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder
+from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.spec.routers.custom import call_custom
+
+
+def dense_slots(gates_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx_TE, selected_TE)`` of a dense-form routing: slot e is expert e, nonzero gates
+    select."""
+    t, e = gates_TE.shape
+    return torch.arange(e, device=gates_TE.device).expand(t, e), gates_TE != 0
+
+
+@register
+class CustomLowering(RouterLowering):
+    kind = "custom"
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        r, at = layer.router.config, layer.router.origin
+        w = b.get("router.weight")
+        out = b.fn(call_custom, x_TD, w, r.function, r.output, r.k, dict(r.options), origin=at)
+        logits = b.item(out, 0, at, "logits_TE")
+        probs = b.fn(torch.softmax, logits, -1, origin=at)
+        no_noise = b.empty_like(logits)
+        if r.output == "dense":
+            gates = b.item(out, 1, at, "gates_TE")
+            slots = b.fn(dense_slots, gates, origin=at)
+            idx, sel = (b.fn(operator.getitem, slots, i, origin=at) for i in (0, 1))
+            return RouteNodes(logits, logits, no_noise, probs, gates, idx, sel, dense=True)
+        weight, idx = b.item(out, 1, at, "weight_TK"), b.item(out, 2, at, "idx_TK")
+        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
+        return RouteNodes(logits, logits, no_noise, probs, weight, idx, active)
