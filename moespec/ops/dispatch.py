@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moespec.ops import _buffers
+
 
 @torch.library.custom_op("moespec::sort_by_expert", mutates_args=())
 def sort_by_expert(idx_TK: Tensor, keep_TK: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,7 +56,7 @@ def _row_blocks(t: Tensor) -> list[tuple[int, int]]:
 @torch.library.custom_op("moespec::combine", mutates_args=())
 def combine(h_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, n_tokens: int) -> Tensor:
     """y_TD[t] = sum over rows n of token t of weight_N[n] * h_ND[n] (weight 0 skips a row)."""
-    y_TD = h_ND.new_zeros(n_tokens, h_ND.shape[1])
+    y_TD = _buffers.zeros((n_tokens, h_ND.shape[1]), h_ND)
     w_N1 = weight_N.unsqueeze(1).to(h_ND.dtype)
     for lo, hi in _row_blocks(h_ND):
         y_TD.index_add_(0, token_idx_N[lo:hi], h_ND[lo:hi] * w_N1[lo:hi])
@@ -80,7 +82,7 @@ def _combine_backward(ctx, grad_y_TD):
         grad_w = (g_ND * h).sum(1).to(weight.dtype)
         return g_ND * weight.unsqueeze(1).to(g_ND.dtype), None, grad_w, None
     # grad_h = g[token] * w is filled block by block in place; grad_w reads g[token] first.
-    grad_h = h.new_empty(h.shape)
+    grad_h = _buffers.empty_like(h)
     grad_w = weight.new_empty(weight.shape) if need_w else None
     w_N1 = weight.unsqueeze(1).to(grad_h.dtype)
     g_TD = grad_y_TD.to(grad_h.dtype)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moespec.ops import _buffers
 from moespec.ops.activations import act, act_backward_
 from moespec.ops.gemm import expert_blocks, gmm, gmm_wgrad
 
@@ -137,9 +138,10 @@ def _forward_blocked(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
     glu, bias = _present(w_gate_EFD), _present(b_up_EF)
     bounds = offsets_E1.tolist()
     lo, hi = bounds[first], bounds[first + n_exp]
-    y_ND = _zero_outside(x_TD.new_empty(n_rows, d), lo, hi)
-    up_NF = _zero_outside(x_TD.new_empty(n_rows, f), lo, hi)
-    gate_NF = _zero_outside(x_TD.new_empty(n_rows, f), lo, hi) if glu else _empty(x_TD)
+    new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
+    y_ND = _zero_outside(new(n_rows, d), lo, hi)
+    up_NF = _zero_outside(new(n_rows, f), lo, hi)
+    gate_NF = _zero_outside(new(n_rows, f), lo, hi) if glu else _empty(x_TD)
     if hi == lo:
         return y_ND, up_NF, gate_NF
     experts, sizes = _blocks(bounds, first, n_exp, f, d, x_TD.element_size())
@@ -248,10 +250,10 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
     glu = _present(w_gate_EFD)
     bounds = offsets_E1.tolist()
     lo, hi = bounds[first], bounds[first + n_exp]
-    grad_x_TD = torch.zeros_like(x_TD)
-    grad_w_up = torch.empty_like(w_up_EFD)
-    grad_w_gate = torch.empty_like(w_gate_EFD) if glu else _empty(x_TD)
-    grad_w_down = torch.empty_like(w_down_EDF)
+    grad_x_TD = _buffers.zeros(x_TD.shape, x_TD)
+    grad_w_up = _buffers.empty_like(w_up_EFD)
+    grad_w_gate = _buffers.empty_like(w_gate_EFD) if glu else _empty(x_TD)
+    grad_w_down = _buffers.empty_like(w_down_EDF)
     grads_b = [_empty(x_TD) for _ in range(3)]  # distinct: outputs must not alias
     if has_bias:
         grads_b = [x_TD.new_zeros(n_exp, f), x_TD.new_zeros(n_exp, f) if glu else _empty(x_TD),
