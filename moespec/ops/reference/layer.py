@@ -49,7 +49,7 @@ def moe_layer_reference(
     router, experts = layer.router, layer.experts
     n_experts = experts.n_routed
 
-    ctx = RouteContext(n_experts, training, generator, router_dtype, dict(inputs or {}))
+    ctx = RouteContext(n_experts, training, generator, router_dtype, dict(inputs or {}), seq_len)
     routing = route(x_TD, params, router, ctx)
     if isinstance(routing, SoftRouting):
         return soft_layer(x, x_TD, params, layer, routing)

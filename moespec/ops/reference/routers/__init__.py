@@ -27,13 +27,16 @@ class RouteContext:
     """What a reference router may read besides x and its parameters.
 
     ``inputs`` holds the layer's extra inputs (e.g. ``input_ids`` for hash routing),
-    ``state`` the router's buffers as they are before this call (e.g. ReMoE's λ)."""
+    ``state`` the router's buffers as they are before this call (e.g. ReMoE's λ).
+    ``seq_len`` is S for a 3-D input [B, S, D] (B sequences of S tokens), else None: routers
+    that mix tokens per group (Soft MoE) route each sequence on its own."""
 
     n_experts: int
     training: bool
     generator: torch.Generator | None = None
     default_dtype: str = "fp32"
     inputs: dict[str, Tensor] = field(default_factory=dict)
+    seq_len: int | None = None
 
 
 @dataclass(frozen=True)
