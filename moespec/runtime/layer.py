@@ -100,6 +100,12 @@ class MoELayer(nn.Module):
         self._lower()
 
     @property
+    def experts_dtype(self) -> torch.dtype:
+        """The dtype of the layer's parameters (its first expert weight; routers such as hash
+        routing have no floating parameter of their own)."""
+        return self.experts.get_submodule("0").w_up.dtype
+
+    @property
     def graph_module(self) -> fx.GraphModule:
         """The GraphModule the current mode runs (training or eval)."""
         return self._graphs[self.training]
@@ -110,7 +116,7 @@ class MoELayer(nn.Module):
                 f"moespec layer expects input of shape [..., {self.d_model}], got {tuple(x.shape)}"
             )
         # The parameters' dtype is the truth: `layer.to(torch.bfloat16)` changes it.
-        expected = self.router.weight.dtype
+        expected = self.experts_dtype
         if x.dtype != expected:
             raise TypeError(
                 f"moespec layer was built for dtype {expected} (its parameters' dtype: target.dtype or a "

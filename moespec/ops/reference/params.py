@@ -126,5 +126,13 @@ def init_reference_params(
     for name, t in out.items():  # dict order, so the draw order is fixed
         if name.rsplit(".", 1)[1] in FFN_LEAVES:
             continue
-        _init_other(t, router.get(name), generator)
-    return {name: out[name].to(dtype) for name in shapes}
+        p = router.get(name)
+        if p is not None and p.value is not None:
+            # Computed from the spec (a hash table, a constant start): no draw; an integer
+            # table keeps its dtype.
+            fixed = p.value()
+            assert tuple(fixed.shape) == tuple(t.shape), f"{name}: value shape {tuple(fixed.shape)}"
+            out[name] = fixed if not fixed.is_floating_point() else fixed.to(torch.float32)
+            continue
+        _init_other(t, p, generator)
+    return {name: out[name].to(dtype) if out[name].is_floating_point() else out[name] for name in shapes}

@@ -15,9 +15,9 @@ The reference function and the FX lowering of a kind live in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from moespec.spec.base import KindRegistry, Strict
 
@@ -35,12 +35,16 @@ Problem = tuple[Path, str]
 class RouterParam:
     """One router tensor: ``shape``, how it starts (``normal`` N(0, 0.02²), ``zeros``,
     ``ones``, ``orthogonal`` with gain ``gain``, ``uniform`` U(-gain, gain)), and whether it
-    is a buffer (state, not trained by gradient; still in ``state_dict``)."""
+    is a buffer (state, not trained by gradient; still in ``state_dict``). ``value``, when
+    set, computes the initial tensor from the spec instead (``init`` is then ignored and no
+    random draw is taken): a fixed table (hash routing's int64 ``router.table``, whose dtype
+    is kept) or a constant start (a learnable log-temperature)."""
 
     shape: tuple[int, ...]
     init: str = "normal"
     buffer: bool = False
     gain: float = 1.0
+    value: Callable[[], Any] | None = field(default=None, compare=False)
 
 
 class RouterSpec(Strict):
