@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("build", "aux_losses", "BuildError"):
+    if name in ("build", "aux_losses", "set_step", "BuildError"):
         from moespec import api
 
         return getattr(api, name)

@@ -45,6 +45,13 @@ def build(
     return MoELayer(ir, spec_layer, seed=seed, generator=generator)
 
 
+def set_step(model: nn.Module, step: int) -> None:
+    """Set the schedule step of every moespec layer with schedules inside ``model``."""
+    for m in model.modules():
+        if isinstance(m, MoELayer) and m.ir.schedules:
+            m.set_step(step)
+
+
 def aux_losses(model: nn.Module) -> Tensor:
     """Sum of ``aux_loss`` over every moespec layer inside ``model`` (0 if none ran yet)."""
     losses = [m.aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.aux_loss is not None]

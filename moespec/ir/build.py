@@ -78,6 +78,7 @@ def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) ->
             p.expert_parallel, expert_to_rank(p.mapping, experts.n_ffn, p.expert_parallel), "placement"
         ),
         numbers=layer_numbers(spec, name, count, layer),
+        schedules=tuple(layer.schedules),
     )
 
 

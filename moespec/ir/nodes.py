@@ -142,6 +142,7 @@ class MoELayerNode:
     losses: LossesNode
     placement: PlacementNode
     numbers: LayerNumbers
+    schedules: tuple[Strict, ...] = ()
 
 
 @dataclass(frozen=True)

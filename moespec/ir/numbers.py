@@ -8,7 +8,8 @@ Conventions (stated in the README and in ``moespec explain``):
 - active parameters/FLOPs assume the router picks its k most expensive experts, which is exact
   for homogeneous experts and an upper bound for heterogeneous ones and zero-compute experts;
 - weight memory per expert-parallel rank holds 1/ep of the routed FFN experts plus a replica of
-  everything else (router, shared experts, zero-compute experts), in ``target.dtype``.
+  everything else (router with its buffers, shared experts, zero-compute experts), in
+  ``target.dtype``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
     active_m = _top_k_sum([m for _, m in per_expert], k)
     total = router_params + routed + shared + zero
     ep = spec.placement.expert_parallel
-    per_rank = routed // ep + router_params + shared + zero
+    # Memory holds every router tensor, frozen (buffer) ones included.
+    router_all = sum(numel(p.shape) for p in router.params(layer, d).values())
+    per_rank = routed // ep + router_all + shared + zero
     return LayerNumbers(
         name=name,
         count=count,

@@ -41,6 +41,7 @@ class AuxLossAndStats(nn.Module):
         keep_TK: Tensor,
         extra_loss: Tensor,
         seq_len: int,
+        k_active: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         routing = RoutingResult(
             logits_TE=clean_TE,
@@ -52,7 +53,8 @@ class AuxLossAndStats(nn.Module):
             topk_weight_TK=weight_TK,
             active_TK=active_TK,
             n_experts=self.n_experts,
-            nominal_k=self.nominal_k,
+            # A scheduled k (0-dim tensor) overrides the compiled one for the balance losses.
+            nominal_k=k_active if k_active is not None else self.nominal_k,
             # A router-specific loss (0-element when the router has none).
             extra_loss=extra_loss if extra_loss.numel() > 0 else None,
         )

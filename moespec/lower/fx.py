@@ -23,9 +23,9 @@ from torch import fx, nn
 
 import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
 from moespec.ir.nodes import MoELayerNode
-from moespec.lower import helpers
+from moespec.lower import helpers, soft
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.routers import lowering
+from moespec.lower.routers import SoftNodes, lowering
 
 OPS = torch.ops.moespec
 OUTPUTS = (
@@ -66,7 +66,18 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     seq_len = g.placeholder("seq_len")
     at_d, at_e = layer.dispatch.origin, layer.experts.origin
 
-    rt = lowering(layer).lower(b, layer, x, {**inputs, **rand}, training)
+    rt = lowering(layer).lower(b, layer, x, {**inputs, **rand, "seq_len": seq_len}, training)
+    if isinstance(rt, SoftNodes):
+        # Token-mixing routers (Soft MoE): experts run on slot mixes of the tokens.
+        y, stats = soft.lower_soft(b, layer, x, rt, seq_len)
+        if layer.shared is not None:
+            empty_x = g.call_method("new_empty", (x, (0,)))
+            y = b.fn(operator.add, y, _shared(b, layer, x, empty_x), origin=layer.shared.origin)
+        named = enumerate(OUTPUTS[2:])
+        outs = [y, rt.logits_TS] + [b.item(stats, i, layer.losses.origin, n) for i, n in named]
+        g.output(tuple(outs))
+        g.lint()
+        return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")
     weight, idx, active = rt.weight_TK, rt.idx_TK, rt.active_TK
     empty_r = b.empty_like(rt.logits_TE)
 

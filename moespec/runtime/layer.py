@@ -22,6 +22,7 @@ from moespec.lower.fx import OUTPUTS, extra_inputs, lower_layer, random_inputs
 from moespec.lower.routers import lowering
 from moespec.ops.reference._common import TORCH_DTYPES, gumbel, normal, uniform
 from moespec.ops.reference.params import buffer_names, init_reference_params
+from moespec.runtime.schedules import evaluate
 from moespec.spec.schema import LayerSpec
 
 # Generated forward functions, shared by every layer whose graph prints the same code. Each
@@ -75,6 +76,10 @@ class MoELayer(nn.Module):
             spec.router.nominal_k(spec),
         )
         object.__setattr__(self, "ir", ir)
+        if ir.schedules:
+            # The step counter is state: checkpoints resume schedules where they were.
+            self.schedule = nn.Module()
+            self.schedule.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self._lower()
         self.aux_loss: Tensor | None = None
         self.router_logits: Tensor | None = None
@@ -177,6 +182,21 @@ class MoELayer(nn.Module):
             out.append(t.reshape(-1))
         return out
 
+    def set_step(self, step: int) -> None:
+        """Set the training step the schedules are evaluated at (no recompilation)."""
+        if not self.ir.schedules:
+            raise ValueError(f"moespec layer {self.ir.name!r} has no schedules")
+        self.schedule.step.fill_(int(step))
+
+    def schedule_values(self) -> dict[str, Tensor]:
+        """The scheduled fields' current values (0-dim tensors; ints for router.k)."""
+        step = self.schedule.step if self.ir.schedules else None
+        fields = self.ir.router.config.schedulable()
+        return {
+            s.param: evaluate(s, step, integer=fields[s.param.removeprefix("router.")] is int)
+            for s in self.ir.schedules
+        }
+
     def forward(self, x: Tensor, **inputs: Tensor | None) -> Tensor:
         """y = MoE(x) for x of shape [..., d_model]; a 3-D x is [batch, seq, d_model].
         Routers that read more than x (hash routing: ``input_ids``) take it by keyword."""
@@ -185,7 +205,8 @@ class MoELayer(nn.Module):
         extra = self._extra(x, inputs)
         seq_len = x.shape[1] if x.dim() == 3 else 0
         fwd = self._forwards[self.training]
-        y_TD, logits_TE, aux, *stats = fwd(self, x_TD, *extra, *self._draw(x_TD), seq_len)
+        sched = [v.to(x.device) for v in self.schedule_values().values()]
+        y_TD, logits_TE, aux, *stats = fwd(self, x_TD, *extra, *sched, *self._draw(x_TD), seq_len)
         self.aux_loss, self.router_logits = aux, logits_TE
         self.routing_stats = dict(zip(OUTPUTS[3:], stats, strict=True))
         if self.training:

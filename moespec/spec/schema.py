@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field, WithJsonSchema
 from moespec.spec.base import DType, Strict
 from moespec.spec.experts import ExpertsSpec
 from moespec.spec.routers import Router
+from moespec.spec.schedules import Schedule
 from moespec.spec.sparsity import Capacity, Dropless, LossesSpec
 
 
@@ -22,6 +23,11 @@ class LayerSpec(Strict):
         description="Token capacity per expert: `dropless` or a `factor`.",
     )
     losses: LossesSpec = Field(default_factory=LossesSpec, description="Auxiliary losses.")
+    schedules: list[Schedule] = Field(
+        default_factory=list,
+        description="Step schedules of router fields (`router.k`, `router.temperature`), evaluated "
+        "each forward from the module's step (`set_step`); no recompilation.",
+    )
 
 
 def _layer_patch_optional(schema: dict) -> None:

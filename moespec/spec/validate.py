@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from moespec.spec.routers.base import Path, Problem
+from moespec.spec.schedules import curve_values, round_half_away
 from moespec.spec.schema import LayerSpec, Spec
 
 
@@ -22,6 +23,7 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
                 (f"granularity={grp.granularity} does not divide d_ff={grp.d_ff}"),
             )
     yield from layer.router.checks(layer, (*at, "router"))
+    yield from _check_schedules(layer, at)
     router_dtype = getattr(layer.router, "dtype", None)
     if router_dtype is not None:
         yield from _check_dtype(spec, router_dtype, (*at, "router", "dtype"))
@@ -41,6 +43,38 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
             ("placement", "mapping"),
             (f"explicit mapping lists {len(mapping)} ranks but the layer has {n_ffn} routed FFN experts"),
         )
+
+
+def _check_schedules(layer: LayerSpec, at: Path) -> Iterator[Problem]:
+    allowed = layer.router.schedulable()
+    seen: set[str] = set()
+    for i, sched in enumerate(layer.schedules):
+        where = (*at, "schedules", i)
+        field = sched.param.removeprefix("router.")
+        if field not in allowed:
+            names = ", ".join(f"router.{f}" for f in allowed) or "nothing"
+            yield (
+                (*where, "param"),
+                f"{sched.param} cannot be scheduled for a {layer.router.kind} router ({names} can)",
+            )
+            continue
+        if sched.param in seen:
+            yield (*where, "param"), f"{sched.param} is scheduled twice"
+        seen.add(sched.param)
+        values = curve_values(sched)
+        if allowed[field] is int:
+            top = getattr(layer.router, field)
+            if not all(1 <= round_half_away(v) <= top for v in values):
+                yield where, f"{sched.param} must stay in 1..{top} (the spec's value is the compiled maximum)"
+        elif any(v <= 0 for v in values):
+            yield where, f"{sched.param} must stay > 0"
+        if sched.kind == "exponential" and min(values) <= 0:
+            yield where, "an exponential schedule needs start and end > 0"
+        if sched.kind == "multistep":
+            if len(sched.values) != len(sched.milestones) + 1:
+                yield (*where, "values"), "multistep needs one more value than milestones"
+            if any(b <= a for a, b in zip(sched.milestones, sched.milestones[1:], strict=False)):
+                yield (*where, "milestones"), "milestones must increase"
 
 
 def _check_dtype(spec: Spec, dtype: str, at: Path) -> Iterator[Problem]:

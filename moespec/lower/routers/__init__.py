@@ -49,6 +49,18 @@ class RouteNodes:
     residual_TD: fx.Node | None = None
 
 
+@dataclass
+class SoftNodes:
+    """A token-mixing routing (Soft MoE; laid out by ``moespec.lower.soft``): ``logits_TS``
+    the slot logits [T, S] (the layer's ``router_logits``), ``dispatch_TS`` each slot's
+    weights over the tokens of its group (a softmax over the group's tokens), ``combine_TS``
+    each token's weights over all S slots; S = E·p slots, slot s feeding expert s // p."""
+
+    logits_TS: fx.Node
+    dispatch_TS: fx.Node
+    combine_TS: fx.Node
+
+
 class RouterLowering:
     """Base class: override ``lower``; the hooks have no-op defaults."""
 
@@ -64,8 +76,9 @@ class RouterLowering:
 
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
-    ) -> RouteNodes:
-        """Append the router's nodes; ``inputs`` maps random and extra input names to nodes."""
+    ) -> RouteNodes | SoftNodes:
+        """Append the router's nodes; ``inputs`` maps random and extra input names to nodes,
+        and ``seq_len`` to the layer's sequence length (0 unless the input is 3-D)."""
         raise NotImplementedError
 
     def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:

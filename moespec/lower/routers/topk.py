@@ -22,6 +22,33 @@ from moespec.ops.reference._common import TORCH_DTYPES
 OPS = torch.ops.moespec
 
 
+def limit_k(
+    weight_TK: Tensor,
+    idx_TK: Tensor,
+    noisy_TE: Tensor,
+    probs_TE: Tensor,
+    active_TK: Tensor,
+    k_t: Tensor,
+    order: str,
+    renormalize: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """A scheduled k: keep the first ``k_t`` of the K (best-first) slots the graph was
+    compiled for and recompute the weights as a top-``k_t`` router would (the top-k_t are
+    the first k_t of the sorted top-K): softmax over the kept logits, or the kept scores
+    renormalised, or the scores as they are."""
+    keep_1K = (torch.arange(idx_TK.shape[1], device=idx_TK.device) < k_t).unsqueeze(0)
+    if order == "topk_then_softmax":
+        z_TK = noisy_TE.gather(1, idx_TK).masked_fill(~keep_1K, float("-inf"))
+        weight_TK = z_TK.softmax(-1) * scale
+    elif renormalize:
+        p_TK = probs_TE.gather(1, idx_TK) * keep_1K
+        weight_TK = p_TK / p_TK.sum(-1, keepdim=True) * scale
+    else:
+        weight_TK = weight_TK * keep_1K
+    return weight_TK, active_TK & keep_1K
+
+
 @register
 class TopKLowering(RouterLowering):
     kind = "topk"
@@ -52,7 +79,9 @@ class TopKLowering(RouterLowering):
         w_r = b.to(b.get("router.weight"), rdtype)
         bias = b.to(b.get("router.bias"), rdtype) if r.bias else None
         logits = b.fn(F.linear, xr, w_r, bias, origin=at)
-        if r.temperature != 1.0:
+        if "router.temperature" in inputs:  # scheduled: a 0-dim tensor (keeps the logits' dtype)
+            logits = b.fn(operator.truediv, logits, inputs["router.temperature"], origin=at)
+        elif r.temperature != 1.0:
             logits = b.fn(operator.truediv, logits, r.temperature, origin=at)
         noisy, std = logits, b.empty_like(logits)
         if "noise_TE" in inputs:
@@ -90,7 +119,12 @@ class TopKLowering(RouterLowering):
             active = b.fn(helpers.gshard_keep_second, weight, u, r.scaling_factor, origin=at)
         else:
             active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
-        return RouteNodes(logits, noisy, std, probs, weight, idx, active)
+        k_t = inputs.get("router.k")
+        if k_t is not None:
+            limited = b.fn(limit_k, weight, idx, noisy, probs, active, k_t, r.order, r.renormalize,
+                           r.scaling_factor, origin=at)  # fmt: skip
+            weight, active = b.item(limited, 0, at, "weight_TK"), b.item(limited, 1, at, "active_TK")
+        return RouteNodes(logits, noisy, std, probs, weight, idx, active, k_active=k_t)
 
     def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
         cfg = module.ir.router.config.expert_bias

@@ -80,6 +80,11 @@ class RouterSpec(Strict):
         """Router parameters used per token at inference (training-only ones excluded)."""
         return sum(numel(p.shape) for p in self.params(layer, d_model).values() if not p.buffer)
 
+    def schedulable(self) -> dict[str, type]:
+        """Fields a `schedules:` entry may drive (``router.<field>`` -> int or float); a
+        scheduled int is bounded by the spec's value (compiled at it, masked down)."""
+        return {}
+
     @property
     def causal(self) -> bool:
         """False for routers whose choice for a token depends on later tokens."""

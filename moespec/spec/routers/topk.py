@@ -89,6 +89,11 @@ class TopKRouter(RouterSpec):
     expert_bias: ExpertBias | None = Field(
         None, description="Aux-loss-free balancing bias (selection only), if any."
     )
+    trainable: bool = Field(
+        True,
+        description="Whether the router projection is trained; false freezes it at its random init "
+        "(a buffer; SMoE-Dropout).",
+    )
     second_expert_policy: Literal["all", "sampling", "random"] = Field(
         "all",
         description="GShard second-expert policy (k=2 only): `all` keeps the second best; "
@@ -103,10 +108,10 @@ class TopKRouter(RouterSpec):
         return d_model * layer.experts.n_routed
 
     def params(self, layer: LayerSpec, d_model: int) -> dict[str, RouterParam]:
-        n = layer.experts.n_routed
-        out = {"router.weight": RouterParam((n, d_model))}
+        n, frozen = layer.experts.n_routed, not self.trainable
+        out = {"router.weight": RouterParam((n, d_model), buffer=frozen)}
         if self.bias:
-            out["router.bias"] = RouterParam((n,), "zeros")
+            out["router.bias"] = RouterParam((n,), "zeros", buffer=frozen)
         if self.noise is not None and self.noise.kind == "learned":
             out["router.noise_weight"] = RouterParam((n, d_model))
         if self.expert_bias is not None:
@@ -115,8 +120,12 @@ class TopKRouter(RouterSpec):
 
     def active_router_params(self, layer: LayerSpec, d_model: int) -> int:
         # W_noise is trained but only used while training: in the total, not the active count.
+        # A frozen router's weights are buffers, not parameters.
         n = layer.experts.n_routed
-        return d_model * n + (n if self.bias else 0)
+        return d_model * n + (n if self.bias else 0) if self.trainable else 0
+
+    def schedulable(self) -> dict[str, type]:
+        return {"k": int, "temperature": float}
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
         r, n = self, layer.experts.n_routed
@@ -154,3 +163,15 @@ class TopKRouter(RouterSpec):
             yield (*at, "noise"), "the importance_load_cv2 loss needs router noise (learned or fixed)"
         if r.jitter and r.noise is not None:
             yield (*at, "jitter"), "use either input jitter or logit noise, not both"
+        if any(s.param == "router.k" for s in layer.schedules):
+            # k(t) is compiled at k and masked down: capacity and the smooth load estimator
+            # would need the step's k at trace time.
+            if layer.capacity.kind != "dropless":
+                yield (*at[:-1], "capacity"), "a scheduled router.k needs capacity: dropless"
+            if lb is not None and lb.kind == "importance_load_cv2":
+                yield (
+                    (*at[:-1], "losses", "load_balance"),
+                    "importance_load_cv2 cannot follow a scheduled router.k",
+                )
+            if r.second_expert_policy != "all":
+                yield (*at, "second_expert_policy"), "GShard's policies need a fixed k=2, not a scheduled k"
