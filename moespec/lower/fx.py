@@ -50,6 +50,11 @@ def random_inputs(layer: MoELayerNode, training: bool) -> list[RandomInput]:
     return out
 
 
+def schedule_inputs(layer: MoELayerNode) -> tuple[str, ...]:
+    """The scheduled fields of ``layer`` (``router.k``, ...), fed as 0-dim tensors."""
+    return tuple(s.param for s in layer.schedules)
+
+
 def extra_inputs(layer: MoELayerNode) -> tuple[str, ...]:
     """Extra forward inputs of ``layer`` (e.g. ``input_ids``), each [T] after flattening."""
     return lowering(layer).extra_inputs(layer)
@@ -62,6 +67,8 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     g = b.g
     x = g.placeholder("x_TD")
     inputs = {name: g.placeholder(name) for name in extra_inputs(layer)}
+    # Scheduled values reach the router as `inputs["router.k"]` etc.
+    inputs |= {p: g.placeholder("sched_" + p.replace(".", "_")) for p in schedule_inputs(layer)}
     rand = {ri.name: g.placeholder(ri.name) for ri in random_inputs(layer, training)}
     seq_len = g.placeholder("seq_len")
     at_d, at_e = layer.dispatch.origin, layer.experts.origin
@@ -150,7 +157,8 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
 
     extra = rt.extra_loss if rt.extra_loss is not None else empty_r
     aux_args = (rt.logits_TE, rt.noisy_TE, rt.std_TE, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
-    aux = g.call_module("aux", aux_args)
+    aux_kwargs = {} if rt.k_active is None else {"k_active": rt.k_active}
+    aux = g.call_module("aux", aux_args, aux_kwargs)
     outs = [y, rt.logits_TE] + [b.item(aux, i, layer.losses.origin, n) for i, n in enumerate(OUTPUTS[2:])]
     g.output(tuple(outs))
     g.lint()

@@ -34,8 +34,9 @@ class RouteNodes:
     noisy logits and noise std (``std_TE`` a 0-element tensor without noise); ``probs_TE``
     the scores the balance losses and entropy read; ``extra_loss`` a router-specific
     weighted loss added to ``aux_loss``; ``residual_TD`` a [T, D] term added to the layer's
-    output (BASE's (1 - α)·x mix), or None. (The k balance losses normalise by in the dense
-    form is the spec's :meth:`RouterSpec.nominal_k`.)"""
+    output (BASE's (1 - α)·x mix), or None; ``k_active`` a 0-dim tensor k when a schedule
+    masks the compiled K down (the balance losses then normalise by it). (The k balance
+    losses normalise by in the dense form is the spec's :meth:`RouterSpec.nominal_k`.)"""
 
     logits_TE: fx.Node
     noisy_TE: fx.Node
@@ -47,6 +48,7 @@ class RouteNodes:
     dense: bool = False
     extra_loss: fx.Node | None = None
     residual_TD: fx.Node | None = None
+    k_active: fx.Node | None = None
 
 
 @dataclass

@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference.capacity import apply_capacity
+from moespec.ops.reference.capacity import CapacityResult, apply_capacity
 from moespec.ops.reference.experts import expert_forward, shared_forward
 from moespec.ops.reference.losses import aux_losses
 from moespec.ops.reference.routers import RouteContext, SoftRouting, route
-from moespec.ops.reference.stats import LayerStats, layer_stats
+from moespec.ops.reference.sorted_routing import SortedRouting
+from moespec.ops.reference.stats import LayerStats, layer_stats, load_ratio, router_entropy
 from moespec.spec.schema import LayerSpec
 
 
@@ -79,5 +80,55 @@ def moe_layer_reference(
 def soft_layer(
     x: Tensor, x_TD: Tensor, params: dict[str, Tensor], layer: LayerSpec, routing: SoftRouting
 ) -> tuple[Tensor, Tensor, LayerStats]:
-    """Soft MoE: slots X~ = D^T X; slot s runs expert s // p; Y = C Y~ (+ shared)."""
-    raise NotImplementedError("Soft MoE reference layer")
+    """Soft MoE: per routing group (a sequence of a 3-D x, else all T tokens) slots
+    X~ = D^T X [E·p, D]; slot s runs expert s // p; Y = C Y~ (+ shared experts).
+
+    D and C are cast to x's dtype for the two mixing products. No loss (aux 0). Stats count
+    slot rows: every expert computes G·p rows (G groups), nothing is dropped, load ratio 1,
+    the entropy is that of each token's combine weights over the E·p slots. ``stats.routing``
+    is the :class:`SoftRouting` itself; ``stats.sorted`` lists the slot rows expert-major
+    (``token_idx_N`` indexes those rows, not tokens) and ``stats.capacity`` keeps them all.
+    """
+    t, d = x_TD.shape
+    p, n_exp = routing.slots_per_expert, routing.n_experts
+    s = n_exp * p
+    seq = x.shape[1] if x.dim() == 3 else 0
+    g = t // seq if seq else 1
+    x_GLD = x_TD.reshape(g, -1, d)
+    disp_GLS = routing.dispatch_TS.to(x_TD.dtype).reshape(g, -1, s)
+    comb_GLS = routing.combine_TS.to(x_TD.dtype).reshape(g, -1, s)
+    slots_GSD = disp_GLS.transpose(1, 2) @ x_GLD  # each slot: a convex mix of its group's tokens
+    # Expert e runs once on its p slots of every group; outputs in slot order.
+    outs = []
+    for e in range(n_exp):
+        rows_ND = slots_GSD[:, e * p : (e + 1) * p].reshape(-1, d)
+        outs.append(expert_forward(e, rows_ND, params, layer.experts).reshape(g, p, d))
+    y_GLD = comb_GLS @ torch.cat(outs, dim=1)  # each token: a convex mix of all slot outputs
+    y_TD = y_GLD.reshape(t, d)
+    if layer.experts.shared is not None:
+        y_TD = y_TD + shared_forward(x_TD, params, layer.experts.shared)
+
+    n_rows = g * p
+    long = {"dtype": torch.int64, "device": x_TD.device}
+    rows_E = torch.full((n_exp,), n_rows, **long)
+    row_N = torch.arange(n_exp * n_rows, **long)
+    srt = SortedRouting(
+        token_idx_N=row_N,
+        expert_idx_N=row_N // max(n_rows, 1),
+        weight_N=torch.ones(n_exp * n_rows, dtype=routing.combine_TS.dtype, device=x_TD.device),
+        slot_N=torch.zeros_like(row_N),
+        offsets_E1=torch.arange(n_exp + 1, **long) * n_rows,
+        n_experts=n_exp,
+    )
+    cap = CapacityResult(torch.ones(n_exp * n_rows, 1, dtype=torch.bool), None, 0, 0.0)
+    stats = LayerStats(
+        routing=routing,  # type: ignore[arg-type]  (a SoftRouting: no token-choice form)
+        capacity=cap,
+        sorted=srt,
+        tokens_per_expert=rows_E,
+        routed_per_expert=rows_E.clone(),
+        dropped_fraction=0.0,
+        router_entropy=router_entropy(routing.combine_TS),
+        load_ratio=load_ratio(rows_E),
+    )
+    return y_TD.reshape(x.shape), routing.logits_TS.new_zeros(()), stats

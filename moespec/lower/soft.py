@@ -1,0 +1,110 @@
+"""FX lowering of token-mixing layers (Soft MoE): slots in, the grouped expert op, slots out.
+
+The router's lowering returns :class:`~moespec.lower.routers.SoftNodes` (slot logits,
+dispatch and combine weights over S = E·p slots, slot s feeding expert s // p). Per routing
+group of L tokens (a sequence of a 3-D input, else all T tokens):
+
+    slots_ND, token_idx_N, offsets_E1 = mix_slots(dispatch_TS, x_TD, seq_len, E)   # X̃ = Dᵀ X
+    h_ND = sum over expert groups of moespec.expert_ffn(slots_ND, token_idx_N, offsets_E1, ...)
+    y_TD = unmix_slots(h_ND, combine_TS, seq_len, E)                               # Y = C Ỹ
+
+Slot rows are ordered expert-major, [E, G, p] (row n = (e·G + g)·p + j), so expert e owns
+the static block offsets[e] = e·G·p .. (e+1)·G·p and the grouped op needs no sort. No token is
+dropped and there is no balance loss; the statistics count the slot rows each expert computes.
+
+Legend: T tokens, D d_model, S slots (E·p), E experts, p slots per expert, G groups, L tokens
+per group, N slot rows (G·S).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import Tensor, fx
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder
+from moespec.lower.routers import SoftNodes
+
+OPS = torch.ops.moespec
+
+
+def n_groups(n_tokens: int, seq_len: int) -> int:
+    """Routing groups: T / seq_len sequences of a 3-D input (seq_len > 0), else one."""
+    return n_tokens // seq_len if seq_len > 0 else 1
+
+
+def mix_slots(
+    dispatch_TS: Tensor, x_TD: Tensor, seq_len: int, n_experts: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Slot inputs X̃ = Dᵀ X per group as expert-major rows [E·G·p, D], with the identity
+    ``token_idx_N`` over those rows and ``offsets_E1`` = [0, G·p, 2·G·p, ...]."""
+    t, d = x_TD.shape
+    s = dispatch_TS.shape[1]
+    g = n_groups(t, seq_len)
+    d_GLS = dispatch_TS.to(x_TD.dtype).reshape(g, -1, s)
+    slots_GSD = d_GLS.transpose(1, 2) @ x_TD.reshape(g, -1, d)
+    slots_ND = slots_GSD.reshape(g, n_experts, -1, d).transpose(0, 1).reshape(-1, d)
+    n = slots_ND.shape[0]
+    token_idx_N = torch.arange(n, device=x_TD.device)
+    offsets_E1 = torch.arange(n_experts + 1, device=x_TD.device) * (n // n_experts)
+    return slots_ND, token_idx_N, offsets_E1
+
+
+def unmix_slots(h_ND: Tensor, combine_TS: Tensor, seq_len: int, n_experts: int) -> Tensor:
+    """Y = C Ỹ per group: slot outputs [E·G·p, D] (expert-major) back to tokens [T, D]."""
+    t, s = combine_TS.shape
+    d = h_ND.shape[1]
+    g = n_groups(t, seq_len)
+    h_GSD = h_ND.reshape(n_experts, g, -1, d).transpose(0, 1).reshape(g, s, d)
+    return (combine_TS.to(h_ND.dtype).reshape(g, -1, s) @ h_GSD).reshape(t, d)
+
+
+def soft_stats(combine_TS: Tensor, slots_ND: Tensor, n_experts: int) -> tuple[Tensor, ...]:
+    """``(aux_loss, routed_per_expert, tokens_per_expert, dropped_fraction, router_entropy,
+    load_ratio)``: no loss; every expert computes its G·p slot rows (nothing dropped, load
+    ratio 1); the entropy is the mean over tokens of the combine distribution's (nats)."""
+    c = combine_TS.detach()
+    rows_E = torch.full((n_experts,), slots_ND.shape[0] // n_experts, dtype=torch.int64, device=c.device)
+    plogp = torch.where(c > 0, c * torch.log(c), torch.zeros_like(c))
+    entropy = -plogp.sum(-1).mean() if c.shape[0] else c.new_zeros(())
+    ratio = rows_E.max().to(c.dtype) / rows_E.min().to(c.dtype)
+    return c.new_zeros(()), rows_E, rows_E.clone(), c.new_zeros(()), entropy, ratio
+
+
+def lower_soft(
+    b: Builder, layer: MoELayerNode, x: fx.Node, rt: SoftNodes, seq_len: fx.Node
+) -> tuple[fx.Node, fx.Node]:
+    """Append slots, experts and combine; returns ``(y_TD, stats)`` (stats: the tuple of
+    :func:`soft_stats`, the layer's outputs after ``router_logits``)."""
+    at_d, at_e, n_exp = layer.dispatch.origin, layer.experts.origin, layer.experts.n_experts
+    mixed = b.fn(mix_slots, rt.dispatch_TS, x, seq_len, n_exp, origin=at_d)
+    slots, token_idx, offsets = (
+        b.item(mixed, i, at_d, n) for i, n in enumerate(("slots_ND", "token_idx_N", "offsets_E1"))
+    )
+    empty = b.g.call_method("new_empty", (x, (0,)))
+    h = None
+    for gi, grp in enumerate(layer.experts.groups):
+        p = lambda name, gi=gi: b.get(f"experts.{gi}.{name}")  # noqa: E731
+        glu, bias_on = grp.kind == "glu", grp.bias
+        out = b.fn(
+            OPS.expert_ffn,
+            slots,
+            token_idx,
+            offsets,
+            grp.first,
+            p("w_up"),
+            p("w_gate") if glu else empty,
+            p("w_down"),
+            p("b_up") if bias_on else empty,
+            p("b_gate") if glu and bias_on else empty,
+            p("b_down") if bias_on else empty,
+            grp.activation,
+            origin=f"{at_e}.routed.{gi}",
+        )
+        hg = b.item(out, 0, at_e, f"h{gi}_ND")
+        h = hg if h is None else b.fn(operator.add, h, hg, origin=at_e)
+    y = b.fn(unmix_slots, h, rt.combine_TS, seq_len, n_exp, origin=layer.combine.origin)
+    stats = b.fn(soft_stats, rt.combine_TS, slots, n_exp, origin=layer.losses.origin)
+    return y, stats
