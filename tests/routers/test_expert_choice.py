@@ -47,8 +47,9 @@ def spec(d_model: int = 48, n_experts: int = 4, **router) -> dict:
     return s
 
 
-def randn(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+def randn(*shape: int, seed: int = 0, dtype=torch.float32, requires_grad: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
 
 
 def reference_routing(s: dict, x: torch.Tensor, training: bool = True, seed: int = 3):
@@ -345,3 +346,25 @@ def test_example_spec_numbers():
     assert layer["params_active"] == router + cf * expert
     assert layer["flops_per_token"] == 2 * (router + cf * expert)
     assert moespec.load_spec(SPEC).spec.layer.router.rows_per_token(moespec.load_spec(SPEC).spec.layer) == e
+
+
+def test_module_with_zero_compute_experts(compare):
+    # MoE++ copy/constant experts choose their top-C tokens like the FFN experts.
+    s = spec()
+    s["layer"]["experts"]["zero_compute"] = [{"kind": "copy", "count": 1}, {"kind": "constant", "count": 1}]
+    _, stats = compare(s, (), randn(7, 48), training=True)
+    assert stats.routed_per_expert.tolist() == [expert_choice_capacity(7, 6, 2.0, 1)] * 6
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph_matches_eager(training: bool):
+    torch._dynamo.reset()
+    m = moespec.build(spec(group_size=4)).train(training)
+    x = randn(2, 7, 48, requires_grad=True)
+    y = torch.compile(m, fullgraph=True, backend="eager")(x)
+    aux = m.aux_loss
+    torch.testing.assert_close(y, m(x))
+    torch.testing.assert_close(aux, m.aux_loss)
+    (y.sum() + aux).backward()
+    assert x.grad is not None and m.router.weight.grad is not None
+    torch._dynamo.reset()
