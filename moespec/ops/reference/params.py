@@ -102,6 +102,8 @@ def _init_other(t: Tensor, p: RouterParam | None, gen: torch.Generator) -> None:
         t.zero_()
     elif kind == "ones":
         t.fill_(1.0)
+    elif kind == "constant":
+        t.fill_(p.gain)  # type: ignore[union-attr]
     elif kind == "uniform":
         t.uniform_(-p.gain, p.gain, generator=gen)  # type: ignore[union-attr]
     elif kind == "orthogonal":

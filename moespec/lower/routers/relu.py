@@ -1,0 +1,74 @@
+"""Lowering of `kind: relu` (ReMoE), dense form:
+
+logits_TE = linear(x · jitter, router.weight)          (router dtype)
+R_TE      = relu(logits_TE);  selected_TE = R_TE > 0;  gates = R_TE
+extra     = remoe_l1_loss(R_TE, clone(router.l1_coeff), k)
+after a training forward: router.l1_coeff ← λ·α or λ/α (ReMoE's controller, on device)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder, RandomInput
+from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.ops.reference._common import TORCH_DTYPES
+from moespec.ops.reference.routers.relu import update_l1_coeff
+
+
+def remoe_l1_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
+    """λ · E/(T² k) · Σ_e (Σ_t R_te)(Σ_t [R_te > 0]); T = 0 gives 0 (no division by 0)."""
+    t_count, n_experts = r_TE.shape
+    n_E = (r_TE > 0).sum(0).to(r_TE.dtype)
+    scale = n_experts / (max(t_count, 1) ** 2 * k)
+    return l1_coeff.to(r_TE.dtype) * scale * (r_TE.sum(0) * n_E).sum()
+
+
+def dense_slots(selected_TE: Tensor) -> Tensor:
+    """idx_TE: slot e of every token is expert e (the dense form)."""
+    t, e = selected_TE.shape
+    return torch.arange(e, device=selected_TE.device).expand(t, e)
+
+
+@register
+class ReLULowering(RouterLowering):
+    kind = "relu"
+
+    def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
+        if training and layer.router.config.jitter > 0:
+            return [RandomInput("jitter_u_TD", "uniform", "TD", True)]
+        return []
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        r, at = layer.router.config, layer.router.origin
+        rdtype = TORCH_DTYPES[layer.router.dtype]
+        xr = b.to(x_TD, rdtype)
+        if "jitter_u_TD" in inputs:
+            eps = r.jitter
+            scaled = b.fn(operator.mul, inputs["jitter_u_TD"], 2.0 * eps, origin=at)
+            xr = b.fn(operator.mul, xr, b.fn(operator.add, 1.0 - eps, scaled, origin=at), origin=at)
+        logits = b.fn(F.linear, xr, b.to(b.get("router.weight"), rdtype), origin=at)
+        gates = b.fn(torch.relu, logits, origin=at)
+        selected = b.fn(operator.gt, gates, 0, origin=at)
+        idx = b.fn(dense_slots, selected, origin=at)
+        probs = b.fn(torch.softmax, logits, -1, origin=at)
+        # A copy of λ: after_forward updates the buffer in place before backward runs.
+        lam = b.fn(torch.clone, b.get("router.l1_coeff"), origin=at)
+        extra = b.fn(remoe_l1_loss, gates, lam, r.k, origin=at)
+        return RouteNodes(
+            logits, logits, b.empty_like(logits), probs, gates, idx, selected, dense=True, extra_loss=extra
+        )
+
+    def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
+        # ReMoE's controller, per layer and per training forward, on device (no host sync):
+        # λ·α when the routing was denser than the target k/E, λ/α otherwise.
+        cfg, lam = module.ir.router.config, module.router.l1_coeff
+        t_count = module.router_logits.shape[0]
+        lam.copy_(update_l1_coeff(lam, stats["routed_per_expert"], t_count, cfg.k, cfg.l1_multiplier))
