@@ -1,0 +1,50 @@
+"""Lowering of `kind: hash` (Hash layers, Roller et al. 2021): a table lookup on input_ids.
+
+logits_TE, probs_TE, weight_TK, idx_TK = hash_lookup(router.table, input_ids, E, dtype)
+
+No parameters and no gradient reach the router: the weights are the constant 1/k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder
+from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.ops.reference._common import TORCH_DTYPES
+
+
+def hash_lookup(
+    table_VK: Tensor, ids_T: Tensor, n_experts: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logits_TE, probs_TE, weight_TK, idx_TK)``: zeros, the 1/k-hot routing, 1/k and
+    ``table[ids]``. Out-of-range ids raise in ``index_select`` (no host sync to check)."""
+    if ids_T.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be int32 or int64, got {ids_T.dtype}")
+    idx_TK = table_VK.index_select(0, ids_T)
+    t_count, k = idx_TK.shape
+    weight_TK = torch.full((t_count, k), 1.0 / k, dtype=dtype, device=ids_T.device)
+    logits_TE = torch.zeros(t_count, n_experts, dtype=dtype, device=ids_T.device)
+    return logits_TE, logits_TE.scatter_add(1, idx_TK, weight_TK), weight_TK, idx_TK
+
+
+@register
+class HashLowering(RouterLowering):
+    kind = "hash"
+
+    def extra_inputs(self, layer: MoELayerNode) -> tuple[str, ...]:
+        return ("input_ids",)
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        at, dtype = layer.router.origin, TORCH_DTYPES[layer.router.dtype]
+        table = b.get("router.table")
+        out = b.fn(hash_lookup, table, inputs["input_ids"], layer.experts.n_experts, dtype, origin=at)
+        logits, probs, weight, idx = (
+            b.item(out, i, at, n) for i, n in enumerate(("logits_TE", "probs_TE", "weight_TK", "idx_TK"))
+        )
+        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
+        return RouteNodes(logits, logits, b.empty_like(logits), probs, weight, idx, active)
