@@ -256,3 +256,20 @@ def test_explain_numbers():
     assert lay["params_active"] == k * expert + router
     assert lay["flops_per_token"] == 2 * (k * 3 * d * f + d * e)
     assert lay["experts_per_token"] == k
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager_and_updates_lambda():
+    """Slow-ish (dynamo): the training graph and the in-place λ update compile in one graph."""
+    torch._dynamo.reset()
+    spec = tiny(l1_coeff_init=0.1)
+    m, ref = moespec.build(spec, seed=1).train(), moespec.build(spec, seed=1).train()
+    x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    y = torch.compile(m, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(y, ref(x))
+    torch.testing.assert_close(m.aux_loss, ref.aux_loss)
+    torch.testing.assert_close(m.router.l1_coeff, ref.router.l1_coeff)
+    assert m.router.l1_coeff.item() != 0.1  # the controller ran
+    (y.sum() + m.aux_loss).backward()
+    assert x.grad is not None and m.router.weight.grad is not None
+    torch._dynamo.reset()
