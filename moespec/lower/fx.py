@@ -24,7 +24,7 @@ from torch import fx, nn
 import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers, soft
-from moespec.lower.builder import Builder, RandomInput
+from moespec.lower.builder import Builder, ExtraInput, RandomInput, as_extra_input
 from moespec.lower.routers import SoftNodes, lowering
 
 OPS = torch.ops.moespec
@@ -55,9 +55,9 @@ def schedule_inputs(layer: MoELayerNode) -> tuple[str, ...]:
     return tuple(s.param for s in layer.schedules)
 
 
-def extra_inputs(layer: MoELayerNode) -> tuple[str, ...]:
-    """Extra forward inputs of ``layer`` (e.g. ``input_ids``), each [T] after flattening."""
-    return lowering(layer).extra_inputs(layer)
+def extra_inputs(layer: MoELayerNode) -> tuple[ExtraInput, ...]:
+    """Extra forward inputs of ``layer`` (e.g. ``input_ids``), each [T, *trailing] in the graph."""
+    return tuple(as_extra_input(e) for e in lowering(layer).extra_inputs(layer))
 
 
 def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.GraphModule:
@@ -66,7 +66,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     b = Builder(layer)
     g = b.g
     x = g.placeholder("x_TD")
-    inputs = {name: g.placeholder(name) for name in extra_inputs(layer)}
+    inputs = {e.name: g.placeholder(e.name) for e in extra_inputs(layer)}
     # Scheduled values reach the router as `inputs["router.k"]` etc.
     inputs |= {p: g.placeholder("sched_" + p.replace(".", "_")) for p in schedule_inputs(layer)}
     rand = {ri.name: g.placeholder(ri.name) for ri in random_inputs(layer, training)}

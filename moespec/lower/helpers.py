@@ -16,6 +16,11 @@ def gshard_keep_second(weight_TK: Tensor, u_T: Tensor, scale: float) -> Tensor:
     return torch.cat([keep_TK[:, :1], second.unsqueeze(1)], dim=1)
 
 
+def rescale_std(z_TE: Tensor, target: float) -> Tensor:
+    """MoE++ logits norm: z / (std(z) / target), unbiased std over the last dim."""
+    return z_TE / (z_TE.std(-1, keepdim=True) / target)
+
+
 def gather_row_weights(weight_TK: Tensor, keep_TK: Tensor, slot_N: Tensor) -> Tensor:
     """Combine weight of each sorted row; dropped slots weigh 0."""
     return (weight_TK * keep_TK.to(weight_TK.dtype)).reshape(-1).index_select(0, slot_N)

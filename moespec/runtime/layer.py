@@ -158,28 +158,39 @@ class MoELayer(nn.Module):
         return draws
 
     def _extra(self, x: Tensor, given: dict[str, Tensor | None]) -> list[Tensor]:
-        """The router's extra inputs (e.g. ``input_ids``), each flattened to [T]."""
-        names = extra_inputs(self.ir)
+        """The router's extra inputs (e.g. ``input_ids``), each as [T, *trailing]."""
+        specs = extra_inputs(self.ir)
+        names = [e.name for e in specs]
         unknown = sorted(k for k in given if k not in names)
         if unknown:
             raise TypeError(
                 f"moespec layer {self.ir.name!r} ({self.ir.router.kind} router) takes no input "
-                f"{unknown[0]!r}; its extra inputs: {list(names) or 'none'}"
+                f"{unknown[0]!r}; its extra inputs: {names or 'none'}"
             )
+        lead, n_tok = tuple(x.shape[:-1]), x.numel() // x.shape[-1]
         out = []
-        for name in names:
-            t = given.get(name)
+        for e in specs:
+            t = given.get(e.name)
+            if t is None and e.optional:
+                t = x.new_zeros((n_tok, *e.trailing))
             if t is None:
                 raise TypeError(
-                    f"moespec layer {self.ir.name!r} ({self.ir.router.kind} router) needs `{name}` "
-                    f"of shape {tuple(x.shape[:-1])}: call layer(x, {name}=...)"
+                    f"moespec layer {self.ir.name!r} ({self.ir.router.kind} router) needs `{e.name}` "
+                    f"of shape {lead + e.trailing}: call layer(x, {e.name}=...)"
                 )
-            if tuple(t.shape) != tuple(x.shape[:-1]):
+            shapes = {lead + e.trailing, (n_tok, *e.trailing)}
+            if tuple(t.shape) not in shapes:
+                extra = f" + {e.trailing}" if e.trailing else ""
                 raise ValueError(
-                    f"`{name}` must have shape {tuple(x.shape[:-1])} (x without its last dim), "
-                    f"got {tuple(t.shape)}"
+                    f"`{e.name}` must have shape {lead + e.trailing} (x without its last dim{extra}) "
+                    f"or {(n_tok, *e.trailing)}, got {tuple(t.shape)}"
                 )
-            out.append(t.reshape(-1))
+            if e.dtype == "float":
+                if not t.is_floating_point():
+                    raise TypeError(f"`{e.name}` must be a floating-point tensor, got {t.dtype}")
+            elif t.is_floating_point() or t.is_complex():
+                raise TypeError(f"`{e.name}` must be an integer tensor, got {t.dtype}")
+            out.append(t.reshape(n_tok, *e.trailing))
         return out
 
     def set_step(self, step: int) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, fx, nn
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers
-from moespec.lower.builder import Builder, RandomInput
+from moespec.lower.builder import Builder, ExtraInput, RandomInput
 from moespec.lower.routers import RouteNodes, RouterLowering, register
 from moespec.ops.reference._common import TORCH_DTYPES
 
@@ -65,6 +65,11 @@ class TopKLowering(RouterLowering):
             out.append(RandomInput("second_u_T", "uniform", "T", False))
         return out
 
+    def extra_inputs(self, layer: MoELayerNode) -> tuple[ExtraInput, ...]:
+        if not layer.router.config.gating_residual:
+            return ()
+        return (ExtraInput("prev_router_logits", (layer.router.n_experts,), optional=True, dtype="float"),)
+
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
@@ -79,6 +84,10 @@ class TopKLowering(RouterLowering):
         w_r = b.to(b.get("router.weight"), rdtype)
         bias = b.to(b.get("router.bias"), rdtype) if r.bias else None
         logits = b.fn(F.linear, xr, w_r, bias, origin=at)
+        if r.gating_residual:  # MoE++: + z_prev W_res^T (z_prev zeros for a stack's first layer)
+            z_prev = b.to(inputs["prev_router_logits"], rdtype)
+            res = b.fn(F.linear, z_prev, b.to(b.get("router.residual_weight"), rdtype), origin=at)
+            logits = b.fn(operator.add, logits, res, origin=at)
         if "router.temperature" in inputs:  # scheduled: a 0-dim tensor (keeps the logits' dtype)
             logits = b.fn(operator.truediv, logits, inputs["router.temperature"], origin=at)
         elif r.temperature != 1.0:
@@ -93,6 +102,8 @@ class TopKLowering(RouterLowering):
                 std = b.fn(torch.full_like, logits, r.noise.std, origin=at)
             eps_std = b.fn(operator.mul, inputs["noise_TE"], std, origin=at)
             noisy = b.fn(operator.add, logits, eps_std, origin=at)
+        if r.logit_std is not None:
+            noisy = b.fn(helpers.rescale_std, noisy, r.logit_std, origin=at)
         empty_r = b.empty_like(logits)
         expert_bias = b.get("router.expert_bias") if r.expert_bias is not None else empty_r
         groups = r.groups

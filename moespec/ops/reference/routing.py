@@ -125,8 +125,12 @@ def router_logits(
     generator: torch.Generator | None,
     bias_E: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    residual_w_EE: Tensor | None = None,
+    prev_logits_TE: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Steps 1-2: ``(x_jittered_TD, logits_TE)``, both in ``dtype``."""
+    """Steps 1-2: ``(x_jittered_TD, logits_TE)``, both in ``dtype``. With a gating residual
+    (MoE++) the previous layer's logits enter before the temperature division:
+    z = (x W_r^T + b + z_prev W_res^T) / temperature (z_prev = 0 when not given)."""
     x_TD = x_TD.to(dtype)
     if training and spec.jitter > 0:
         gen = need_generator(generator, "router jitter")
@@ -135,6 +139,8 @@ def router_logits(
     logits_TE = x_TD @ w_router_ED.to(dtype).T
     if bias_E is not None:
         logits_TE = logits_TE + bias_E.to(dtype)
+    if residual_w_EE is not None and prev_logits_TE is not None:
+        logits_TE = logits_TE + prev_logits_TE.to(dtype) @ residual_w_EE.to(dtype).T
     return x_TD, logits_TE / spec.temperature
 
 
@@ -175,6 +181,8 @@ def route_topk(
     expert_bias_E: Tensor | None = None,
     noise_w_ED: Tensor | None = None,
     default_dtype: str = "fp32",
+    residual_w_EE: Tensor | None = None,
+    prev_logits_TE: Tensor | None = None,
 ) -> RoutingResult:
     """Route T tokens with a `topk` router (see the module docstring for the steps).
 
@@ -185,11 +193,15 @@ def route_topk(
     assert w_router_ED.shape[0] == n_experts, "router weight must be [E, D]"
     dtype = TORCH_DTYPES[spec.dtype or default_dtype]
     x_TD, logits_TE = router_logits(
-        x_TD, w_router_ED, spec, training=training, generator=generator, bias_E=bias_E, dtype=dtype
-    )
+        x_TD, w_router_ED, spec, training=training, generator=generator, bias_E=bias_E, dtype=dtype,
+        residual_w_EE=residual_w_EE, prev_logits_TE=prev_logits_TE,
+    )  # fmt: skip
     noisy_TE, std_TE = add_noise(
         x_TD, logits_TE, spec, training=training, generator=generator, noise_w_ED=noise_w_ED
     )
+    if spec.logit_std is not None:
+        # MoE++ logits norm: z / (std(z) / target), unbiased std over the experts.
+        noisy_TE = noisy_TE / (noisy_TE.std(-1, keepdim=True) / spec.logit_std)
     probs_TE = noisy_TE.softmax(-1) if spec.score == "softmax" else noisy_TE.sigmoid()
 
     # Selection criterion. Softmax is monotone, so ranking logits or probabilities picks the

@@ -89,6 +89,17 @@ class TopKRouter(RouterSpec):
     expert_bias: ExpertBias | None = Field(
         None, description="Aux-loss-free balancing bias (selection only), if any."
     )
+    gating_residual: bool = Field(
+        False,
+        description="MoE++ gating residual: add W_res · z_prev, the previous MoE layer's router logits "
+        "(`layer(x, prev_router_logits=prev.router_logits)`; zeros when not given), to the logits.",
+    )
+    logit_std: float | None = Field(
+        None,
+        gt=0,
+        description="Rescale each token's logits to this standard deviation (unbiased) before the "
+        "score function (MoE++ `moe_use_logits_norm`, target 1.0); none if omitted.",
+    )
     trainable: bool = Field(
         True,
         description="Whether the router projection is trained; false freezes it at its random init "
@@ -105,7 +116,8 @@ class TopKRouter(RouterSpec):
 
     def router_macs(self, layer: LayerSpec, d_model: int) -> float:
         # The noise projection runs only while training; FLOPs are inference FLOPs.
-        return d_model * layer.experts.n_routed
+        n = layer.experts.n_routed
+        return d_model * n + (n * n if self.gating_residual else 0)
 
     def params(self, layer: LayerSpec, d_model: int) -> dict[str, RouterParam]:
         n, frozen = layer.experts.n_routed, not self.trainable
@@ -116,13 +128,18 @@ class TopKRouter(RouterSpec):
             out["router.noise_weight"] = RouterParam((n, d_model))
         if self.expert_bias is not None:
             out["router.expert_bias"] = RouterParam((n,), "zeros", buffer=True)
+        if self.gating_residual:
+            # nn.Linear(E, E, bias=False)'s default bound 1/sqrt(fan_in), as MoE++'s gate_map.
+            out["router.residual_weight"] = RouterParam((n, n), "uniform", buffer=frozen, gain=n**-0.5)
         return out
 
     def active_router_params(self, layer: LayerSpec, d_model: int) -> int:
         # W_noise is trained but only used while training: in the total, not the active count.
         # A frozen router's weights are buffers, not parameters.
         n = layer.experts.n_routed
-        return d_model * n + (n if self.bias else 0) if self.trainable else 0
+        if not self.trainable:
+            return 0
+        return d_model * n + (n if self.bias else 0) + (n * n if self.gating_residual else 0)
 
     def schedulable(self) -> dict[str, type]:
         return {"k": int, "temperature": float}

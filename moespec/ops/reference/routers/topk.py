@@ -23,4 +23,6 @@ def topk(x_TD: Tensor, params: dict[str, Tensor], spec: TopKRouter, ctx: RouteCo
         expert_bias_E=params.get("router.expert_bias") if spec.expert_bias is not None else None,
         noise_w_ED=params.get("router.noise_weight"),
         default_dtype=ctx.default_dtype,
+        residual_w_EE=params.get("router.residual_weight"),
+        prev_logits_TE=ctx.inputs.get("prev_router_logits"),
     )
