@@ -1,0 +1,85 @@
+"""Lowering of `kind: dselect_k` (DSelect-k, Hazimeh et al. 2021), dense form:
+
+w_TE, extra_loss = dselect_k_weights(x, router.z_*, router.alpha_*, ...)
+idx_TE = arange(E); selected_TE = w > 0   (moespec::sort_selected compacts the pairs)
+
+Training and inference are the same graph: before the smooth steps saturate every expert
+has w > 0 and runs; after, at most k do.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder
+from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.ops.reference._common import TORCH_DTYPES
+from moespec.spec.routers.dselect_k import n_binary
+
+ENTROPY_EPS = 1e-6  # the released code's EPSILON inside the entropy's log
+
+
+def dselect_k_weights(
+    x_TD: Tensor,
+    z_w: Tensor,
+    z_b: Tensor,
+    a_w: Tensor,
+    a_b: Tensor,
+    k: int,
+    n_experts: int,
+    gamma: float,
+    entropy_weight: float,
+    reach_weight: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(w_TE, idx_TE, selected_TE, extra_loss)``; ``extra_loss`` is the weighted
+    regulariser sum (pass zero weights for none), a 0-dim tensor."""
+    m = n_binary(n_experts)
+    z_TLM = F.linear(x_TD, z_w, z_b).unflatten(-1, (k, m))
+    # Smooth step as clamp of the cubic's argument: the cubic is 0 at -γ/2 and 1 at γ/2 with
+    # zero slope there, so S(t) = cubic(clamp(t, -γ/2, γ/2)), gradient included.
+    t = z_TLM.clamp(-gamma / 2, gamma / 2)
+    s_TLM = -2.0 * t**3 / gamma**3 + 1.5 * t / gamma + 0.5
+    shifts_M = torch.arange(m - 1, -1, -1, device=x_TD.device)
+    codes_EM = ((torch.arange(n_experts, device=x_TD.device)[:, None] >> shifts_M) & 1).bool()
+    r_TLE = torch.where(codes_EM, s_TLM[:, :, None, :], 1.0 - s_TLM[:, :, None, :]).prod(-1)
+    a_TL = F.linear(x_TD, a_w, a_b).softmax(-1)
+    w_TE = torch.einsum("tl,tle->te", a_TL, r_TLE)
+    extra = x_TD.new_zeros(())
+    if entropy_weight > 0:
+        extra = extra + entropy_weight * -(r_TLE * torch.log(r_TLE + ENTROPY_EPS)).sum((1, 2)).mean()
+    if reach_weight > 0:
+        # Clamped: a selector saturated on unreachable codes has sum 0 (the code's inf, NaN grads).
+        extra = extra + reach_weight * r_TLE.sum(-1).clamp(min=ENTROPY_EPS).reciprocal().sum(-1).mean()
+    idx_TE = torch.arange(n_experts, device=x_TD.device).expand(w_TE.shape[0], n_experts)
+    return w_TE, idx_TE, w_TE > 0, extra
+
+
+@register
+class DSelectKLowering(RouterLowering):
+    kind = "dselect_k"
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        r, at = layer.router.config, layer.router.origin
+        rdtype = TORCH_DTYPES[layer.router.dtype]
+        n = layer.experts.n_experts
+        xr = b.to(x_TD, rdtype)
+        w = [
+            b.to(b.get(f"router.{name}"), rdtype)
+            for name in ("z_weight", "z_bias", "alpha_weight", "alpha_bias")
+        ]
+        power_of_2 = n == 2 ** n_binary(n)
+        ent_w = r.entropy_weight if training else 0.0
+        reach_w = r.reachability_weight if training and not power_of_2 else 0.0
+        out = b.fn(dselect_k_weights, xr, *w, r.k, n, r.gamma, ent_w, reach_w, origin=at)
+        gates, idx, sel = (b.item(out, i, at, nm) for i, nm in enumerate(("w_TE", "idx_TE", "selected_TE")))
+        extra = b.fn(operator.getitem, out, 3, origin=at) if ent_w > 0 or reach_w > 0 else None
+        return RouteNodes(
+            gates, gates, b.empty_like(gates), gates, gates, idx, sel, dense=True, extra_loss=extra
+        )
