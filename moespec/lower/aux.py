@@ -21,9 +21,19 @@ class AuxLossAndStats(nn.Module):
     """Computes ``(aux_loss, routed_per_expert_E, tokens_per_expert_E, dropped_fraction,
     router_entropy, load_ratio)`` for one layer call."""
 
-    def __init__(self, losses: LossesSpec, score: str, n_experts: int, nominal_k: int | None = None) -> None:
+    def __init__(
+        self,
+        losses: LossesSpec,
+        score: str,
+        n_experts: int,
+        nominal_k: int | None = None,
+        expert_sizes: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.losses, self.score, self.n_experts, self.nominal_k = losses, score, n_experts, nominal_k
+        # Parameters per expert (the parameter penalty's weights): derived from the spec, so
+        # not part of the checkpoint (persistent=False).
+        self.register_buffer("expert_sizes", expert_sizes, persistent=False)
 
     def extra_repr(self) -> str:
         lb, z = self.losses.load_balance, self.losses.z_loss
@@ -58,7 +68,13 @@ class AuxLossAndStats(nn.Module):
             # A router-specific loss (0-element when the router has none).
             extra_loss=extra_loss if extra_loss.numel() > 0 else None,
         )
-        aux, _ = aux_losses(routing, self.losses, score=self.score, seq_len=seq_len if seq_len > 0 else None)
+        aux, _ = aux_losses(
+            routing,
+            self.losses,
+            score=self.score,
+            seq_len=seq_len if seq_len > 0 else None,
+            size_E=self.expert_sizes,
+        )
         routed_E = _counts(idx_TK, active_TK, self.n_experts)
         kept_E = _counts(idx_TK, keep_TK, self.n_experts)
         n_active = routed_E.sum()

@@ -21,6 +21,7 @@ from moespec.lower.aux import AuxLossAndStats
 from moespec.lower.fx import OUTPUTS, extra_inputs, lower_layer, random_inputs
 from moespec.lower.routers import lowering
 from moespec.ops.reference._common import TORCH_DTYPES, gumbel, normal, uniform
+from moespec.ops.reference.losses import relative_sizes_E
 from moespec.ops.reference.params import buffer_names, init_reference_params
 from moespec.runtime.schedules import evaluate
 from moespec.spec.schema import LayerSpec
@@ -74,6 +75,7 @@ class MoELayer(nn.Module):
             getattr(spec.router, "score", "softmax"),
             ir.experts.n_experts,
             spec.router.nominal_k(spec),
+            relative_sizes_E(spec, ir.d_model),
         )
         object.__setattr__(self, "ir", ir)
         if ir.schedules:

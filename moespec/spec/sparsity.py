@@ -60,6 +60,15 @@ class GShardLoss(_WeightedLoss):
 
 
 @BALANCE_LOSSES.register
+class ParameterPenaltyLoss(_WeightedLoss):
+    """HMoE parameter penalty (Wang et al. 2024, arXiv:2408.10681): the Switch loss with each
+    expert's routed fraction scaled by its relative size, E · sum_e f_e · (|θ_e| / mean |θ|) · P_e,
+    so routing mass to large experts costs more and small experts are preferred."""
+
+    kind: Literal["parameter_penalty"] = Field(description="HMoE P-Penalty loss (size-weighted Switch LBL).")
+
+
+@BALANCE_LOSSES.register
 class ImportanceLoadLoss(Strict):
     """Sparsely-Gated MoE: w_imp·CV(importance)² + w_load·CV(load)², with the smooth load estimator."""
 

@@ -17,6 +17,8 @@ Normalisations (each gives 1 at perfectly uniform routing for the two LBLs):
   CV(x)^2 = Var(x) / (mean(x)^2 + 1e-10) with the population (biased) variance, as t2t's
   ``cv_squared`` (davidmrau uses the unbiased one).
 - z-loss (ST-MoE): mean_t logsumexp(z_t)^2 on the clean logits, always batch-scoped.
+- parameter_penalty (HMoE): the Switch loss with f_e scaled by |θ_e| / mean |θ| (parameters
+  per expert; zero-compute experts count 0, constant ones 3·D), reconstructed from the paper.
 
 Shape legend: T tokens, E experts, K top-k, B sequences.
 """
@@ -29,7 +31,9 @@ import math
 import torch
 from torch import Tensor
 
+from moespec.ir.numbers import ffn_params
 from moespec.ops.reference.routing import RoutingResult
+from moespec.spec.schema import LayerSpec
 from moespec.spec.sparsity import LossesSpec
 
 
@@ -44,6 +48,27 @@ def switch_loss(p_TE: Tensor, selected_TE: Tensor, k: int) -> Tensor:
     t_count, e_count = p_TE.shape
     f_E = selected_TE.to(p_TE.dtype).sum(0) / (t_count * k)
     return e_count * torch.sum(f_E * p_TE.mean(0))
+
+
+def parameter_penalty_loss(p_TE: Tensor, selected_TE: Tensor, k: int, size_E: Tensor) -> Tensor:
+    """HMoE P-Penalty: E * sum_e f_e (|θ_e| / mean |θ|) P_e (f_e, P_e as in the Switch loss).
+    The formula is reconstructed from the paper's description (f̂_e = f_e scaled by the
+    expert's relative size); no released code was available to check it against."""
+    t_count, e_count = p_TE.shape
+    f_E = selected_TE.to(p_TE.dtype).sum(0) / (t_count * k)
+    rel_E = size_E.to(p_TE.dtype) / size_E.to(p_TE.dtype).mean()
+    return e_count * torch.sum(f_E * rel_E * p_TE.mean(0))
+
+
+def relative_sizes_E(layer: LayerSpec, d_model: int) -> Tensor:
+    """Parameters of each routed expert (FFN groups in order, then zero-compute experts),
+    fp64 [E], for the parameter penalty."""
+    sizes: list[float] = []
+    for g in layer.experts.routed:
+        sizes += [float(ffn_params(g, d_model, g.width))] * g.n_experts
+    for z in layer.experts.zero_compute:
+        sizes += [3.0 * d_model if z.kind == "constant" else 0.0] * z.count
+    return torch.tensor(sizes, dtype=torch.float64)
 
 
 def gshard_loss(p_TE: Tensor, top1_T: Tensor) -> Tensor:
@@ -106,7 +131,9 @@ def rows(routing: RoutingResult, lo: int, hi: int) -> RoutingResult:
     return dataclasses.replace(routing, **cut)
 
 
-def balance_loss(routing: RoutingResult, losses: LossesSpec, score: str) -> Tensor:
+def balance_loss(
+    routing: RoutingResult, losses: LossesSpec, score: str, size_E: Tensor | None = None
+) -> Tensor:
     """The unweighted (for importance_load_cv2: internally weighted) balance loss on one
     scope of rows."""
     lb = losses.load_balance
@@ -116,17 +143,25 @@ def balance_loss(routing: RoutingResult, losses: LossesSpec, score: str) -> Tens
         return switch_loss(p_TE, routing.selected_TE(), routing.k)
     if lb.kind == "gshard":
         return gshard_loss(p_TE, routing.topk_idx_TK[:, 0])
+    if lb.kind == "parameter_penalty":
+        assert size_E is not None, "the parameter penalty needs the experts' sizes"
+        return parameter_penalty_loss(p_TE, routing.selected_TE(), routing.k, size_E)
     return importance_load_loss(routing, lb.importance_weight, lb.load_weight)
 
 
 def aux_losses(
-    routing: RoutingResult, losses: LossesSpec, *, score: str, seq_len: int | None = None
+    routing: RoutingResult,
+    losses: LossesSpec,
+    *,
+    score: str,
+    seq_len: int | None = None,
+    size_E: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``(aux_loss, parts)``: the weighted sum of the configured losses and each unweighted
     part (``load_balance``, ``z_loss``). ``scope: sequence`` splits the T rows into
     consecutive sequences of ``seq_len`` (default: all T rows are one sequence), computes
     the loss per sequence and averages; ``batch`` uses all rows at once. No tokens: zero
-    loss and no parts."""
+    loss and no parts. ``size_E`` (:func:`relative_sizes_E`) feeds the parameter penalty."""
     parts: dict[str, Tensor] = {}
     total = routing.logits_TE.new_zeros(())
     t_count = routing.logits_TE.shape[0]
@@ -137,11 +172,12 @@ def aux_losses(
         if lb.scope == "sequence" and seq_len is not None:
             assert t_count % seq_len == 0, "T must be a whole number of sequences"
             per_seq = [
-                balance_loss(rows(routing, s, s + seq_len), losses, score) for s in range(0, t_count, seq_len)
+                balance_loss(rows(routing, s, s + seq_len), losses, score, size_E)
+                for s in range(0, t_count, seq_len)
             ]
             part = torch.stack(per_seq).mean()
         else:
-            part = balance_loss(routing, losses, score)
+            part = balance_loss(routing, losses, score, size_E)
         parts["load_balance"] = part
         # importance_load_cv2 carries its two weights inside; the others have one weight.
         total = total + (part if lb.kind == "importance_load_cv2" else lb.weight * part)
