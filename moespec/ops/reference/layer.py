@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moespec.ops.reference.capacity import CapacityResult, apply_capacity
 from moespec.ops.reference.experts import expert_forward, shared_forward
-from moespec.ops.reference.losses import aux_losses
+from moespec.ops.reference.losses import aux_losses, relative_sizes_E
 from moespec.ops.reference.routers import RouteContext, SoftRouting, route
 from moespec.ops.reference.sorted_routing import SortedRouting
 from moespec.ops.reference.stats import LayerStats, layer_stats, load_ratio, router_entropy
@@ -72,7 +72,8 @@ def moe_layer_reference(
         y_TD = y_TD + shared_forward(x_TD, params, experts.shared)
 
     score = getattr(router, "score", "softmax")
-    aux, parts = aux_losses(routing, layer.losses, score=score, seq_len=seq_len)
+    size_E = relative_sizes_E(layer, d_model)
+    aux, parts = aux_losses(routing, layer.losses, score=score, seq_len=seq_len, size_E=size_E)
     stats = layer_stats(routing, cap, srt, score, parts)
     return y_TD.reshape(x.shape), aux, stats
 
