@@ -70,6 +70,8 @@ def moe_layer_reference(
         y_TD = y_TD.index_add(0, tok_N, out_ND * srt.weight_N[lo:hi, None].to(x_TD.dtype))
     if experts.shared is not None:
         y_TD = y_TD + shared_forward(x_TD, params, experts.shared)
+    if routing.residual_TD is not None:
+        y_TD = y_TD + routing.residual_TD.to(y_TD.dtype)  # e.g. BASE's (1 - α)·x
 
     score = getattr(router, "score", "softmax")
     size_E = relative_sizes_E(layer, d_model)

@@ -48,6 +48,8 @@ class RoutingResult:
       :func:`dense_routing`).
     - ``extra_loss``: a router-specific weighted loss added to the layer's ``aux_loss``
       (e.g. ReMoE's L1 term), or None.
+    - ``residual_TD``: a [T, D] term added to the layer's output (BASE's (1 - α)·x mix),
+      or None.
     """
 
     logits_TE: Tensor
@@ -60,6 +62,7 @@ class RoutingResult:
     n_experts: int
     nominal_k: int | None = None
     extra_loss: Tensor | None = None
+    residual_TD: Tensor | None = None
 
     @property
     def k(self) -> int:

@@ -1,0 +1,57 @@
+"""Lowering of `kind: base` (BASE layers):
+
+a_TE      = linear(x, router.centroids)                      (router dtype)
+idx_TK    = moespec.balanced_assignment(a.detach())[:, None]  (training; exact, no grad)
+          | stable argmax of a                                (eval)
+weight_TK = sigmoid(a.gather(1, idx_TK))                      (α: the centroids' gradient)
+residual  = (1 - α)·x                                         (added to the layer output)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder
+from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
+
+OPS = torch.ops.moespec
+
+
+def base_assign(a_TE: Tensor) -> Tensor:
+    """int64 [T, 1]: each token's expert under BASE's balanced assignment."""
+    return OPS.balanced_assignment(a_TE.detach()).unsqueeze(1)
+
+
+def base_gate(a_TE: Tensor, idx_TK: Tensor) -> Tensor:
+    """α = σ(a[t, e_t]) [T, 1]: the sigmoid gate of the assigned expert."""
+    return torch.sigmoid(a_TE.gather(1, idx_TK))
+
+
+def base_residual(alpha_TK: Tensor, x_TD: Tensor) -> Tensor:
+    """(1 - α)·x in the router dtype, cast back to x's dtype."""
+    return ((1.0 - alpha_TK) * x_TD.to(alpha_TK.dtype)).to(x_TD.dtype)
+
+
+@register
+class BaseLayerLowering(RouterLowering):
+    kind = "base"
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        r, at = layer.router.config, layer.router.origin
+        rdtype = TORCH_DTYPES[layer.router.dtype]
+        a = b.fn(F.linear, b.to(x_TD, rdtype), b.to(b.get("router.centroids"), rdtype), origin=at)
+        if training:
+            idx = b.fn(base_assign, a, origin=at)
+        else:
+            idx = b.fn(stable_topk, b.fn(torch.detach, a, origin=at), 1, origin=at)
+        alpha = b.fn(base_gate, a, idx, origin=at)
+        probs = b.fn(torch.softmax, a, -1, origin=at)
+        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
+        residual = b.fn(base_residual, alpha, x_TD, origin=at) if r.mix_residual else None
+        return RouteNodes(a, a, b.empty_like(a), probs, alpha, idx, active, residual_TD=residual)

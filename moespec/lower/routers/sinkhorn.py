@@ -1,0 +1,49 @@
+"""Lowering of `kind: sinkhorn` (S-BASE, Megatron-style):
+
+logits    = linear(x, router.weight)                          (router dtype)
+probs     = sigmoid(logits) | softmax(logits)
+idx_TK    = moespec.sinkhorn_topk(logits.detach(), k, ...)    (training; no grad)
+          | stable top-k of probs                             (eval)
+weight_TK = probs.gather(1, idx_TK)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from moespec.ir.nodes import MoELayerNode
+from moespec.lower.builder import Builder
+from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
+
+OPS = torch.ops.moespec
+
+
+def sinkhorn_select(logits_TE: Tensor, k: int, iterations: int, tol: float) -> Tensor:
+    """int64 [T, k]: top-k of the Sinkhorn-balanced plan (no gradient)."""
+    return OPS.sinkhorn_topk(logits_TE.detach(), k, iterations, tol)
+
+
+@register
+class SinkhornLowering(RouterLowering):
+    kind = "sinkhorn"
+
+    def lower(
+        self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
+    ) -> RouteNodes:
+        r, at = layer.router.config, layer.router.origin
+        rdtype = TORCH_DTYPES[layer.router.dtype]
+        logits = b.fn(F.linear, b.to(x_TD, rdtype), b.to(b.get("router.weight"), rdtype), origin=at)
+        if r.score_fn == "softmax":
+            probs = b.fn(torch.softmax, logits, -1, origin=at)
+        else:
+            probs = b.fn(torch.sigmoid, logits, origin=at)
+        if training:
+            idx = b.fn(sinkhorn_select, logits, r.k, r.iterations, r.tol, origin=at)
+        else:
+            idx = b.fn(stable_topk, b.fn(torch.detach, probs, origin=at), r.k, origin=at)
+        weight = b.fn(torch.gather, probs, 1, idx, origin=at)
+        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
+        return RouteNodes(logits, logits, b.empty_like(logits), probs, weight, idx, active)

@@ -1,0 +1,60 @@
+"""`kind: base`: BASE layers (Lewis et al. 2021, arXiv:2103.16716), reference.
+
+Math (T tokens, D d_model, E experts, C = ``router.centroids`` [E, D]):
+
+    a_TE  = x C^T                                   (router dtype)
+    e_t   = balanced assignment of a (training):     argmax Σ_t a[t, e_t] subject to
+            |{t : e_t = e}| = c_e = T // E + [e < T mod E]   (exact; no gradient)
+          = argmax_e a[t, e] (eval; ties to the lower index)
+    α_t   = σ(a[t, e_t])                            (the gradient reaches C and x here)
+    y_t   = α_t · f_{e_t}(x_t) + (1 − α_t) · x_t   (combine weight α, residual (1 − α)·x)
+
+Source: fairseq ``fairseq/modules/base_layer.py`` and ``clib/libbase/balanced_assignment.cpp``.
+Choices where paper/code and this reference differ:
+- fairseq computes a under ``no_grad`` and α again from the routed features with grad; the
+  value is the same a[t, e_t], and here too no gradient passes through the assignment;
+- fairseq's solver is an approximate auction (fixed epsilon, 100 rounds); this one is exact
+  (``moespec.ops.balanced_assignment``), and it handles E ∤ T (fairseq needs T/E integral);
+- fairseq's expert is a residual sublayer x + FFN(LN(x)); f_e here is the spec's expert FFN
+  and ``mix_residual: false`` drops the (1 − α)·x term (see the spec docstring);
+- ``base_shuffle`` (token permutation across data-parallel workers) is not modelled.
+``probs_TE`` = softmax(a), only for the router-entropy statistic (BASE has no balance loss).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moespec.ops.balanced_assignment import solve_balanced_assignment
+from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
+from moespec.ops.reference.routers import RouteContext, reference_router
+from moespec.ops.reference.routing import RoutingResult
+from moespec.spec.routers.base_layer import BaseLayerRouter
+
+
+@reference_router("base")
+def base_layer(
+    x_TD: Tensor, params: dict[str, Tensor], spec: BaseLayerRouter, ctx: RouteContext
+) -> RoutingResult:
+    """BASE routing: balanced assignment (training) or argmax (eval), sigmoid gate α."""
+    dtype = TORCH_DTYPES[ctx.default_dtype]
+    xr_TD = x_TD.to(dtype)
+    a_TE = xr_TD @ params["router.centroids"].to(dtype).T
+    if ctx.training:
+        idx_TK = solve_balanced_assignment(a_TE.detach())[:, None]
+    else:
+        idx_TK = stable_topk(a_TE.detach(), 1)
+    alpha_TK = torch.sigmoid(a_TE.gather(1, idx_TK))
+    residual_TD = (1.0 - alpha_TK) * xr_TD if spec.mix_residual else None
+    return RoutingResult(
+        logits_TE=a_TE,
+        noisy_logits_TE=a_TE,
+        noise_std_TE=None,
+        probs_TE=a_TE.softmax(-1),
+        topk_idx_TK=idx_TK,
+        topk_weight_TK=alpha_TK,
+        active_TK=torch.ones_like(idx_TK, dtype=torch.bool),
+        n_experts=ctx.n_experts,
+        residual_TD=residual_TD,
+    )
