@@ -147,6 +147,16 @@ def test_all_tokens_on_one_expert(run_both):
     assert sorted(m.routing_stats["routed_per_expert"].tolist()) == [0, 0, 0, 16]
 
 
+def test_compile_fullgraph_and_export():
+    m = moespec.build(spec(router={"learnable_temperature": True}))
+    x = x_of(6, 32)
+    y = torch.compile(m, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(y, m(x))
+    m.eval()
+    ep = torch.export.export(m, (x,))
+    torch.testing.assert_close(ep.module()(2 * x), m(2 * x))
+
+
 # --- spec checks and numbers ----------------------------------------------------------------
 
 

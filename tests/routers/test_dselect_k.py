@@ -241,6 +241,19 @@ def test_fp64(compare):
     compare(s, (), x_of(7, 32).double(), training=True, atol=1e-10, rtol=1e-10)
 
 
+def test_compile_fullgraph_and_export():
+    """Dense and saturated routings through one compiled graph (the row count N is dynamic)."""
+    m = moespec.build(spec(n=5, router={"entropy_weight": 0.1}))
+    x = x_of(6, 32)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), m(x))
+    saturate(m, [[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]])
+    torch.testing.assert_close(compiled(x), m(x))
+    m.eval()
+    ep = torch.export.export(m, (x,))
+    torch.testing.assert_close(ep.module()(2 * x), m(2 * x))
+
+
 # --- spec checks and numbers ----------------------------------------------------------------
 
 

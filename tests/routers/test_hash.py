@@ -205,6 +205,16 @@ def test_all_tokens_on_one_expert_and_capacity(compare):
     torch.testing.assert_close(m.routing_stats["dropped_fraction"], torch.tensor(0.75))
 
 
+def test_compile_fullgraph_and_export():
+    m = moespec.build(spec(router={"k": 2}))
+    x, i = x_of(6, 32), ids(6)
+    y = torch.compile(m, fullgraph=True, backend="eager")(x, input_ids=i)
+    torch.testing.assert_close(y, m(x, input_ids=i))
+    m.eval()
+    ep = torch.export.export(m, (x,), {"input_ids": i})
+    torch.testing.assert_close(ep.module()(x, input_ids=ids(6, seed=1)), m(x, input_ids=ids(6, seed=1)))
+
+
 # --- spec checks and numbers ----------------------------------------------------------------
 
 
