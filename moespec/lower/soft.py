@@ -30,9 +30,10 @@ from moespec.lower.routers import SoftNodes
 OPS = torch.ops.moespec
 
 
-def n_groups(n_tokens: int, seq_len: int) -> int:
-    """Routing groups: T / seq_len sequences of a 3-D input (seq_len > 0), else one."""
-    return n_tokens // seq_len if seq_len > 0 else 1
+def groups(n_tokens: int, seq_len: int) -> tuple[int, int]:
+    """``(G, L)``: T / seq_len sequences of seq_len tokens for a 3-D input (seq_len > 0),
+    else one group of all T tokens."""
+    return (n_tokens // seq_len, seq_len) if seq_len > 0 else (1, n_tokens)
 
 
 def mix_slots(
@@ -42,13 +43,12 @@ def mix_slots(
     ``token_idx_N`` over those rows and ``offsets_E1`` = [0, G·p, 2·G·p, ...]."""
     t, d = x_TD.shape
     s = dispatch_TS.shape[1]
-    g = n_groups(t, seq_len)
-    d_GLS = dispatch_TS.to(x_TD.dtype).reshape(g, -1, s)
-    slots_GSD = d_GLS.transpose(1, 2) @ x_TD.reshape(g, -1, d)
-    slots_ND = slots_GSD.reshape(g, n_experts, -1, d).transpose(0, 1).reshape(-1, d)
-    n = slots_ND.shape[0]
-    token_idx_N = torch.arange(n, device=x_TD.device)
-    offsets_E1 = torch.arange(n_experts + 1, device=x_TD.device) * (n // n_experts)
+    g, length = groups(t, seq_len)
+    d_GLS = dispatch_TS.to(x_TD.dtype).reshape(g, length, s)
+    slots_GSD = d_GLS.transpose(1, 2) @ x_TD.reshape(g, length, d)
+    slots_ND = slots_GSD.reshape(g, n_experts, s // n_experts, d).transpose(0, 1).reshape(g * s, d)
+    token_idx_N = torch.arange(g * s, device=x_TD.device)
+    offsets_E1 = torch.arange(n_experts + 1, device=x_TD.device) * (g * (s // n_experts))
     return slots_ND, token_idx_N, offsets_E1
 
 
@@ -56,9 +56,9 @@ def unmix_slots(h_ND: Tensor, combine_TS: Tensor, seq_len: int, n_experts: int) 
     """Y = C Ỹ per group: slot outputs [E·G·p, D] (expert-major) back to tokens [T, D]."""
     t, s = combine_TS.shape
     d = h_ND.shape[1]
-    g = n_groups(t, seq_len)
-    h_GSD = h_ND.reshape(n_experts, g, -1, d).transpose(0, 1).reshape(g, s, d)
-    return (combine_TS.to(h_ND.dtype).reshape(g, -1, s) @ h_GSD).reshape(t, d)
+    g, length = groups(t, seq_len)
+    h_GSD = h_ND.reshape(n_experts, g, s // n_experts, d).transpose(0, 1).reshape(g, s, d)
+    return (combine_TS.to(h_ND.dtype).reshape(g, length, s) @ h_GSD).reshape(t, d)
 
 
 def soft_stats(combine_TS: Tensor, slots_ND: Tensor, n_experts: int) -> tuple[Tensor, ...]:

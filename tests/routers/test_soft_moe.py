@@ -241,6 +241,17 @@ def test_stats(run_both, shape):
     assert torch.equal(stats.sorted.offsets_E1, torch.arange(5) * 2 * groups)
 
 
+@pytest.mark.parametrize("shape", [(0, 48), (2, 0, 48), (0, 3, 48)])
+def test_empty_inputs(shape):
+    s = spec(p=2)
+    x = randn(*shape)
+    y, _, stats, *_ = reference(s, x)
+    m = moespec.build(s, seed=3)
+    assert m(x).shape == y.shape == shape
+    rows = 0 if shape[0] == 0 and len(shape) == 3 else 2  # no sequence: no slots at all
+    assert m.routing_stats["tokens_per_expert"].tolist() == stats.tokens_per_expert.tolist() == [rows] * 4
+
+
 def test_graph_has_no_sort_and_uses_the_grouped_op():
     m = moespec.build(spec())
     code = m.graph_module.code

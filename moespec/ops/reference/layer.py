@@ -96,10 +96,10 @@ def soft_layer(
     p, n_exp = routing.slots_per_expert, routing.n_experts
     s = n_exp * p
     seq = x.shape[1] if x.dim() == 3 else 0
-    g = t // seq if seq else 1
-    x_GLD = x_TD.reshape(g, -1, d)
-    disp_GLS = routing.dispatch_TS.to(x_TD.dtype).reshape(g, -1, s)
-    comb_GLS = routing.combine_TS.to(x_TD.dtype).reshape(g, -1, s)
+    g, length = (t // seq, seq) if seq else (1, t)
+    x_GLD = x_TD.reshape(g, length, d)
+    disp_GLS = routing.dispatch_TS.to(x_TD.dtype).reshape(g, length, s)
+    comb_GLS = routing.combine_TS.to(x_TD.dtype).reshape(g, length, s)
     slots_GSD = disp_GLS.transpose(1, 2) @ x_GLD  # each slot: a convex mix of its group's tokens
     # Expert e runs once on its p slots of every group; outputs in slot order.
     outs = []
