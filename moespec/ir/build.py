@@ -20,7 +20,7 @@ from moespec.ir.nodes import (
 )
 from moespec.ir.numbers import layer_numbers
 from moespec.ir.verify import verify
-from moespec.spec.schema import LayerSpec, Spec
+from moespec.spec.schema import LayerSpec, Spec, inner_d_model
 
 
 def spec_hash(spec: Spec) -> str:
@@ -39,7 +39,7 @@ def expert_to_rank(mapping: str | list[int], n_ffn: int, ep: int) -> tuple[int, 
     return tuple(e // per for e in range(n_ffn))
 
 
-def _experts(spec: Spec, layer: LayerSpec, at: str) -> ExpertsNode:
+def _experts(d_model: int, layer: LayerSpec, at: str) -> ExpertsNode:
     groups, first = [], 0
     for g in layer.experts.routed:
         groups.append(ExpertGroupNode(g.kind, g.activation, g.width, g.n_experts, g.bias, g.init, first))
@@ -48,14 +48,15 @@ def _experts(spec: Spec, layer: LayerSpec, at: str) -> ExpertsNode:
     for z in layer.experts.zero_compute:
         zeros.append(ZeroComputeNode(z.kind, z.count, first))
         first += z.count
-    return ExpertsNode(spec.d_model, tuple(groups), tuple(zeros), f"{at}.experts")
+    return ExpertsNode(d_model, tuple(groups), tuple(zeros), f"{at}.experts")
 
 
 def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) -> MoELayerNode:
     """Resolve one layer group into an :class:`MoELayerNode`."""
-    experts = _experts(spec, layer, at)
+    d_inner = inner_d_model(layer, spec.d_model)
+    experts = _experts(d_inner, layer, at)
     router_dtype = getattr(layer.router, "dtype", None) or spec.target.router_dtype
-    router = RouterNode(layer.router, spec.d_model, experts.n_experts, router_dtype, f"{at}.router")
+    router = RouterNode(layer.router, d_inner, experts.n_experts, router_dtype, f"{at}.router")
     rows = layer.router.rows_per_token(layer)
     shared = None
     if (s := layer.experts.shared) is not None:
@@ -79,6 +80,8 @@ def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) ->
         ),
         numbers=layer_numbers(spec, name, count, layer),
         schedules=tuple(layer.schedules),
+        heads=layer.multi_head.heads if layer.multi_head is not None else 1,
+        head_bias=layer.multi_head.bias if layer.multi_head is not None else False,
     )
 
 

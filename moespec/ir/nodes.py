@@ -143,6 +143,13 @@ class MoELayerNode:
     placement: PlacementNode
     numbers: LayerNumbers
     schedules: tuple[Strict, ...] = ()
+    heads: int = 1
+    head_bias: bool = False
+
+    @property
+    def inner_d_model(self) -> int:
+        """Width of the router and experts: d_model / heads (multi-head MoE) or d_model."""
+        return self.d_model // self.heads
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from moespec.spec.base import BYTES_PER_DTYPE
 from moespec.spec.experts import FFNSpec
 from moespec.spec.routers.base import numel
-from moespec.spec.schema import LayerSpec, Spec
+from moespec.spec.schema import LayerSpec, Spec, inner_d_model
 
 
 def ffn_macs(kind: str, d: int, f: int) -> int:
@@ -67,7 +67,9 @@ class LayerNumbers:
 
 def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerNumbers:
     """Compute :class:`LayerNumbers` for one layer of ``spec``."""
-    d, ex = spec.d_model, layer.experts
+    # Multi-head MoE: router and experts work on `heads` sub-tokens of width D/heads per token.
+    heads = layer.multi_head.heads if layer.multi_head is not None else 1
+    d, ex = inner_d_model(layer, spec.d_model), layer.experts
     n = ex.n_routed
     router = layer.router
     router_active = router.active_router_params(layer, d)
@@ -87,13 +89,18 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
         shared_macs = ex.shared.count * ffn_macs(ex.shared.kind, d, ex.shared.d_ff)
         shared_macs += d if ex.shared.gate else 0
     k = router.experts_per_token(layer)
-    active_p = _top_k_sum([p for p, _ in per_expert], k)
+    # Each of a token's `heads` sub-tokens picks its own k experts: up to heads·k distinct ones.
+    active_p = _top_k_sum([p for p, _ in per_expert], min(heads * k, len(per_expert)))
     active_m = _top_k_sum([m for _, m in per_expert], k)
-    total = router_params + routed + shared + zero
+    proj = 0  # multi-head projections W_in, W_out (+ biases), replicated like the router
+    if layer.multi_head is not None:
+        big = spec.d_model
+        proj = 2 * big * big + (2 * big if layer.multi_head.bias else 0)
+    total = router_params + routed + shared + zero + proj
     ep = spec.placement.expert_parallel
     # Memory holds every router tensor, frozen (buffer) ones included.
     router_all = sum(numel(p.shape) for p in router.params(layer, d).values())
-    per_rank = routed // ep + router_all + shared + zero
+    per_rank = routed // ep + router_all + shared + zero + proj
     return LayerNumbers(
         name=name,
         count=count,
@@ -101,8 +108,14 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
         n_ffn_experts=ex.n_ffn,
         experts_per_token=k,
         params_total=total,
-        params_active=round(router_active + shared + active_p),
-        flops_per_token=round(2 * (router.router_macs(layer, d) + shared_macs + active_m)),
+        params_active=round(router_active + shared + active_p + proj),
+        flops_per_token=round(
+            2
+            * (
+                heads * (router.router_macs(layer, d) + shared_macs + active_m)
+                + (proj and 2 * spec.d_model**2)
+            )
+        ),
         params_router=router_params,
         params_routed=routed,
         params_shared=shared,

@@ -30,7 +30,8 @@ def verify_layer(layer: MoELayerNode) -> None:
     pl = layer.placement
     _check(len(pl.expert_to_rank) == ex.n_ffn, pl.origin, "one rank per routed FFN expert")
     _check(all(0 <= r < pl.expert_parallel for r in pl.expert_to_rank), pl.origin, "rank out of range")
-    _check(layer.router.d_model == ex.d_model == layer.d_model, at, "d_model disagrees")
+    _check(layer.d_model % layer.heads == 0, at, "heads must divide d_model")
+    _check(layer.router.d_model == ex.d_model == layer.inner_d_model, at, "d_model disagrees")
 
 
 def verify(program: Program) -> None:

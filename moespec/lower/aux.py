@@ -32,8 +32,10 @@ class AuxLossAndStats(nn.Module):
         super().__init__()
         self.losses, self.score, self.n_experts, self.nominal_k = losses, score, n_experts, nominal_k
         # Parameters per expert (the parameter penalty's weights): derived from the spec, so
-        # not part of the checkpoint (persistent=False).
-        self.register_buffer("expert_sizes", expert_sizes, persistent=False)
+        # neither checkpoint state nor a buffer; a tensor is made per call only when used.
+        lb = losses.load_balance
+        use = lb is not None and lb.kind == "parameter_penalty" and expert_sizes is not None
+        self.expert_sizes = tuple(expert_sizes.tolist()) if use else None
 
     def extra_repr(self) -> str:
         lb, z = self.losses.load_balance, self.losses.z_loss
@@ -73,7 +75,7 @@ class AuxLossAndStats(nn.Module):
             self.losses,
             score=self.score,
             seq_len=seq_len if seq_len > 0 else None,
-            size_E=self.expert_sizes,
+            size_E=None if self.expert_sizes is None else probs_TE.new_tensor(self.expert_sizes),
         )
         routed_E = _counts(idx_TK, active_TK, self.n_experts)
         kept_E = _counts(idx_TK, keep_TK, self.n_experts)

@@ -72,6 +72,9 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     rand = {ri.name: g.placeholder(ri.name) for ri in random_inputs(layer, training)}
     seq_len = g.placeholder("seq_len")
     at_d, at_e = layer.dispatch.origin, layer.experts.origin
+    if layer.heads > 1:
+        # Multi-head MoE: everything below works on T·h sub-tokens of width D/h.
+        x, seq_len = _split_heads(b, layer, x, seq_len)
 
     rt = lowering(layer).lower(b, layer, x, {**inputs, **rand, "seq_len": seq_len}, training)
     if isinstance(rt, SoftNodes):
@@ -81,7 +84,9 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
             empty_x = g.call_method("new_empty", (x, (0,)))
             y = b.fn(operator.add, y, _shared(b, layer, x, empty_x), origin=layer.shared.origin)
         named = enumerate(OUTPUTS[2:])
-        outs = [y, rt.logits_TS] + [b.item(stats, i, layer.losses.origin, n) for i, n in named]
+        outs = [_merge_heads(b, layer, y), rt.logits_TS] + [
+            b.item(stats, i, layer.losses.origin, n) for i, n in named
+        ]
         g.output(tuple(outs))
         g.lint()
         return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")
@@ -159,10 +164,30 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     aux_args = (rt.logits_TE, rt.noisy_TE, rt.std_TE, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
     aux_kwargs = {} if rt.k_active is None else {"k_active": rt.k_active}
     aux = g.call_module("aux", aux_args, aux_kwargs)
-    outs = [y, rt.logits_TE] + [b.item(aux, i, layer.losses.origin, n) for i, n in enumerate(OUTPUTS[2:])]
+    named = enumerate(OUTPUTS[2:])
+    outs = [_merge_heads(b, layer, y), rt.logits_TE] + [
+        b.item(aux, i, layer.losses.origin, n) for i, n in named
+    ]
     g.output(tuple(outs))
     g.lint()
     return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")
+
+
+def _split_heads(b: Builder, layer: MoELayerNode, x: fx.Node, seq_len: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """MH-MoE input: x' = x W_in^T + b_in, each token's row split into h sub-token rows."""
+    at = f"{layer.combine.origin}.multi_head"
+    b_in = b.get("multi_head.b_in") if layer.head_bias else None
+    sub = b.fn(helpers.split_heads, x, b.get("multi_head.w_in"), b_in, layer.heads, origin=at)
+    return sub, b.fn(operator.mul, seq_len, layer.heads, origin=at)
+
+
+def _merge_heads(b: Builder, layer: MoELayerNode, y: fx.Node) -> fx.Node:
+    """MH-MoE output: the h sub-token rows of a token concatenated back, y W_out^T + b_out."""
+    if layer.heads == 1:
+        return y
+    at = f"{layer.combine.origin}.multi_head"
+    b_out = b.get("multi_head.b_out") if layer.head_bias else None
+    return b.fn(helpers.merge_heads, y, b.get("multi_head.w_out"), b_out, layer.heads, origin=at)
 
 
 def _shared(b: Builder, layer: MoELayerNode, x: fx.Node, empty_x: fx.Node) -> fx.Node:

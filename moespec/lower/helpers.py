@@ -16,6 +16,18 @@ def gshard_keep_second(weight_TK: Tensor, u_T: Tensor, scale: float) -> Tensor:
     return torch.cat([keep_TK[:, :1], second.unsqueeze(1)], dim=1)
 
 
+def split_heads(x_TD: Tensor, w_in_DD: Tensor, b_in_D: Tensor | None, heads: int) -> Tensor:
+    """MH-MoE: [T, D] -> [T·h, D/h]; token t's sub-tokens are rows t·h .. t·h + h - 1."""
+    t, d = x_TD.shape
+    return torch.nn.functional.linear(x_TD, w_in_DD, b_in_D).reshape(t * heads, d // heads)
+
+
+def merge_heads(y_ND: Tensor, w_out_DD: Tensor, b_out_D: Tensor | None, heads: int) -> Tensor:
+    """MH-MoE: [T·h, D/h] -> [T, D], then the output projection."""
+    n, d_sub = y_ND.shape
+    return torch.nn.functional.linear(y_ND.reshape(n // heads, d_sub * heads), w_out_DD, b_out_D)
+
+
 def rescale_std(z_TE: Tensor, target: float) -> Tensor:
     """MoE++ logits norm: z / (std(z) / target), unbiased std over the last dim."""
     return z_TE / (z_TE.std(-1, keepdim=True) / target)

@@ -138,7 +138,8 @@ class MoELayer(nn.Module):
         come from the global RNG, which torch.compile traces (fullgraph) and
         ``torch.manual_seed`` makes deterministic.
         """
-        t, d = x_TD.shape
+        # Multi-head MoE draws per sub-token: T·h rows of width D/h.
+        t, d = x_TD.shape[0] * self.ir.heads, x_TD.shape[1] // self.ir.heads
         dims = {"T": t, "D": d, "E": self.ir.experts.n_experts, "K": self.ir.dispatch.rows_per_token}
         gen, f32 = self.generator, x_TD.new_empty(0, dtype=torch.float32)
         draws = []

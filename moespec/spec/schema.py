@@ -13,6 +13,16 @@ from moespec.spec.schedules import Schedule
 from moespec.spec.sparsity import Capacity, Dropless, LossesSpec
 
 
+class MultiHeadSpec(Strict):
+    """Multi-head MoE (Wu et al. 2024, MH-MoE, arXiv:2404.15045): x' = x W_in^T + b_in splits
+    each token into `heads` sub-tokens of width d_model/heads that are routed and computed
+    independently (router and experts work at width d_model/heads); the sub-token outputs are
+    merged back and projected, y = y' W_out^T + b_out."""
+
+    heads: int = Field(gt=1, description="Sub-tokens per token (must divide d_model).")
+    bias: bool = Field(True, description="Whether the input and output projections have biases.")
+
+
 class LayerSpec(Strict):
     """One MoE layer design: experts, router, capacity and losses."""
 
@@ -23,6 +33,9 @@ class LayerSpec(Strict):
         description="Token capacity per expert: `dropless` or a `factor`.",
     )
     losses: LossesSpec = Field(default_factory=LossesSpec, description="Auxiliary losses.")
+    multi_head: MultiHeadSpec | None = Field(
+        None, description="Multi-head MoE: split tokens into sub-tokens around the layer, if any."
+    )
     schedules: list[Schedule] = Field(
         default_factory=list,
         description="Step schedules of router fields (`router.k`, `router.temperature`), evaluated "
@@ -33,6 +46,11 @@ class LayerSpec(Strict):
 def _layer_patch_optional(schema: dict) -> None:
     # Composition fills a missing `layer` with the base layer, so editors must not require it.
     schema["required"] = [r for r in schema.get("required", []) if r != "layer"]
+
+
+def inner_d_model(layer: LayerSpec, d_model: int) -> int:
+    """The width the router and experts work at: d_model, or d_model/heads for multi-head MoE."""
+    return d_model // layer.multi_head.heads if layer.multi_head is not None else d_model
 
 
 class GroupSpec(Strict):

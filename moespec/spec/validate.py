@@ -23,6 +23,18 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
                 (f"granularity={grp.granularity} does not divide d_ff={grp.d_ff}"),
             )
     yield from layer.router.checks(layer, (*at, "router"))
+    if layer.multi_head is not None:
+        h = layer.multi_head.heads
+        if spec.d_model % h:
+            yield (*at, "multi_head", "heads"), f"heads={h} does not divide d_model={spec.d_model}"
+        if lowering_inputs(layer):
+            yield (
+                (*at, "multi_head"),
+                (
+                    f"multi-head MoE splits tokens into sub-tokens; the {layer.router.kind} router's "
+                    f"per-token inputs ({', '.join(lowering_inputs(layer))}) have no sub-token form"
+                ),
+            )
     yield from _check_schedules(layer, at)
     router_dtype = getattr(layer.router, "dtype", None)
     if router_dtype is not None:
@@ -43,6 +55,16 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
             ("placement", "mapping"),
             (f"explicit mapping lists {len(mapping)} ranks but the layer has {n_ffn} routed FFN experts"),
         )
+
+
+def lowering_inputs(layer: LayerSpec) -> list[str]:
+    """Per-token inputs besides x a layer's router reads (input_ids, prev_router_logits)."""
+    out = []
+    if layer.router.kind == "hash":
+        out.append("input_ids")
+    if getattr(layer.router, "gating_residual", False):
+        out.append("prev_router_logits")
+    return out
 
 
 def _check_schedules(layer: LayerSpec, at: Path) -> Iterator[Problem]:

@@ -45,6 +45,9 @@ def moe_layer_reference(
     flattened to [T] like x.
     """
     assert x.shape[-1] == d_model, f"expected last dim {d_model}, got {tuple(x.shape)}"
+    if layer.multi_head is not None:
+        kw = dict(training=training, generator=generator, router_dtype=router_dtype, inputs=inputs)
+        return multi_head_reference(x, params, layer, d_model, **kw)
     x_TD = x.reshape(-1, d_model)
     seq_len = x.shape[1] if x.dim() == 3 else None
     router, experts = layer.router, layer.experts
@@ -78,6 +81,25 @@ def moe_layer_reference(
     aux, parts = aux_losses(routing, layer.losses, score=score, seq_len=seq_len, size_E=size_E)
     stats = layer_stats(routing, cap, srt, score, parts)
     return y_TD.reshape(x.shape), aux, stats
+
+
+def multi_head_reference(
+    x: Tensor, params: dict[str, Tensor], layer: LayerSpec, d_model: int, **kw
+) -> tuple[Tensor, Tensor, LayerStats]:
+    """Multi-head MoE (MH-MoE): x' = x W_in^T + b_in; each token's x' splits into h sub-tokens
+    of width D/h (a [B, S, D] input becomes B sequences of S·h sub-tokens, so per-sequence
+    losses stay per sequence); the layer without ``multi_head`` runs on the sub-tokens at
+    width D/h; each token's h outputs are concatenated back and y = y' W_out^T + b_out."""
+    h = layer.multi_head.heads
+    x_in = torch.nn.functional.linear(x, params["multi_head.w_in"], params.get("multi_head.b_in"))
+    lead = tuple(x.shape[:-1])
+    sub = x_in.reshape(lead[0], lead[1] * h, d_model // h) if x.dim() == 3 else x_in.reshape(-1, d_model // h)
+    inner = layer.model_copy(update={"multi_head": None})
+    y_sub, aux, stats = moe_layer_reference(sub, params, inner, d_model // h, **kw)
+    y = torch.nn.functional.linear(
+        y_sub.reshape(*lead, d_model), params["multi_head.w_out"], params.get("multi_head.b_out")
+    )
+    return y, aux, stats
 
 
 def soft_layer(

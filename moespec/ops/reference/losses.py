@@ -33,7 +33,7 @@ from torch import Tensor
 
 from moespec.ir.numbers import ffn_params
 from moespec.ops.reference.routing import RoutingResult
-from moespec.spec.schema import LayerSpec
+from moespec.spec.schema import LayerSpec, inner_d_model
 from moespec.spec.sparsity import LossesSpec
 
 
@@ -64,6 +64,7 @@ def relative_sizes_E(layer: LayerSpec, d_model: int) -> Tensor:
     """Parameters of each routed expert (FFN groups in order, then zero-compute experts),
     fp64 [E], for the parameter penalty."""
     sizes: list[float] = []
+    d_model = inner_d_model(layer, d_model)
     for g in layer.experts.routed:
         sizes += [float(ffn_params(g, d_model, g.width))] * g.n_experts
     for z in layer.experts.zero_compute:

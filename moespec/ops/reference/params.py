@@ -23,7 +23,7 @@ from torch import Tensor
 
 from moespec.spec.experts import FFNSpec
 from moespec.spec.routers.base import RouterParam
-from moespec.spec.schema import LayerSpec
+from moespec.spec.schema import LayerSpec, inner_d_model
 
 BUFFERS = ("router.expert_bias",)
 """Buffers of the top-k router; :func:`buffer_names` gives those of any layer."""
@@ -31,7 +31,7 @@ BUFFERS = ("router.expert_bias",)
 
 def buffer_names(layer: LayerSpec, d_model: int) -> set[str]:
     """Entries of the layer's parameter dict that are state (buffers), not trained."""
-    return {name for name, p in layer.router.params(layer, d_model).items() if p.buffer}
+    return {name for name, p in layer.router.params(layer, inner_d_model(layer, d_model)).items() if p.buffer}
 
 
 FFN_LEAVES = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
@@ -55,7 +55,7 @@ def _ffn_shapes(prefix: str, ffn: FFNSpec, n: int, width: int, d: int) -> dict[s
 
 def param_shapes(layer: LayerSpec, d_model: int) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer of the layer with its shape (see the module docstring)."""
-    ex, d = layer.experts, d_model
+    ex, d = layer.experts, inner_d_model(layer, d_model)
     shapes = {name: p.shape for name, p in layer.router.params(layer, d).items()}
     for g, grp in enumerate(ex.routed):
         shapes.update(_ffn_shapes(f"experts.{g}", grp, grp.n_experts, grp.width, d))
@@ -67,7 +67,24 @@ def param_shapes(layer: LayerSpec, d_model: int) -> dict[str, tuple[int, ...]]:
         if zc.kind == "constant":
             shapes[f"zero_compute.{z}.w_c"] = (zc.count, 2, d)
             shapes[f"zero_compute.{z}.v"] = (zc.count, d)
+    shapes.update({name: p.shape for name, p in multi_head_params(layer, d_model).items()})
     return shapes
+
+
+def multi_head_params(layer: LayerSpec, d_model: int) -> dict[str, RouterParam]:
+    """MH-MoE's projections around the layer: W_in xavier-uniform with gain 1/sqrt 2 and W_out
+    xavier-uniform with gain 1 (the official torchscale MH-MoE layer), zero biases."""
+    mh = layer.multi_head
+    if mh is None:
+        return {}
+    d = d_model
+    out = {"multi_head.w_in": RouterParam((d, d), "xavier", gain=2**-0.5)}
+    if mh.bias:
+        out["multi_head.b_in"] = RouterParam((d,), "zeros")
+    out["multi_head.w_out"] = RouterParam((d, d), "xavier")
+    if mh.bias:
+        out["multi_head.b_out"] = RouterParam((d,), "zeros")
+    return out
 
 
 def _init_ffn(out: dict[str, Tensor], prefix: str, ffn: FFNSpec, gen: torch.Generator) -> None:
@@ -106,6 +123,8 @@ def _init_other(t: Tensor, p: RouterParam | None, gen: torch.Generator) -> None:
         t.fill_(p.gain)  # type: ignore[union-attr]
     elif kind == "uniform":
         t.uniform_(-p.gain, p.gain, generator=gen)  # type: ignore[union-attr]
+    elif kind == "xavier":
+        torch.nn.init.xavier_uniform_(t, gain=p.gain, generator=gen)  # type: ignore[union-attr]
     elif kind == "orthogonal":
         torch.nn.init.orthogonal_(t, gain=p.gain, generator=gen)  # type: ignore[union-attr]
     else:
@@ -124,7 +143,7 @@ def init_reference_params(
         _init_ffn(out, f"experts.{g}", grp, generator)
     if layer.experts.shared is not None:
         _init_ffn(out, "shared", layer.experts.shared, generator)
-    router = layer.router.params(layer, d_model)
+    router = layer.router.params(layer, inner_d_model(layer, d_model)) | multi_head_params(layer, d_model)
     for name, t in out.items():  # dict order, so the draw order is fixed
         if name.rsplit(".", 1)[1] in FFN_LEAVES:
             continue

@@ -34,7 +34,8 @@ Problem = tuple[Path, str]
 @dataclass(frozen=True)
 class RouterParam:
     """One router tensor: ``shape``, how it starts (``normal`` N(0, 0.02²), ``zeros``,
-    ``ones``, ``orthogonal`` with gain ``gain``, ``uniform`` U(-gain, gain)), and whether it
+    ``ones``, ``orthogonal`` or ``xavier`` (uniform) with gain ``gain``, ``uniform``
+    U(-gain, gain)), and whether it
     is a buffer (state, not trained by gradient; still in ``state_dict``). ``value``, when
     set, computes the initial tensor from the spec instead (``init`` is then ignored and no
     random draw is taken): a fixed table (hash routing's int64 ``router.table``, whose dtype
