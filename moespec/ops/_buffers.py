@@ -54,9 +54,20 @@ def _wrap(s: torch.UntypedStorage, shape: tuple[int, ...], dtype: torch.dtype) -
 Shape = tuple[int, ...] | list[int] | torch.Size
 
 
+def tracing(shape: Shape) -> bool:
+    """True under torch.compile / export tracing (symbolic sizes or an active fake mode)."""
+    if any(not isinstance(d, int) for d in shape):
+        return True
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
 def empty(shape: Shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised contiguous tensor, on a recycled storage where one is free (CPU only)."""
     global _pooled_bytes
+    if tracing(shape):
+        # Autograd formulas are traced by torch.compile/export (fake tensors, symbolic sizes):
+        # there is nothing to recycle, and the sizes may be data-dependent.
+        return torch.empty(shape, dtype=dtype, device=device)
     shape = tuple(int(s) for s in shape)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes < MIN_BYTES:

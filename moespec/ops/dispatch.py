@@ -76,8 +76,10 @@ def _combine_setup(ctx, inputs, output) -> None:
 def _combine_backward(ctx, grad_y_TD):
     h, token_idx, weight = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y_TD, h, weight)):
-        # create_graph=True: differentiable out-of-place ops (double backward).
+    double = torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y_TD, h, weight))
+    if double or _buffers.tracing(h.shape):
+        # create_graph=True: differentiable out-of-place ops (double backward). Traced by
+        # torch.compile / export (sizes may be data-dependent): the same plain formula.
         g_ND = grad_y_TD.index_select(0, token_idx)
         grad_w = (g_ND * h).sum(1).to(weight.dtype)
         return g_ND * weight.unsqueeze(1).to(g_ND.dtype), None, grad_w, None

@@ -22,6 +22,9 @@ def sort_selected(selected_TE: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n_exp = selected_TE.shape[1]
     # nonzero() of the [E, T] transpose walks expert-major, tokens ascending within an expert.
     e_N, t_N = selected_TE.t().nonzero(as_tuple=True)
+    # as_tuple gives views into one buffer (at an offset); outputs must own aligned,
+    # contiguous storage (inductor checks custom-op outputs' alignment).
+    t_N = t_N.clone()
     counts_E = selected_TE.sum(0)
     offsets_E1 = torch.zeros(n_exp + 1, dtype=torch.int64, device=selected_TE.device)
     offsets_E1[1:] = torch.cumsum(counts_E, 0)

@@ -14,7 +14,7 @@ from torch import fx
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
 from moespec.lower.routers import RouteNodes, RouterLowering, register
-from moespec.spec.routers.custom import call_custom
+from moespec.spec.routers.custom import check_custom, resolve_function
 
 
 def dense_slots(gates_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +33,10 @@ class CustomLowering(RouterLowering):
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
         w = b.get("router.weight")
-        out = b.fn(call_custom, x_TD, w, r.function, r.output, r.k, dict(r.options), origin=at)
+        # The function itself is the node's target (resolved now, not inside the graph, so
+        # torch.compile traces the user's code rather than an import).
+        raw = b.fn(resolve_function(r.function), x_TD, w, origin=at, **r.options)
+        out = b.fn(check_custom, raw, x_TD, w, r.function, r.output, r.k, origin=at)
         logits = b.item(out, 0, at, "logits_TE")
         probs = b.fn(torch.softmax, logits, -1, origin=at)
         no_noise = b.empty_like(logits)

@@ -22,16 +22,17 @@ def call_custom(
     static, so the checks cost nothing at run time and survive torch.compile). Plain
     arguments, not the spec object, so the generated graph code can spell the call."""
     out = resolve_function(function)(x_TD, weight_ED, **options)
+    return check_custom(out, x_TD, weight_ED, function, output, k)
+
+
+def check_custom(out: Any, x_TD: Any, weight_ED: Any, function: str, output: str, k: int) -> tuple[Any, ...]:
+    """Check what a custom router function returned (see :func:`call_custom`)."""
     want = 2 if output == "dense" else 3
     if not isinstance(out, tuple) or len(out) != want:
-        raise TypeError(
-            f"custom router {function} must return a tuple of {want} tensors (output: {output})"
-        )
+        raise TypeError(f"custom router {function} must return a tuple of {want} tensors (output: {output})")
     t, e = x_TD.shape[0], weight_ED.shape[0]
     expect = [("logits_TE", (t, e))] + (
-        [("gates_TE", (t, e))]
-        if output == "dense"
-        else [("weight_TK", (t, k)), ("idx_TK", (t, k))]
+        [("gates_TE", (t, e))] if output == "dense" else [("weight_TK", (t, k)), ("idx_TK", (t, k))]
     )
     for value, (name, shape) in zip(out, expect, strict=True):
         if tuple(value.shape) != shape:
