@@ -29,8 +29,10 @@ def _ranks(ranks: tuple[int, ...]) -> str:
 
 def print_layer(layer: MoELayerNode) -> list[str]:
     """The lines of one layer."""
-    ex, d = layer.experts, layer.d_model
-    lines = [f"layer {layer.name} x{layer.count}  d_model={d} dtype={layer.dtype}"]
+    ex, d = layer.experts, layer.inner_d_model
+    lines = [f"layer {layer.name} x{layer.count}  d_model={layer.d_model} dtype={layer.dtype}"]
+    if layer.heads > 1:
+        lines.append(f"  heads     {layer.heads} sub-tokens of {d} (bias={_fmt(layer.head_bias)})")
     lines.append(
         f"  router    E={layer.router.n_experts} dtype={layer.router.dtype} {_opts(layer.router.config)}"
     )
@@ -51,6 +53,8 @@ def print_layer(layer: MoELayerNode) -> list[str]:
     lines.append(
         f"  losses    load_balance={_opts(layer.losses.load_balance)} z_loss={_opts(layer.losses.z_loss)}"
     )
+    for s in layer.schedules:
+        lines.append(f"  schedule  {_opts(s)}")
     pl = layer.placement
     lines.append(f"  placement ep={pl.expert_parallel} ranks={_ranks(pl.expert_to_rank)}")
     return lines

@@ -78,12 +78,14 @@ def locate(
 def _pydantic_diagnostics(tree: Sourced, err: ValidationError) -> list[Diagnostic]:
     out = []
     for e in err.errors(include_url=False):
-        kind = e["type"]
-        origin, path, note = locate(
-            tree, tuple(e["loc"]), is_key=kind == "extra_forbidden", missing=kind == "missing"
-        )
-        msg = note if kind == "missing" and note else _message(e)
-        if note and kind != "missing":
+        kind, loc = e["type"], tuple(e["loc"])
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            # Point at the discriminator itself: its value, or where the key is missing.
+            loc += (str(e.get("ctx", {}).get("discriminator", "kind")).strip("'"),)
+        missing = kind in ("missing", "union_tag_not_found")
+        origin, path, note = locate(tree, loc, is_key=kind == "extra_forbidden", missing=missing)
+        msg = note if missing and note else _message(e)
+        if note and not missing:
             msg = f"{msg} ({note})"
         out.append(Diagnostic(origin, path, msg))
     return out

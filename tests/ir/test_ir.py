@@ -35,7 +35,8 @@ HETERO = {
 EXPECTED = """\
 layer layer x1  d_model=16 dtype=fp32
   router    E=7 dtype=fp32 topk(k=2 score=softmax order=softmax_then_topk renormalize=false \
-scaling_factor=1.0 temperature=1.0 bias=false jitter=0.0 second_expert_policy=all)
+scaling_factor=1.0 temperature=1.0 bias=false jitter=0.0 gating_residual=false trainable=true \
+second_expert_policy=all)
   dispatch  rows<=T*2 capacity=dropless()
   experts   [0..1] glu(silu) 16->32->16 bias=false
   experts   [2..3] mlp(gelu) 16->12->16 bias=true
