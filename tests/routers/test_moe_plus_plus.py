@@ -49,7 +49,9 @@ def test_router_logits_chain_across_layers_and_carry_gradients():
     y = second(h, prev_router_logits=first.router_logits)
     z_prev, w_res = first.router_logits.detach(), second.router.residual_weight.detach()
     expected = second.router.weight.detach() @ h.detach().reshape(8, 32).T
-    torch.testing.assert_close(second.router_logits.detach(), expected.T + z_prev @ w_res.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        second.router_logits.detach(), expected.T + z_prev @ w_res.T, rtol=1e-5, atol=1e-5
+    )
     y.sum().backward()
     # The cross-layer edge: the second layer's loss reaches the first layer's router twice
     # (through h and through the residual logits).
@@ -90,8 +92,12 @@ def test_topk_without_residual_rejects_the_port():
 
 
 def test_moe_plus_plus_numbers():
-    out = subprocess.run([sys.executable, "-m", "moespec", "explain", MPP, "--json"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "moespec", "explain", MPP, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     layer = json.loads(out.stdout)["layers"][0]
     d, f, e = 1536, 4096, 20
     ffn = 3 * d * f

@@ -20,7 +20,7 @@ K_SCHED = "layer.schedules=[{param: router.k, kind: linear, start: 1, end: 4, st
 
 def _k_smoe(t: int, k_min: int, k_max: int, total: int) -> int:
     """SMoE-Dropout's calculate_gate_number (linear_increase), written independently."""
-    return min(k_max, int(math.floor((k_max - k_min) * t / total + 0.5)) + k_min)
+    return min(k_max, math.floor((k_max - k_min) * t / total + 0.5) + k_min)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_tensor_evaluation_matches_the_definition(sched):
         got = evaluate(sched, torch.tensor(step), integer=True)
         assert got.dtype == torch.int64
         v = sched.value(step)
-        assert int(got) == int(math.floor(v + 0.5)), (step, v)
+        assert int(got) == math.floor(v + 0.5), (step, v)
         f = evaluate(sched, torch.tensor(step), integer=False)
         assert float(f) == pytest.approx(v, rel=1e-6)
 
@@ -56,17 +56,30 @@ def _reference_at(m, x, spec_path, overrides, k_t, training, temperature=None):
     if temperature is not None:
         update["temperature"] = temperature
     layer = layer.model_copy(update={"router": layer.router.model_copy(update=update), "schedules": []})
-    params = {k: v.detach().clone().requires_grad_(v.is_floating_point() and "step" not in k)
-              for k, v in m.state_dict().items()}  # fmt: skip
+    params = {
+        k: v.detach().clone().requires_grad_(v.is_floating_point() and "step" not in k)
+        for k, v in m.state_dict().items()
+    }
     y, aux, stats = moe_layer_reference(x, params, layer, full.d_model, training=training)
     return y, aux, stats, params
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("variant", [(), ("layer.router.order=topk_then_softmax", "~layer.router.renormalize"),
-                                     ("~layer.router.renormalize",)])  # fmt: skip
+@pytest.mark.parametrize(
+    "variant",
+    [
+        (),
+        ("layer.router.order=topk_then_softmax", "~layer.router.renormalize"),
+        ("~layer.router.renormalize",),
+    ],
+)
 def test_scheduled_k_matches_a_fixed_k_reference(variant, training):
-    over = ("layer.router.k=4", K_SCHED, "layer.losses={load_balance: {kind: switch, weight: 0.1}, z_loss: {weight: 0.01}}", *variant)
+    over = (
+        "layer.router.k=4",
+        K_SCHED,
+        "layer.losses={load_balance: {kind: switch, weight: 0.1}, z_loss: {weight: 0.01}}",
+        *variant,
+    )
     m = moespec.build(TINY, over, seed=2).train(training)
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
     for step, k_t in [(0, 1), (10, 2), (20, 3), (30, 4), (99, 4)]:
@@ -84,8 +97,9 @@ def test_scheduled_k_matches_a_fixed_k_reference(variant, training):
         torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
         for name, p in m.named_parameters():
             ref = params[name].grad if params[name].grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), ref,
-                                       atol=1e-5, rtol=1e-4, msg=name)  # fmt: skip
+            torch.testing.assert_close(
+                p.grad if p.grad is not None else torch.zeros_like(p), ref, atol=1e-5, rtol=1e-4, msg=name
+            )
 
 
 def test_scheduled_temperature():
@@ -94,7 +108,9 @@ def test_scheduled_temperature():
     x = torch.randn(9, 32)
     for step in (0, 5, 10):
         m.set_step(step)
-        tau = CosineSchedule(param="router.temperature", kind="cosine", start=2.0, end=0.5, steps=10).value(step)
+        tau = CosineSchedule(param="router.temperature", kind="cosine", start=2.0, end=0.5, steps=10).value(
+            step
+        )
         y2, _, _, _ = _reference_at(m, x, TINY, over, None, False, temperature=tau)
         torch.testing.assert_close(m(x), y2, atol=1e-5, rtol=1e-5)
 
@@ -135,8 +151,12 @@ def test_smoe_dropout_numbers():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "moespec", "explain", str(SPECS / "smoe-dropout.yaml"), "--json"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "moespec", "explain", str(SPECS / "smoe-dropout.yaml"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     layer = json.loads(out.stdout)["layers"][0]
     expert = 2 * 512 * 128 + 128 + 512
     assert layer["params_total"] == 16 * expert  # the frozen router is a buffer, not a parameter
@@ -147,17 +167,26 @@ def test_smoe_dropout_numbers():
 @pytest.mark.parametrize(
     "schedules,expect",
     [
-        ("[{param: router.bogus, kind: linear, start: 1, end: 2, steps: 5}]", "cannot be scheduled for a topk router"),
+        (
+            "[{param: router.bogus, kind: linear, start: 1, end: 2, steps: 5}]",
+            "cannot be scheduled for a topk router",
+        ),
         ("[{param: router.k, kind: linear, start: 1, end: 5, steps: 5}]", "router.k must stay in 1..2"),
         ("[{param: router.k, kind: linear, start: 0, end: 2, steps: 5}]", "router.k must stay in 1..2"),
         ("[{param: router.temperature, kind: linear, start: 1, end: 0, steps: 5}]", "must stay > 0"),
         ("[{param: router.k, kind: multistep, milestones: [3, 2], values: [1, 2]}]", "one more value"),
-        ("[{param: router.k, kind: multistep, milestones: [3, 2], values: [1, 2, 2]}]", "milestones must increase"),
-        ("[{param: router.k, kind: linear, start: 1, end: 2, steps: 5}, "
-         "{param: router.k, kind: cosine, start: 1, end: 2, steps: 5}]", "scheduled twice"),
+        (
+            "[{param: router.k, kind: multistep, milestones: [3, 2], values: [1, 2, 2]}]",
+            "milestones must increase",
+        ),
+        (
+            "[{param: router.k, kind: linear, start: 1, end: 2, steps: 5}, "
+            "{param: router.k, kind: cosine, start: 1, end: 2, steps: 5}]",
+            "scheduled twice",
+        ),
         ("[{param: router.k, kind: linear, start: 1, end: 2, steps: 0}]", "greater than 0"),
     ],
-)  # fmt: skip
+)
 def test_bad_schedules(schedules, expect):
     with pytest.raises(moespec.SpecError, match=expect):
         moespec.load_spec(TINY, (f"layer.schedules={schedules}",))
@@ -165,5 +194,7 @@ def test_bad_schedules(schedules, expect):
 
 def test_scheduled_k_needs_dropless_capacity():
     cap = "layer.capacity={kind: factor, train_factor: 1.0, eval_factor: 1.0}"
-    with pytest.raises(moespec.SpecError, match="layer.capacity: a scheduled router.k needs capacity: dropless"):
+    with pytest.raises(
+        moespec.SpecError, match=r"layer\.capacity: a scheduled router\.k needs capacity: dropless"
+    ):
         moespec.load_spec(TINY, (K_SCHED.replace("end: 4", "end: 2"), cap))
