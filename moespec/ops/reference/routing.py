@@ -92,6 +92,22 @@ class RoutingResult:
         return sort_by_expert(self.topk_idx_TK, self.topk_weight_TK, keep, self.n_experts)
 
 
+def token_choice_routing(
+    logits_TE: Tensor, probs_TE: Tensor, weight_TK: Tensor, idx_TK: Tensor, n_experts: int
+) -> RoutingResult:
+    """A plain token-choice routing: K chosen experts per token, no noise, every slot active."""
+    return RoutingResult(
+        logits_TE=logits_TE,
+        noisy_logits_TE=logits_TE,
+        noise_std_TE=None,
+        probs_TE=probs_TE,
+        topk_idx_TK=idx_TK,
+        topk_weight_TK=weight_TK,
+        active_TK=torch.ones_like(idx_TK, dtype=torch.bool),
+        n_experts=n_experts,
+    )
+
+
 def dense_routing(
     logits_TE: Tensor,
     probs_TE: Tensor,

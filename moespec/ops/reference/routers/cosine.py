@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
 from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult
+from moespec.ops.reference.routing import RoutingResult, token_choice_routing
 from moespec.spec.routers.cosine import MIN_TEMPERATURE, CosineRouter
 
 EPS = 1e-4
@@ -55,13 +55,4 @@ def cosine_route(
     weight_TK = probs_TE.gather(1, idx_TK)
     if spec.renormalize:
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
-    return RoutingResult(
-        logits_TE=logits_TE,
-        noisy_logits_TE=logits_TE,
-        noise_std_TE=None,
-        probs_TE=probs_TE,
-        topk_idx_TK=idx_TK,
-        topk_weight_TK=weight_TK,
-        active_TK=torch.ones_like(idx_TK, dtype=torch.bool),
-        n_experts=ctx.n_experts,
-    )
+    return token_choice_routing(logits_TE, probs_TE, weight_TK, idx_TK, ctx.n_experts)

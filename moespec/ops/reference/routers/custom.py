@@ -4,11 +4,10 @@ balance losses; nonzero gates select in the dense form)."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, dense_routing
+from moespec.ops.reference.routing import RoutingResult, dense_routing, token_choice_routing
 from moespec.spec.routers.custom import CustomRouter, call_custom
 
 
@@ -22,13 +21,4 @@ def custom(x_TD: Tensor, params: dict[str, Tensor], spec: CustomRouter, ctx: Rou
         gates_TE = out[1]
         return dense_routing(logits_TE, probs_TE, gates_TE, gates_TE != 0, nominal_k=spec.k)
     weight_TK, idx_TK = out[1], out[2]
-    return RoutingResult(
-        logits_TE=logits_TE,
-        noisy_logits_TE=logits_TE,
-        noise_std_TE=None,
-        probs_TE=probs_TE,
-        topk_idx_TK=idx_TK,
-        topk_weight_TK=weight_TK,
-        active_TK=torch.ones_like(idx_TK, dtype=torch.bool),
-        n_experts=ctx.n_experts,
-    )
+    return token_choice_routing(logits_TE, probs_TE, weight_TK, idx_TK, ctx.n_experts)

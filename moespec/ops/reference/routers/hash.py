@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moespec.ops.reference._common import TORCH_DTYPES
 from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult
+from moespec.ops.reference.routing import RoutingResult, token_choice_routing
 from moespec.spec.routers.hash import HashRouter
 
 
@@ -46,13 +46,4 @@ def hash_route(x_TD: Tensor, params: dict[str, Tensor], spec: HashRouter, ctx: R
     weight_TK = torch.full(idx_TK.shape, 1.0 / spec.k, dtype=dtype, device=x_TD.device)
     logits_TE = torch.zeros(t_count, ctx.n_experts, dtype=dtype, device=x_TD.device)
     probs_TE = logits_TE.scatter_add(1, idx_TK, weight_TK)
-    return RoutingResult(
-        logits_TE=logits_TE,
-        noisy_logits_TE=logits_TE,
-        noise_std_TE=None,
-        probs_TE=probs_TE,
-        topk_idx_TK=idx_TK,
-        topk_weight_TK=weight_TK,
-        active_TK=torch.ones_like(idx_TK, dtype=torch.bool),
-        n_experts=ctx.n_experts,
-    )
+    return token_choice_routing(logits_TE, probs_TE, weight_TK, idx_TK, ctx.n_experts)
