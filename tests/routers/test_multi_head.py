@@ -85,7 +85,7 @@ def test_mh_moe_numbers():
     out = subprocess.run([sys.executable, "-m", "moespec", "explain", MH, "--json"],
                          capture_output=True, text=True, check=True)  # fmt: skip
     layer = json.loads(out.stdout)["layers"][0]
-    d, h, f, e, k = 768, 4, 768, 32, 2
+    d, h, f, e, k = 768, 4, 3072, 32, 2
     sub = d // h
     expert = 2 * sub * f + f + sub
     proj = 2 * d * d + 2 * d
