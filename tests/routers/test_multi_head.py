@@ -60,7 +60,7 @@ def test_equals_manual_split_through_a_plain_layer():
 def test_state_dict_names():
     keys = set(moespec.build(MH, SMALL).state_dict())
     assert {"multi_head.w_in", "multi_head.b_in", "multi_head.w_out", "multi_head.b_out"} <= keys
-    assert moespec.build(MH, SMALL).get_parameter("router.weight").shape == (6, 12)
+    assert moespec.build(MH, SMALL).get_parameter("router.proj").shape == (16, 12)  # D/h in, X-MoE's 16 out
 
 
 @pytest.mark.parametrize(
@@ -89,6 +89,7 @@ def test_mh_moe_numbers():
     sub = d // h
     expert = 2 * sub * f + f + sub
     proj = 2 * d * d + 2 * d
-    assert layer["params_total"] == e * expert + sub * e + proj
-    assert layer["params_active"] == sub * e + h * k * expert + proj  # up to h·k distinct experts
-    assert layer["flops_per_token"] == 2 * (h * (sub * e + k * 2 * sub * f) + 2 * d * d)
+    router = sub * 16 + 16 * e  # X-MoE cosine router: W_proj [16, D/h] and expert embeddings [E, 16]
+    assert layer["params_total"] == e * expert + router + proj
+    assert layer["params_active"] == router + h * k * expert + proj  # up to h·k distinct experts
+    assert layer["flops_per_token"] == 2 * (h * (router + k * 2 * sub * f) + 2 * d * d)
