@@ -23,10 +23,12 @@ grouped GEMMs (``moespec.ops.gemm``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from moespec.ops import _buffers
+from moespec.ops import _buffers, _parallel
 from moespec.ops.activations import act, act_backward_
 from moespec.ops.gemm import expert_blocks, gmm, gmm_wgrad
 
@@ -35,6 +37,12 @@ from moespec.ops.gemm import expert_blocks, gmm, gmm_wgrad
 _BLOCKED_CPU = True
 _BLOCK_BYTES = 4 << 20  # one block's widest temporary, [rows, max(F, D)], at most this
 _MIN_BLOCK_ROWS = 256
+# Blocks run in parallel (one single-threaded worker per intra-op thread) once a group's
+# rows x D x F reaches _PARALLEL_MIN_MACS (below it the hand-off costs more than it saves),
+# while its blocks are small: rows x D x F per block below _PARALLEL_MAX_BLOCK_MACS (larger
+# GEMMs run faster split over the threads by BLAS, e.g. Mixtral-like 1024 x 512 x 1024).
+_PARALLEL_MIN_MACS = 1 << 24
+_PARALLEL_MAX_BLOCK_MACS = 1 << 26
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -155,7 +163,9 @@ def _forward_blocked(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
     b_up = b_up_EF.unbind(0) if bias else None
     b_gate = b_gate_EF.unbind(0) if bias and glu else None
     b_down = b_down_ED.unbind(0) if bias else None
-    for i, e in enumerate(experts):
+
+    def block(i: int) -> None:
+        e = experts[i]
         x_BD = x_TD.index_select(0, idx_b[i])
         up_BF = _linear(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
         if gate_b is not None:
@@ -164,7 +174,41 @@ def _forward_blocked(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
         else:
             h_BF = act(activation, up_BF)
         _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
+
+    n_par = _n_parallel(len(experts), hi - lo, d, f)
+    if n_par == 1:
+        for i in range(len(experts)):
+            block(i)
+        return y_ND, up_NF, gate_NF
+    todo = iter(range(len(experts)))  # shared: each worker takes the next block when done
+
+    def piece() -> None:
+        for i in todo:
+            block(i)
+
+    _parallel.run([piece] * n_par)
     return y_ND, up_NF, gate_NF
+
+
+def _n_parallel(n_blocks: int, rows: int, d: int, f: int) -> int:
+    """Workers for a group's blocks: one per intra-op thread when the work is large enough."""
+    macs = rows * d * f
+    if n_blocks < 2 or macs < _PARALLEL_MIN_MACS or macs >= _PARALLEL_MAX_BLOCK_MACS * n_blocks:
+        return 1
+    return min(_parallel.threads(), n_blocks)
+
+
+def _split(experts: list[int], sizes: list[int], n: int) -> list[list[int]]:
+    """Block indices in ``n`` consecutive runs of about equal rows, never splitting an expert
+    (its weight gradients accumulate over its blocks in one worker)."""
+    total, parts, cur, done = sum(sizes), [[] for _ in range(n)], 0, 0
+    for i, (e, r) in enumerate(zip(experts, sizes, strict=True)):
+        new_expert = i == 0 or experts[i - 1] != e
+        if new_expert and cur < n - 1 and done >= total * (cur + 1) / n and parts[cur]:
+            cur += 1
+        parts[cur].append(i)
+        done += r
+    return [p for p in parts if p]
 
 
 def _linear(a: Tensor, w_t: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
@@ -250,7 +294,7 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
     glu = _present(w_gate_EFD)
     bounds = offsets_E1.tolist()
     lo, hi = bounds[first], bounds[first + n_exp]
-    grad_x_TD = _buffers.zeros(x_TD.shape, x_TD)
+    grad_x_TD = _buffers.empty_like(x_TD)  # zeroed below (by its worker when parallel)
     grad_w_up = _buffers.empty_like(w_up_EFD)
     grad_w_gate = _buffers.empty_like(w_gate_EFD) if glu else _empty(x_TD)
     grad_w_down = _buffers.empty_like(w_down_EDF)
@@ -263,7 +307,7 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
         for gw in (grad_w_up, grad_w_gate, grad_w_down) if glu else (grad_w_up, grad_w_down):
             gw[e].zero_()
     if not experts:
-        return [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
+        return [grad_x_TD.zero_(), grad_w_up, grad_w_gate, grad_w_down, *grads_b]
     idx_b, g_b = token_idx_N[lo:hi].split(sizes), grad_y_ND[lo:hi].split(sizes)
     up_b = up_NF[lo:hi].split(sizes)
     gate_b = gate_NF[lo:hi].split(sizes) if glu else None
@@ -272,7 +316,9 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
     gw_up, gw_down = grad_w_up.unbind(0), grad_w_down.unbind(0)
     gw_gate = grad_w_gate.unbind(0) if glu else None
     seen = [False] * n_exp  # expert e's weight gradients hold a first block already
-    for i, e in enumerate(experts):
+
+    def block(i: int, grad_x_TD: Tensor) -> None:
+        e = experts[i]
         acc, seen[e] = seen[e], True
         x_BD = x_TD.index_select(0, idx_b[i])
         g_BD, up_BF = g_b[i], up_b[i]
@@ -290,9 +336,10 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
         else:
             gu_BF, gg_BF = act_backward_(activation, gh_BF, up_BF), None
         _wgrad(gu_BF, x_BD, gw_up[e], acc)
+        if gg_BF is not None:
+            _wgrad(gg_BF, x_BD, gw_gate[e], acc)  # right after the other one reading x_BD
         gx_BD = torch.mm(gu_BF, w_up[e])
         if gg_BF is not None:
-            _wgrad(gg_BF, x_BD, gw_gate[e], acc)
             gx_BD.addmm_(gg_BF, w_gate[e])
         grad_x_TD.index_add_(0, idx_b[i], gx_BD)
         if has_bias:
@@ -300,6 +347,29 @@ def _backward_blocked(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD,
             if gg_BF is not None:
                 grads_b[1][e].add_(gg_BF.sum(0))
             grads_b[2][e].add_(g_BD.sum(0))
+
+    n_par = _n_parallel(len(experts), hi - lo, d, f)
+    if n_par == 1:
+        grad_x_TD.zero_()
+        for i in range(len(experts)):
+            block(i, grad_x_TD)
+        return [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
+    # Static runs of whole experts (deterministic sums): each worker scatters x's gradient
+    # into its own accumulator (zeroed by that worker), summed in order at the end.
+    parts = _split(experts, sizes, n_par)
+    accs = [grad_x_TD] + [_buffers.empty_like(x_TD) for _ in parts[1:]]
+
+    def piece(blocks: list[int], acc_TD: Tensor) -> Callable[[], None]:
+        def run() -> None:
+            acc_TD.zero_()
+            for i in blocks:
+                block(i, acc_TD)
+
+        return run
+
+    _parallel.run([piece(p, a) for p, a in zip(parts, accs, strict=True)])
+    for a in accs[1:]:
+        grad_x_TD.add_(a)
     return [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
 
 

@@ -3,6 +3,8 @@
 Matrix: forward and every gradient, fp64 gradcheck on tiny shapes, fp32 on odd shapes
 (T in 1, 7, 64; D 48/100), an expert with no tokens, all tokens on one expert, dropped rows,
 every activation, mlp and glu, with and without bias; torch.library.opcheck on every op.
+The CPU kernels' parallel and recycled-buffer paths (off at these tiny shapes) are forced on
+for the same cases, with experts in one or several row blocks, in inference mode too.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moespec.ops.dispatch
-import moespec.ops.expert_ffn  # noqa: F401
+import moespec.ops.dispatch  # noqa: F401
+import moespec.ops.expert_ffn as expert_ffn
+from moespec.ops import _buffers, _parallel
 from moespec.ops.activations import act
 
 OPS = torch.ops.moespec
@@ -160,3 +163,72 @@ def test_opcheck_every_op():
     ]:
         result = torch.library.opcheck(op, a)
         assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# --- parallel CPU path, forced on ---
+
+
+@pytest.fixture(params=["one_block", "small_blocks"])
+def forced(request, monkeypatch):
+    """The parallel path and recycled buffers at tiny shapes, on 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(expert_ffn, "_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
+    if request.param == "small_blocks":  # experts span several blocks
+        monkeypatch.setattr(expert_ffn, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(expert_ffn, "_MIN_BLOCK_ROWS", 3)
+    yield
+    torch.set_num_threads(threads)
+    _buffers.release()
+
+
+@pytest.mark.parametrize("t,d,f,e,k,kind,activation,bias,busy,drop", CASES)
+def test_parallel_matches_loop(forced, t, d, f, e, k, kind, activation, bias, busy, drop):
+    assert _parallel.threads() == 2
+    idx_TK, keep_TK = _routing(t, k, e, busy=busy, drop=drop)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(t, d, generator=g, requires_grad=True)
+    w_TK = torch.rand(t, k, generator=g, requires_grad=True)
+    p = _params(e, f, d, kind == "glu", bias, torch.float32)
+    y1, g1 = _grads(lambda: _fused(x, idx_TK, keep_TK, w_TK, p, activation), x, w_TK, p)
+    y2, g2 = _grads(lambda: _loop(x, idx_TK, keep_TK, w_TK, p, activation), x, w_TK, p)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    y3, g3 = _grads(lambda: _fused(x, idx_TK, keep_TK, w_TK, p, activation), x, w_TK, p)
+    assert torch.equal(y1, y3)  # deterministic, recycled buffers included
+    for a, b in zip(g1, g3, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_parallel_inference_mode(forced):
+    idx_TK, keep_TK = _routing(64, 2, 8, drop=0.1)
+    x = torch.randn(64, 48)
+    w_TK = torch.rand(64, 2)
+    p = {k: v.detach() for k, v in _params(8, 40, 48, True, True, torch.float32).items()}
+    with torch.inference_mode():
+        y1 = _fused(x, idx_TK, keep_TK, w_TK, p, "silu")
+    torch.testing.assert_close(y1, _loop(x, idx_TK, keep_TK, w_TK, p, "silu"), atol=1e-5, rtol=1e-5)
+
+
+def test_worker_error_propagates(forced):
+    hits = []
+
+    def bad() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        _parallel.run([bad, lambda: hits.append(1)])
+    assert hits == [1]  # the other piece ran to the end
+
+
+def test_split_keeps_experts_whole():
+    experts = [0, 0, 0, 1, 2, 2, 3]
+    sizes = [5, 5, 5, 1, 4, 4, 20]
+    parts = expert_ffn._split(experts, sizes, 2)
+    assert sorted(i for p in parts for i in p) == list(range(len(experts)))
+    owner = {experts[i]: j for j, p in enumerate(parts) for i in p}
+    assert all(owner[experts[i]] == j for j, p in enumerate(parts) for i in p)
+    assert len(parts) == 2
+    assert expert_ffn._split([0, 0], [3, 3], 2) == [[0, 1]]  # one expert: one run
