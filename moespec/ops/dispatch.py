@@ -58,8 +58,10 @@ def combine(h_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, n_tokens: int) 
     """y_TD[t] = sum over rows n of token t of weight_N[n] * h_ND[n] (weight 0 skips a row)."""
     y_TD = _buffers.zeros((n_tokens, h_ND.shape[1]), h_ND)
     w_N1 = weight_N.unsqueeze(1).to(h_ND.dtype)
-    for lo, hi in _row_blocks(h_ND):
-        y_TD.index_add_(0, token_idx_N[lo:hi], h_ND[lo:hi] * w_N1[lo:hi])
+    blocks = _row_blocks(h_ND)
+    tmp = h_ND.new_empty(max((hi - lo for lo, hi in blocks), default=0), h_ND.shape[1])
+    for lo, hi in blocks:
+        y_TD.index_add_(0, token_idx_N[lo:hi], torch.mul(h_ND[lo:hi], w_N1[lo:hi], out=tmp[: hi - lo]))
     return y_TD
 
 
@@ -83,16 +85,21 @@ def _combine_backward(ctx, grad_y_TD):
         g_ND = grad_y_TD.index_select(0, token_idx)
         grad_w = (g_ND * h).sum(1).to(weight.dtype)
         return g_ND * weight.unsqueeze(1).to(g_ND.dtype), None, grad_w, None
-    # grad_h = g[token] * w is filled block by block in place; grad_w reads g[token] first.
+    # Per block: g[token] gathered into a cache-sized temporary, grad_w = <g[token], h> read
+    # from it, grad_h = g[token] * w written once.
     grad_h = _buffers.empty_like(h)
     grad_w = weight.new_empty(weight.shape) if need_w else None
     w_N1 = weight.unsqueeze(1).to(grad_h.dtype)
     g_TD = grad_y_TD.to(grad_h.dtype)
-    for lo, hi in _row_blocks(h):
-        g_BD = torch.index_select(g_TD, 0, token_idx[lo:hi], out=grad_h[lo:hi])
-        if grad_w is not None:
-            grad_w[lo:hi] = (g_BD * h[lo:hi]).sum(1)
-        g_BD.mul_(w_N1[lo:hi])
+    blocks = _row_blocks(h)
+    tmp = h.new_empty(max((hi - lo for lo, hi in blocks), default=0), h.shape[1])
+    for lo, hi in blocks:
+        g_BD = torch.index_select(g_TD, 0, token_idx[lo:hi], out=tmp[: hi - lo])
+        if grad_w is not None and grad_w.dtype == g_BD.dtype:
+            torch.linalg.vecdot(g_BD, h[lo:hi], out=grad_w[lo:hi])
+        elif grad_w is not None:
+            grad_w[lo:hi] = torch.linalg.vecdot(g_BD, h[lo:hi])
+        torch.mul(g_BD, w_N1[lo:hi], out=grad_h[lo:hi])
     return grad_h if need_h else None, None, grad_w, None
 
 

@@ -23,6 +23,19 @@ from moespec.ops.reference import selection
 from moespec.ops.reference._common import stable_topk
 
 
+def _topk_idx(crit_TE: Tensor, k: int) -> Tensor:
+    """``stable_topk`` (ties to the lower index): on the CPU from ``torch.topk`` of k+1
+    (one pass, no full sort of every row), exact when those k+1 values are distinct and not
+    NaN (``torch.topk`` leaves tie order unspecified); otherwise, and off the CPU (the check
+    would be a host sync), the stable sort."""
+    e = crit_TE.shape[-1]
+    if crit_TE.device.type == "cpu" and crit_TE.dim() == 2 and 0 < k < e and crit_TE.shape[0] > 0:
+        v_TK1, i_TK1 = torch.topk(crit_TE, k + 1, dim=-1, sorted=True)
+        if not bool((v_TK1[:, :-1] == v_TK1[:, 1:]).any() | v_TK1.isnan().any()):
+            return i_TK1[:, :k]
+    return stable_topk(crit_TE, k)
+
+
 def _scores(logits_TE: Tensor, score: str) -> Tensor:
     return logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
 
@@ -58,7 +71,7 @@ def topk_route(
         noisy_TE = selection.mask_unselected(logits_TE + gumbel_TE.to(logits_TE.dtype), allowed_TE)
         idx_TK = torch.stack([first_T, stable_topk(noisy_TE, 1)[:, 0]], dim=1)
     else:
-        idx_TK = stable_topk(crit_TE, k)
+        idx_TK = _topk_idx(crit_TE, k)
     if order == "topk_then_softmax":
         weight_TK = logits_TE.gather(1, idx_TK).softmax(-1)
     else:

@@ -98,3 +98,20 @@ def test_opcheck(args):
     a = (torch.randn(7, 8, requires_grad=True), bias_E, gumbel_TE, k, score, order, renorm, scale, ng, tg, gs)
     result = torch.library.opcheck(torch.ops.moespec.topk_route.default, a)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 7, 8])
+def test_topk_fast_path_matches_stable_sort(ties, k):
+    """The CPU top-k shortcut selects and orders exactly like the stable sort, ties included."""
+    from moespec.ops.reference._common import stable_topk
+    from moespec.ops.route import _topk_idx
+
+    g = torch.Generator().manual_seed(k)
+    crit = torch.randn(64, 8, generator=g)
+    if ties:  # coarse values: many equal entries, some rows with -inf, -0.0 and +0.0, NaN
+        crit = (crit * 2).round() / 2
+        crit[3, :4] = float("-inf")
+        crit[5, 1], crit[5, 6] = -0.0, 0.0
+        crit[7, 2] = float("nan")
+    assert torch.equal(_topk_idx(crit, k), stable_topk(crit, k))
