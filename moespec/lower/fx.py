@@ -25,6 +25,7 @@ import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers, soft
 from moespec.lower.builder import Builder, ExtraInput, RandomInput, as_extra_input
+from moespec.lower.experts import routed_experts
 from moespec.lower.routers import SoftNodes, lowering
 
 OPS = torch.ops.moespec
@@ -122,27 +123,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
 
     # Experts: one fused grouped FFN per expert group, then the weighted combine.
     empty_x = g.call_method("new_empty", (x, (0,)))
-    h = None
-    for gi, grp in enumerate(layer.experts.groups):
-        p = lambda name, grp=grp, gi=gi: b.get(f"experts.{gi}.{name}")  # noqa: E731
-        glu, bias_on = grp.kind == "glu", grp.bias
-        out = b.fn(
-            OPS.expert_ffn,
-            x,
-            token_idx,
-            offsets,
-            grp.first,
-            p("w_up"),
-            p("w_gate") if glu else empty_x,
-            p("w_down"),
-            p("b_up") if bias_on else empty_x,
-            p("b_gate") if glu and bias_on else empty_x,
-            p("b_down") if bias_on else empty_x,
-            grp.activation,
-            origin=f"{at_e}.routed.{gi}",
-        )
-        hg = b.item(out, 0, at_e, f"h{gi}_ND")
-        h = hg if h is None else b.fn(operator.add, h, hg, origin=at_e)
+    h = routed_experts(b, layer, x, token_idx, offsets)
     n_tok = g.call_method("size", (x, 0))
     y = b.fn(OPS.combine, h, token_idx, row_w, n_tok, origin=layer.combine.origin)
     if layer.experts.zero_compute:

@@ -18,16 +18,13 @@ per group, N slot rows (G·S).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
+from moespec.lower.experts import routed_experts
 from moespec.lower.routers import SoftNodes
-
-OPS = torch.ops.moespec
 
 
 def groups(n_tokens: int, seq_len: int) -> tuple[int, int]:
@@ -78,33 +75,12 @@ def lower_soft(
 ) -> tuple[fx.Node, fx.Node]:
     """Append slots, experts and combine; returns ``(y_TD, stats)`` (stats: the tuple of
     :func:`soft_stats`, the layer's outputs after ``router_logits``)."""
-    at_d, at_e, n_exp = layer.dispatch.origin, layer.experts.origin, layer.experts.n_experts
+    at_d, n_exp = layer.dispatch.origin, layer.experts.n_experts
     mixed = b.fn(mix_slots, rt.dispatch_TS, x, seq_len, n_exp, origin=at_d)
     slots, token_idx, offsets = (
         b.item(mixed, i, at_d, n) for i, n in enumerate(("slots_ND", "token_idx_N", "offsets_E1"))
     )
-    empty = b.g.call_method("new_empty", (x, (0,)))
-    h = None
-    for gi, grp in enumerate(layer.experts.groups):
-        p = lambda name, gi=gi: b.get(f"experts.{gi}.{name}")  # noqa: E731
-        glu, bias_on = grp.kind == "glu", grp.bias
-        out = b.fn(
-            OPS.expert_ffn,
-            slots,
-            token_idx,
-            offsets,
-            grp.first,
-            p("w_up"),
-            p("w_gate") if glu else empty,
-            p("w_down"),
-            p("b_up") if bias_on else empty,
-            p("b_gate") if glu and bias_on else empty,
-            p("b_down") if bias_on else empty,
-            grp.activation,
-            origin=f"{at_e}.routed.{gi}",
-        )
-        hg = b.item(out, 0, at_e, f"h{gi}_ND")
-        h = hg if h is None else b.fn(operator.add, h, hg, origin=at_e)
+    h = routed_experts(b, layer, slots, token_idx, offsets)
     y = b.fn(unmix_slots, h, rt.combine_TS, seq_len, n_exp, origin=layer.combine.origin)
     stats = b.fn(soft_stats, rt.combine_TS, slots, n_exp, origin=layer.losses.origin)
     return y, stats

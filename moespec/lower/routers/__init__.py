@@ -14,14 +14,17 @@ rest, so a new router never touches dispatch or experts. Two forms:
 from __future__ import annotations
 
 import importlib
+import operator
 import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder, RandomInput
+from moespec.ops.reference._common import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from torch import nn
@@ -86,6 +89,27 @@ class RouterLowering:
     def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
         """Training-mode state update after a forward (under no_grad), e.g. a bias or an
         L1 coefficient controller; ``stats`` is the layer's ``routing_stats``."""
+
+
+JITTER = RandomInput("jitter_u_TD", "uniform", "TD", True)
+"""The Switch input-jitter draw U [T, D] (training only), shared by routers with ``jitter``."""
+
+
+def router_input(b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node]) -> fx.Node:
+    """x in the router dtype (selective precision), times U(1 - eps, 1 + eps) while training
+    when the router has input jitter (Switch; the draw is ``inputs["jitter_u_TD"]``)."""
+    xr = b.to(x_TD, TORCH_DTYPES[layer.router.dtype])
+    if JITTER.name in inputs:
+        eps, at = layer.router.config.jitter, layer.router.origin
+        scaled = b.fn(operator.mul, inputs[JITTER.name], 2.0 * eps, origin=at)
+        xr = b.fn(operator.mul, xr, b.fn(operator.add, 1.0 - eps, scaled, origin=at), origin=at)
+    return xr
+
+
+def dense_slots(selected_TE: Tensor) -> Tensor:
+    """idx_TE of the dense form: slot e of every token is expert e."""
+    t, e = selected_TE.shape
+    return torch.arange(e, device=selected_TE.device).expand(t, e)
 
 
 LOWERINGS: dict[str, RouterLowering] = {}

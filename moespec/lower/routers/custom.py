@@ -13,15 +13,8 @@ from torch import fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
 from moespec.spec.routers.custom import check_custom, resolve_function
-
-
-def dense_slots(gates_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(idx_TE, selected_TE)`` of a dense-form routing: slot e is expert e, nonzero gates
-    select."""
-    t, e = gates_TE.shape
-    return torch.arange(e, device=gates_TE.device).expand(t, e), gates_TE != 0
 
 
 @register
@@ -42,8 +35,8 @@ class CustomLowering(RouterLowering):
         no_noise = b.empty_like(logits)
         if r.output == "dense":
             gates = b.item(out, 1, at, "gates_TE")
-            slots = b.fn(dense_slots, gates, origin=at)
-            idx, sel = (b.fn(operator.getitem, slots, i, origin=at) for i in (0, 1))
+            sel = b.fn(operator.ne, gates, 0, origin=at)  # nonzero gates select
+            idx = b.fn(dense_slots, sel, origin=at)
             return RouteNodes(logits, logits, no_noise, probs, gates, idx, sel, dense=True)
         weight, idx = b.item(out, 1, at, "weight_TK"), b.item(out, 2, at, "idx_TK")
         active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)

@@ -17,7 +17,7 @@ from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
 from moespec.ops.reference._common import TORCH_DTYPES
 from moespec.spec.routers.dselect_k import n_binary
 
@@ -55,8 +55,7 @@ def dselect_k_weights(
     if reach_weight > 0:
         # Clamped: a selector saturated on unreachable codes has sum 0 (the code's inf, NaN grads).
         extra = extra + reach_weight * r_TLE.sum(-1).clamp(min=ENTROPY_EPS).reciprocal().sum(-1).mean()
-    idx_TE = torch.arange(n_experts, device=x_TD.device).expand(w_TE.shape[0], n_experts)
-    return w_TE, idx_TE, w_TE > 0, extra
+    return w_TE, dense_slots(w_TE), w_TE > 0, extra
 
 
 @register

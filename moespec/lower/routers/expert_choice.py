@@ -17,7 +17,7 @@ from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
 from moespec.ops.reference._common import TORCH_DTYPES
 
 OPS = torch.ops.moespec
@@ -26,9 +26,8 @@ OPS = torch.ops.moespec
 def expert_choice_slots(probs_TE: Tensor, selected_TE: Tensor) -> tuple[Tensor, Tensor]:
     """``(gates_TE, idx_TE)`` of the dense form: the chosen scores (zero elsewhere) and
     slot e = expert e."""
-    t, e = probs_TE.shape
     gates_TE = probs_TE * selected_TE.to(probs_TE.dtype)
-    return gates_TE, torch.arange(e, device=probs_TE.device).expand(t, e)
+    return gates_TE, dense_slots(selected_TE)
 
 
 @register

@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import JITTER, RouteNodes, RouterLowering, dense_slots, register, router_input
 from moespec.ops.reference._common import TORCH_DTYPES
 from moespec.ops.reference.routers.relu import update_l1_coeff
 
@@ -29,19 +29,13 @@ def remoe_l1_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
     return l1_coeff.to(r_TE.dtype) * scale * (r_TE.sum(0) * n_E).sum()
 
 
-def dense_slots(selected_TE: Tensor) -> Tensor:
-    """idx_TE: slot e of every token is expert e (the dense form)."""
-    t, e = selected_TE.shape
-    return torch.arange(e, device=selected_TE.device).expand(t, e)
-
-
 @register
 class ReLULowering(RouterLowering):
     kind = "relu"
 
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         if training and layer.router.config.jitter > 0:
-            return [RandomInput("jitter_u_TD", "uniform", "TD", True)]
+            return [JITTER]
         return []
 
     def lower(
@@ -49,11 +43,7 @@ class ReLULowering(RouterLowering):
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
         rdtype = TORCH_DTYPES[layer.router.dtype]
-        xr = b.to(x_TD, rdtype)
-        if "jitter_u_TD" in inputs:
-            eps = r.jitter
-            scaled = b.fn(operator.mul, inputs["jitter_u_TD"], 2.0 * eps, origin=at)
-            xr = b.fn(operator.mul, xr, b.fn(operator.add, 1.0 - eps, scaled, origin=at), origin=at)
+        xr = router_input(b, layer, x_TD, inputs)
         logits = b.fn(F.linear, xr, b.to(b.get("router.weight"), rdtype), origin=at)
         gates = b.fn(torch.relu, logits, origin=at)
         selected = b.fn(operator.gt, gates, 0, origin=at)

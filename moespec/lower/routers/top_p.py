@@ -14,8 +14,7 @@ from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
-from moespec.lower.routers.relu import dense_slots
+from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
 from moespec.ops.reference._common import TORCH_DTYPES
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers
 from moespec.lower.builder import Builder, ExtraInput, RandomInput
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import JITTER, RouteNodes, RouterLowering, register, router_input
 from moespec.ops.reference._common import TORCH_DTYPES
 
 OPS = torch.ops.moespec
@@ -56,7 +56,7 @@ class TopKLowering(RouterLowering):
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         r, out = layer.router.config, []
         if training and r.jitter > 0:
-            out.append(RandomInput("jitter_u_TD", "uniform", "TD", True))
+            out.append(JITTER)
         if training and r.noise is not None:
             out.append(RandomInput("noise_TE", "normal", "TE", True))
         if r.second_expert_policy == "sampling":
@@ -76,11 +76,7 @@ class TopKLowering(RouterLowering):
         r, at = layer.router.config, layer.router.origin
         rdtype = TORCH_DTYPES[layer.router.dtype]
         # Router in the router dtype (selective precision), jitter/noise while training.
-        xr = b.to(x_TD, rdtype)
-        if "jitter_u_TD" in inputs:
-            eps = r.jitter
-            scaled = b.fn(operator.mul, inputs["jitter_u_TD"], 2.0 * eps, origin=at)
-            xr = b.fn(operator.mul, xr, b.fn(operator.add, 1.0 - eps, scaled, origin=at), origin=at)
+        xr = router_input(b, layer, x_TD, inputs)
         w_r = b.to(b.get("router.weight"), rdtype)
         bias = b.to(b.get("router.bias"), rdtype) if r.bias else None
         logits = b.fn(F.linear, xr, w_r, bias, origin=at)

@@ -135,6 +135,15 @@ def dense_routing(
     )
 
 
+def input_jitter(x_TD: Tensor, eps: float, *, training: bool, generator: torch.Generator | None) -> Tensor:
+    """Switch input jitter while training: x * U(1 - eps, 1 + eps), one draw per entry of x
+    from ``generator``; x unchanged in eval or with eps = 0."""
+    if not training or eps <= 0:
+        return x_TD
+    u_TD = uniform(tuple(x_TD.shape), need_generator(generator, "router jitter"), x_TD)
+    return x_TD * (1.0 - eps + 2.0 * eps * u_TD)
+
+
 def router_logits(
     x_TD: Tensor,
     w_router_ED: Tensor,
@@ -151,10 +160,7 @@ def router_logits(
     (MoE++) the previous layer's logits enter before the temperature division:
     z = (x W_r^T + b + z_prev W_res^T) / temperature (z_prev = 0 when not given)."""
     x_TD = x_TD.to(dtype)
-    if training and spec.jitter > 0:
-        gen = need_generator(generator, "router jitter")
-        u_TD = uniform(tuple(x_TD.shape), gen, x_TD)
-        x_TD = x_TD * (1.0 - spec.jitter + 2.0 * spec.jitter * u_TD)
+    x_TD = input_jitter(x_TD, spec.jitter, training=training, generator=generator)
     logits_TE = x_TD @ w_router_ED.to(dtype).T
     if bias_E is not None:
         logits_TE = logits_TE + bias_E.to(dtype)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES, need_generator, uniform
+from moespec.ops.reference._common import TORCH_DTYPES
 from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, dense_routing
+from moespec.ops.reference.routing import RoutingResult, dense_routing, input_jitter
 from moespec.spec.routers.relu import ReLURouter
 
 
@@ -51,9 +51,7 @@ def relu(x_TD: Tensor, params: dict[str, Tensor], spec: ReLURouter, ctx: RouteCo
     jitter (training, jitter > 0) from ``ctx.generator``."""
     dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
     x_TD = x_TD.to(dtype)
-    if ctx.training and spec.jitter > 0:
-        u_TD = uniform(tuple(x_TD.shape), need_generator(ctx.generator, "router jitter"), x_TD)
-        x_TD = x_TD * (1.0 - spec.jitter + 2.0 * spec.jitter * u_TD)
+    x_TD = input_jitter(x_TD, spec.jitter, training=ctx.training, generator=ctx.generator)
     logits_TE = x_TD @ params["router.weight"].to(dtype).T
     r_TE = torch.relu(logits_TE)
     selected_TE = r_TE > 0
