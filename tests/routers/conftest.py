@@ -76,3 +76,27 @@ def _compare():
 @pytest.fixture(name="run_both")
 def _run_both():
     return run_both
+
+
+def spec_error_text(spec, overrides=()) -> str:
+    """The printed diagnostics of a spec that must fail validation."""
+    with pytest.raises(moespec.SpecError) as err:
+        moespec.load_spec(spec, overrides)
+    return str(err.value)
+
+
+def spec_diagnostics(spec, overrides=()) -> list[tuple[str, str]]:
+    """``(path, message)`` of each diagnostic of a spec that must fail validation."""
+    with pytest.raises(moespec.SpecError) as err:
+        moespec.load_spec(spec, overrides)
+    return [(d.path, d.message) for d in err.value.diagnostics]
+
+
+@pytest.fixture(name="spec_error_text")
+def _spec_error_text():
+    return spec_error_text
+
+
+@pytest.fixture(name="spec_diagnostics")
+def _spec_diagnostics():
+    return spec_diagnostics

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import moespec
-from moespec import SpecError
 from moespec.ops.expert_choice import expert_choice_select
 from moespec.ops.reference import moe_layer_reference
 from moespec.ops.reference.routers import RouteContext, route
@@ -283,15 +282,9 @@ def test_export_with_dynamic_tokens():
 # --- spec checks ---------------------------------------------------------------------------
 
 
-def _errors(s: dict) -> list[tuple[str, str]]:
-    with pytest.raises(SpecError) as ei:
-        moespec.load_spec(s)
-    return [(d.path, d.message) for d in ei.value.diagnostics]
-
-
-def test_autoregressive_is_an_error():
+def test_autoregressive_is_an_error(spec_diagnostics):
     s = spec(autoregressive=True)
-    ((path, msg),) = _errors(s)
+    ((path, msg),) = spec_diagnostics(s)
     assert path == "layer.router.autoregressive"
     assert "later tokens" in msg and "causal decoder" in msg
 
@@ -300,32 +293,32 @@ def test_router_is_not_causal():
     assert moespec.load_spec(spec()).spec.layer.router.causal is False
 
 
-def test_capacity_must_be_dropless():
+def test_capacity_must_be_dropless(spec_diagnostics):
     s = spec()
     s["layer"]["capacity"] = {"kind": "factor", "train_factor": 1.25, "eval_factor": 2.0}
-    ((path, msg),) = _errors(s)
+    ((path, msg),) = spec_diagnostics(s)
     assert path == "layer.capacity" and "must be `dropless`" in msg
 
 
-def test_load_balance_loss_is_an_error():
+def test_load_balance_loss_is_an_error(spec_diagnostics):
     s = spec()
     s["layer"]["losses"]["load_balance"] = {"kind": "switch", "weight": 0.01}
-    ((path, msg),) = _errors(s)
+    ((path, msg),) = spec_diagnostics(s)
     assert path == "layer.losses.load_balance" and "balanced by construction" in msg
 
 
-def test_all_problems_reported_at_once():
+def test_all_problems_reported_at_once(spec_diagnostics):
     s = spec(autoregressive=True)
     s["layer"]["capacity"] = {"kind": "factor", "train_factor": 1.25, "eval_factor": 2.0}
     s["layer"]["losses"]["load_balance"] = {"kind": "switch", "weight": 0.01}
-    assert len(_errors(s)) == 3
+    assert len(spec_diagnostics(s)) == 3
 
 
 @pytest.mark.parametrize(
     ("field", "value"), [("capacity_factor", 0), ("min_capacity", -1), ("group_size", 0), ("k", 2)]
 )
-def test_bad_fields(field: str, value):
-    ((path, _),) = _errors(spec(**{field: value}))
+def test_bad_fields(field: str, value, spec_diagnostics):
+    ((path, _),) = spec_diagnostics(spec(**{field: value}))
     assert path.startswith("layer.router")
 
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import moespec
-from moespec import SpecError
 from moespec.ops.reference import moe_layer_reference
 from moespec.ops.reference.routers import RouteContext, SoftRouting, route
 
@@ -271,14 +270,8 @@ def test_export_with_dynamic_tokens():
 # --- spec checks ------------------------------------------------------------------------------
 
 
-def _errors(s: dict) -> list[tuple[str, str]]:
-    with pytest.raises(SpecError) as ei:
-        moespec.load_spec(s)
-    return [(d.path, d.message) for d in ei.value.diagnostics]
-
-
-def test_autoregressive_is_an_error():
-    ((path, msg),) = _errors(spec(autoregressive=True))
+def test_autoregressive_is_an_error(spec_diagnostics):
+    ((path, msg),) = spec_diagnostics(spec(autoregressive=True))
     assert path == "layer.router.autoregressive" and "causal decoder" in msg
     assert moespec.load_spec(spec()).spec.layer.router.causal is False
 
@@ -301,37 +294,37 @@ def test_autoregressive_is_an_error():
         ("losses", {"z_loss": {"weight": 0.001}}, "layer.losses.z_loss", "z-loss"),
     ],
 )
-def test_layer_options_that_do_not_apply(key, value, path, words):
+def test_layer_options_that_do_not_apply(key, value, path, words, spec_diagnostics):
     s = spec()
     s["layer"][key] = value
-    ((got, msg),) = _errors(s)
+    ((got, msg),) = spec_diagnostics(s)
     assert got == path and words in msg
 
 
-def test_zero_compute_experts_are_an_error():
+def test_zero_compute_experts_are_an_error(spec_diagnostics):
     s = spec()
     s["layer"]["experts"]["zero_compute"] = [{"kind": "zero", "count": 1}]
-    ((path, msg),) = _errors(s)
+    ((path, msg),) = spec_diagnostics(s)
     assert path == "layer.experts.zero_compute" and "not supported" in msg
 
 
-def test_all_problems_reported_at_once():
+def test_all_problems_reported_at_once(spec_diagnostics):
     s = spec(autoregressive=True)
     s["layer"]["capacity"] = {"kind": "factor", "train_factor": 1.0, "eval_factor": 1.0}
     s["layer"]["losses"] = {"load_balance": {"kind": "switch", "weight": 0.01}, "z_loss": {"weight": 0.1}}
-    assert len(_errors(s)) == 4
+    assert len(spec_diagnostics(s)) == 4
 
 
 @pytest.mark.parametrize(
     ("field", "value"), [("slots_per_expert", 0), ("group_size", 0), ("group_size", None)]
 )
-def test_bad_fields(field, value):
+def test_bad_fields(field, value, spec_diagnostics):
     s = spec()
     if value is None:
         del s["layer"]["router"][field]
     else:
         s["layer"]["router"][field] = value
-    ((path, _),) = _errors(s)
+    ((path, _),) = spec_diagnostics(s)
     assert path.startswith("layer.router")
 
 

@@ -165,22 +165,16 @@ def test_per_token_expert_count_varies():
     assert counts.min() >= 1 and counts.min() < counts.max()
 
 
-def _errors(d: dict) -> str:
-    with pytest.raises(moespec.SpecError) as err:
-        moespec.load_spec(d)
-    return str(err.value)
-
-
-def test_bad_specs():
+def test_bad_specs(spec_error_text):
     bad = tiny(e=4, max_k=5, expected_k=5.0, losses={"load_balance": {"kind": "gshard", "weight": 0.01}})
     bad["layer"]["capacity"] = {"kind": "factor", "train_factor": 1.0, "eval_factor": 1.0}
-    msg = _errors(bad)
+    msg = spec_error_text(bad)
     assert "layer.router.max_k" in msg and "max_k=5 exceeds the number of routed experts (4)" in msg
     assert "layer.router.expected_k" in msg
     assert "needs capacity: dropless" in msg
     assert "layer.losses.load_balance" in msg and "gshard" in msg
-    assert "threshold" in _errors(tiny(threshold=0.0))
-    assert "threshold" in _errors(tiny(threshold=1.5))
+    assert "threshold" in spec_error_text(tiny(threshold=0.0))
+    assert "threshold" in spec_error_text(tiny(threshold=1.5))
 
 
 def test_explain_numbers():
