@@ -7,8 +7,9 @@ is a pure function and exports cleanly):
     keep_TK = moespec.capacity_keep(...)                        (capacity: factor)
     token_idx_N, slot_N, offsets_E1 = moespec.sort_by_expert(idx_TK, keep_TK)
                                    (or moespec.sort_selected(keep_TK) for dense routings)
-    h_ND    = sum over expert groups g of moespec.expert_ffn(x_TD, token_idx_N, offsets_E1, ...)
-    y_TD    = moespec.combine(h_ND, token_idx_N, row weights, T) (+ zero-compute, shared)
+    y_TD    = sum over expert groups g of moespec.expert_ffn_combine(x_TD, token_idx_N, row weights,
+                  offsets_E1, ...)   (each group's experts, weighted and summed per token)
+              (+ zero-compute, shared)
     aux     = losses and routing statistics
 
 Each node records the spec path it lowers in ``node.meta["moespec_origin"]``.
@@ -25,7 +26,7 @@ import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers, soft
 from moespec.lower.builder import Builder, ExtraInput, RandomInput, as_extra_input
-from moespec.lower.experts import routed_experts
+from moespec.lower.experts import combined_experts
 from moespec.lower.routers import SoftNodes, lowering
 
 OPS = torch.ops.moespec
@@ -121,11 +122,9 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     )
     row_w = b.fn(helpers.gather_row_weights, weight, keep, slot, origin=at_d)
 
-    # Experts: one fused grouped FFN per expert group, then the weighted combine.
+    # Experts: one fused grouped FFN with the weighted combine per expert group.
     empty_x = g.call_method("new_empty", (x, (0,)))
-    h = routed_experts(b, layer, x, token_idx, offsets)
-    n_tok = g.call_method("size", (x, 0))
-    y = b.fn(OPS.combine, h, token_idx, row_w, n_tok, origin=layer.combine.origin)
+    y = combined_experts(b, layer, x, token_idx, row_w, offsets)
     if layer.experts.zero_compute:
         gates = b.fn(helpers.dense_gates, weight, idx, keep, n_exp, origin=at_e)
         zc = layer.experts.zero_compute

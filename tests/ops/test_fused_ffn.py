@@ -1,8 +1,11 @@
-"""Fused custom ops (sort_by_expert, expert_ffn, combine) against a per-token loop reference.
+"""Fused custom ops (sort_by_expert, expert_ffn, expert_ffn_combine) against a per-token loop
+reference.
 
 Matrix: forward and every gradient, fp64 gradcheck on tiny shapes, fp32 on odd shapes
 (T in 1, 7, 64; D 48/100), an expert with no tokens, all tokens on one expert, dropped rows,
 every activation, mlp and glu, with and without bias; torch.library.opcheck on every op.
+Each case runs expert_ffn (its rows combined here by index_add) and expert_ffn_combine, with the
+CPU's blocked kernels and with the grouped kernels the other devices run (forced onto the CPU).
 The CPU kernels' parallel and recycled-buffer paths (off at these tiny shapes) are forced on
 for the same cases, with experts in one or several row blocks, in inference mode too.
 """
@@ -14,7 +17,7 @@ import torch
 
 import moespec.ops.dispatch  # noqa: F401
 import moespec.ops.expert_ffn as expert_ffn
-from moespec.ops import _buffers, _parallel
+from moespec.ops import _buffers, _expert_cpu, _parallel
 from moespec.ops.activations import act
 
 OPS = torch.ops.moespec
@@ -44,13 +47,31 @@ def _params(e, f, d, glu, bias, dtype, seed=1):
     )  # fmt: skip
 
 
-def _fused(x, idx_TK, keep_TK, w_TK, p, activation):
-    t, _k = idx_TK.shape
-    tok, slot, offs = OPS.sort_by_expert(idx_TK, keep_TK, p["w_up"].shape[0])
-    y_ND, _, _ = OPS.expert_ffn(x, tok, offs, 0, p["w_up"], p["w_gate"], p["w_down"], p["b_up"],
-                                p["b_gate"], p["b_down"], activation)  # fmt: skip
+def _fused(x, idx_TK, keep_TK, w_TK, p, activation, combined=False):
+    """expert_ffn then a plain combine, or (combined) expert_ffn_combine; experts in two groups when
+    there are more than 4 (the layer graph sums the groups' outputs)."""
+    n_exp = p["w_up"].shape[0]
+    tok, slot, offs = OPS.sort_by_expert(idx_TK, keep_TK, n_exp)
     w_N = (w_TK * keep_TK).reshape(-1)[slot]
-    return OPS.combine(y_ND, tok, w_N, t)
+    cut = n_exp // 2 if n_exp > 4 else n_exp
+    y = 0
+    for first, last in ((0, cut), (cut, n_exp)) if cut < n_exp else ((0, n_exp),):
+        q = {k: v[first:last] if v.numel() else v for k, v in p.items()}
+        w = (q["w_up"], q["w_gate"], q["w_down"], q["b_up"], q["b_gate"], q["b_down"], activation)
+        if combined:
+            y = y + OPS.expert_ffn_combine(x, tok, w_N, offs, first, *w)[0]
+        else:
+            y_ND = OPS.expert_ffn(x, tok, offs, first, *w)[0]
+            y = y + torch.zeros_like(x).index_add(0, tok, y_ND * w_N.unsqueeze(1))
+    return y
+
+
+@pytest.fixture(params=["rows", "combined", "grouped-rows", "grouped-combined"])
+def kernels(request, monkeypatch) -> bool:
+    """Which op (expert_ffn + a plain combine, or expert_ffn_combine) and which kernels (the CPU's
+    blocked ones, or the grouped ones of other devices); returns ``combined``."""
+    monkeypatch.setattr(expert_ffn, "_BLOCKED_CPU", not request.param.startswith("grouped"))
+    return request.param.endswith("combined")
 
 
 def _loop(x, idx_TK, keep_TK, w_TK, p, activation):
@@ -91,7 +112,7 @@ CASES = [
 ]
 
 
-def _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop):
+def _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, combined):
     """Run the fused op and the per-expert loop on one case; assert output and every gradient
     agree; return the fused output and gradients and a closure re-running it (for
     repeatability checks)."""
@@ -102,7 +123,7 @@ def _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop):
     p = _params(e, f, d, kind == "glu", bias, torch.float32)
 
     def fused():
-        return _grads(lambda: _fused(x, idx_TK, keep_TK, w_TK, p, activation), x, w_TK, p)
+        return _grads(lambda: _fused(x, idx_TK, keep_TK, w_TK, p, activation, combined), x, w_TK, p)
 
     y1, g1 = fused()
     y2, g2 = _grads(lambda: _loop(x, idx_TK, keep_TK, w_TK, p, activation), x, w_TK, p)
@@ -113,23 +134,23 @@ def _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop):
 
 
 @pytest.mark.parametrize("t,d,f,e,k,kind,activation,bias,busy,drop", CASES)
-def test_fused_matches_loop_forward_and_grads(t, d, f, e, k, kind, activation, bias, busy, drop):
-    _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop)
+def test_fused_matches_loop_forward_and_grads(kernels, t, d, f, e, k, kind, activation, bias, busy, drop):
+    _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, kernels)
 
 
-def test_empty_expert_gets_zero_weight_grad():
+def test_empty_expert_gets_zero_weight_grad(kernels):
     idx_TK = torch.tensor([[0, 1], [1, 0], [0, 1]])  # expert 2 gets nothing
     keep_TK = torch.ones(3, 2, dtype=torch.bool)
     x = torch.randn(3, 8, requires_grad=True)
     p = _params(3, 4, 8, True, True, torch.float32)
-    _fused(x, idx_TK, keep_TK, torch.ones(3, 2), p, "silu").sum().backward()
+    _fused(x, idx_TK, keep_TK, torch.ones(3, 2), p, "silu", kernels).sum().backward()
     assert p["w_up"].grad[2].abs().sum() == 0 and p["w_down"].grad[2].abs().sum() == 0
     assert p["w_up"].grad[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("kind,bias", [("glu", True), ("mlp", False)])
-def test_gradcheck_fp64(activation, kind, bias):
+def test_gradcheck_fp64(kernels, activation, kind, bias):
     idx_TK, keep_TK = _routing(5, 2, 3, drop=0.2, seed=3)
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     w_TK = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
@@ -138,7 +159,7 @@ def test_gradcheck_fp64(activation, kind, bias):
 
     def fn(x, w_TK, *tensors):
         q = {**p, **dict(zip(names, tensors, strict=False))}
-        return _fused(x, idx_TK, keep_TK, w_TK, q, activation)
+        return _fused(x, idx_TK, keep_TK, w_TK, q, activation, kernels)
 
     assert torch.autograd.gradcheck(fn, (x, w_TK, *(p[n] for n in names)), fast_mode=True)
 
@@ -165,13 +186,11 @@ def test_opcheck_every_op():
     x = torch.randn(7, 12, requires_grad=True)
     p = _params(4, 10, 12, True, True, torch.float32)
     args = (x, tok, offs, 0, p["w_up"], p["w_gate"], p["w_down"], p["b_up"], p["b_gate"], p["b_down"], "silu")
+    w_N = torch.rand(14, requires_grad=True)
     for op, a in [
         (OPS.expert_ffn.default, args),
+        (OPS.expert_ffn_combine.default, (*args[:2], w_N, *args[2:])),
         (OPS.sort_by_expert.default, (idx_TK, keep_TK, 4)),
-        (
-            OPS.combine.default,
-            (torch.randn(14, 12, requires_grad=True), tok, torch.rand(14, requires_grad=True), 7),
-        ),
     ]:
         result = torch.library.opcheck(op, a)
         assert all(v == "SUCCESS" for v in result.values()), result
@@ -185,33 +204,35 @@ def forced(request, monkeypatch):
     """The parallel path and recycled buffers at tiny shapes, on 2 threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    monkeypatch.setattr(expert_ffn, "_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
     if request.param == "small_blocks":  # experts span several blocks
-        monkeypatch.setattr(expert_ffn, "_BLOCK_BYTES", 1)
-        monkeypatch.setattr(expert_ffn, "_MIN_BLOCK_ROWS", 3)
+        monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 3)
     yield
     torch.set_num_threads(threads)
     _buffers.release()
 
 
 @pytest.mark.parametrize("t,d,f,e,k,kind,activation,bias,busy,drop", CASES)
-def test_parallel_matches_loop(forced, t, d, f, e, k, kind, activation, bias, busy, drop):
+@pytest.mark.parametrize("combined", [False, True])
+def test_parallel_matches_loop(forced, t, d, f, e, k, kind, activation, bias, busy, drop, combined):
     assert _parallel.threads() == 2
-    y1, g1, fused = _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop)
+    y1, g1, fused = _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, combined)
     y3, g3 = fused()
     assert torch.equal(y1, y3)  # deterministic, recycled buffers included
     for a, b in zip(g1, g3, strict=True):
         assert torch.equal(a, b)
 
 
-def test_parallel_inference_mode(forced):
+@pytest.mark.parametrize("combined", [False, True])
+def test_parallel_inference_mode(forced, combined):
     idx_TK, keep_TK = _routing(64, 2, 8, drop=0.1)
     x = torch.randn(64, 48)
     w_TK = torch.rand(64, 2)
     p = {k: v.detach() for k, v in _params(8, 40, 48, True, True, torch.float32).items()}
     with torch.inference_mode():
-        y1 = _fused(x, idx_TK, keep_TK, w_TK, p, "silu")
+        y1 = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", combined)
     torch.testing.assert_close(y1, _loop(x, idx_TK, keep_TK, w_TK, p, "silu"), atol=1e-5, rtol=1e-5)
 
 
@@ -229,9 +250,9 @@ def test_worker_error_propagates(forced):
 def test_split_keeps_experts_whole():
     experts = [0, 0, 0, 1, 2, 2, 3]
     sizes = [5, 5, 5, 1, 4, 4, 20]
-    parts = expert_ffn._split(experts, sizes, 2)
+    parts = _expert_cpu.split_runs(experts, sizes, 2)
     assert sorted(i for p in parts for i in p) == list(range(len(experts)))
     owner = {experts[i]: j for j, p in enumerate(parts) for i in p}
     assert all(owner[experts[i]] == j for j, p in enumerate(parts) for i in p)
     assert len(parts) == 2
-    assert expert_ffn._split([0, 0], [3, 3], 2) == [[0, 1]]  # one expert: one run
+    assert _expert_cpu.split_runs([0, 0], [3, 3], 2) == [[0, 1]]  # one expert: one run

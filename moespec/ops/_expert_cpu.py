@@ -1,0 +1,280 @@
+"""Blocked CPU kernels of the expert ops (``moespec.ops.expert_ffn``), forward and backward.
+
+Legend: T tokens, D d_model, F expert width, E experts in the group, N routed rows (sorted by
+expert), B rows of one block.
+
+One pass per row block of one expert (an expert's rows split into blocks of at most
+``_BLOCK_BYTES`` of [rows, max(F, D)] temporaries): gather the block's x rows, run its GEMMs
+straight into the outputs' slices (``torch.mm(out=)``, bias via ``addmm``), apply the
+activation in place. The backward recomputes act(gate) per block from the saved
+pre-activations, using ATen's fused ``*_backward`` kernels. No [N, *] temporary is allocated
+(a fresh tensor of 32 MiB or more is mmapped by glibc and page-faults on every call).
+
+With ``weight_N`` the kernels also do the combine: the forward scales each block's output
+rows by their routing weights and adds them into the [T, D] result (``index_add_``), so the
+[N, D] expert output never exists; the backward gathers the block's rows of the [T, D] output
+gradient, and computes the weights' gradient from the block's hidden rows,
+d w[n] = <h[n], g[t] W_down> + <b_down, g[t]> (= <y[n], g[t]>).
+
+Blocks run on one single-threaded worker per intra-op thread (``moespec.ops._parallel``)
+when a group is large and its GEMMs are small. Results that sum over experts (x's gradient,
+the combined output) go to one accumulator per worker, each worker taking a fixed run of whole
+experts, summed in order afterwards: the results do not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moespec.ops import _buffers, _parallel
+from moespec.ops.activations import act, act_backward_
+from moespec.ops.gemm import expert_blocks
+
+_BLOCK_BYTES = 4 << 20  # one block's widest temporary, [rows, max(F, D)], at most this
+_MIN_BLOCK_ROWS = 256
+# Blocks run in parallel once a group's rows x D x F reaches _PARALLEL_MIN_MACS (below it the
+# hand-off costs more than it saves), while its blocks are small: rows x D x F per block below
+# _PARALLEL_MAX_BLOCK_MACS (larger GEMMs run faster split over the threads by BLAS, e.g.
+# Mixtral-like 1024 x 512 x 1024).
+_PARALLEL_MIN_MACS = 1 << 24
+_PARALLEL_MAX_BLOCK_MACS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Group:
+    """One expert group's rows: experts ``first .. first+E-1`` own rows [lo, hi) of the N
+    sorted rows, cut into blocks (``experts[i]`` is block i's local expert, ``sizes[i]`` its
+    row count); ``idx_b`` holds each block's token indices."""
+
+    n_rows: int
+    lo: int
+    hi: int
+    experts: list[int]
+    sizes: list[int]
+    idx_b: tuple[Tensor, ...]
+
+    @staticmethod
+    def of(
+        token_idx_N: Tensor, offsets_E1: Tensor, first: int, n_exp: int, f: int, d: int, elt: int
+    ) -> Group:
+        bounds = offsets_E1.tolist()
+        lo, hi = bounds[first], bounds[first + n_exp]
+        rows = max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (max(f, d) * elt))
+        blocks = list(expert_blocks(bounds, first, n_exp, rows)) if hi > lo else []
+        sizes = [r1 - r0 for _, r0, r1 in blocks]
+        idx_b = token_idx_N[lo:hi].split(sizes) if blocks else ()
+        return Group(token_idx_N.shape[0], lo, hi, [e for e, _, _ in blocks], sizes, idx_b)
+
+    def split(self, t_NX: Tensor) -> tuple[Tensor, ...]:
+        """Per-block views of a tensor with one row per routed row."""
+        return t_NX[self.lo : self.hi].split(self.sizes)
+
+    def workers(self, d: int, f: int) -> int:
+        """One worker per intra-op thread when the work is large and the blocks are small."""
+        macs = (self.hi - self.lo) * d * f
+        n = len(self.experts)
+        if n < 2 or macs < _PARALLEL_MIN_MACS or macs >= _PARALLEL_MAX_BLOCK_MACS * n:
+            return 1
+        return min(_parallel.threads(), n)
+
+
+def split_runs(experts: list[int], sizes: list[int], n: int) -> list[list[int]]:
+    """Block indices in ``n`` consecutive runs of about equal rows, never splitting an expert
+    (its weight gradients accumulate over its blocks in one worker)."""
+    total, parts, cur, done = sum(sizes), [[] for _ in range(n)], 0, 0
+    for i, (e, r) in enumerate(zip(experts, sizes, strict=True)):
+        new_expert = i == 0 or experts[i - 1] != e
+        if new_expert and cur < n - 1 and done >= total * (cur + 1) / n and parts[cur]:
+            cur += 1
+        parts[cur].append(i)
+        done += r
+    return [p for p in parts if p]
+
+
+Block = Callable[[int, Tensor | None, Tensor | None], None]
+
+
+def _run(
+    grp: Group, block: Block, n_par: int, sum_TD: Tensor | None, scratch: tuple[int, Tensor] | None
+) -> None:
+    """Call ``block(i, acc_TD, tmp_BX)`` for every block i, on ``n_par`` workers. Blocks add
+    into ``acc_TD``: ``sum_TD`` (uninitialised) receives the sum over all blocks (one zeroed
+    accumulator per worker, summed in order). ``tmp_BX`` is a per-worker scratch of
+    [max block rows, cols] like ``scratch = (cols, like)`` (None without scratch)."""
+    runs = split_runs(grp.experts, grp.sizes, n_par) if n_par > 1 else [list(range(len(grp.experts)))]
+    accs: list[Tensor | None] = [None] * len(runs)
+    if sum_TD is not None:
+        accs = [sum_TD, *(_buffers.empty_like(sum_TD) for _ in runs[1:])]
+
+    def piece(blocks: list[int], acc_TD: Tensor | None) -> Callable[[], None]:
+        def go() -> None:
+            tmp = None
+            if scratch is not None:
+                cols, like = scratch
+                tmp = _buffers.empty((max(grp.sizes, default=0), cols), like.dtype, like.device)
+            if acc_TD is not None:
+                acc_TD.zero_()
+            for i in blocks:
+                block(i, acc_TD, tmp)
+
+        return go
+
+    _parallel.run([piece(b, a) for b, a in zip(runs, accs, strict=True)])
+    if sum_TD is not None:
+        for a in accs[1:]:
+            sum_TD.add_(a)
+
+
+def _views(t: Tensor, present: bool) -> tuple[Tensor, ...] | None:
+    return t.unbind(0) if present else None
+
+
+def _zero_outside(t: Tensor, lo: int, hi: int) -> Tensor:
+    t[:lo].zero_()
+    t[hi:].zero_()
+    return t
+
+
+def _linear(a: Tensor, w_t: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """out = a @ w_t (+ b), written into ``out``."""
+    if b is None:
+        return torch.mm(a, w_t, out=out)
+    return torch.addmm(b, a, w_t, out=out)
+
+
+def forward(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
+            b_down_ED, activation, weight_N):  # fmt: skip
+    """``(y, up_NF, gate_NF)``: y is the expert rows [N, D] (zero outside the group), or with
+    ``weight_N`` their weighted sum per token [T, D]."""
+    d, (n_exp, f) = x_TD.shape[1], w_up_EFD.shape[:2]
+    glu, bias, combine = w_gate_EFD.numel() > 0, b_up_EF.numel() > 0, weight_N is not None
+    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, f, d, x_TD.element_size())
+    new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
+    up_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi)
+    gate_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi) if glu else x_TD.new_empty(0)
+    y = new(x_TD.shape[0], d) if combine else _zero_outside(new(grp.n_rows, d), grp.lo, grp.hi)
+    if not grp.experts:
+        return (y.zero_() if combine else y), up_NF, gate_NF
+    up_b, gate_b = grp.split(up_NF), grp.split(gate_NF) if glu else None
+    y_b = None if combine else grp.split(y)
+    w_b = grp.split(weight_N.to(x_TD.dtype).unsqueeze(1)) if combine else None
+    w_up = w_up_EFD.transpose(1, 2).unbind(0)  # [D, F] per expert
+    w_gate = w_gate_EFD.transpose(1, 2).unbind(0) if glu else None
+    w_down = w_down_EDF.transpose(1, 2).unbind(0)  # [F, D]
+    b_up, b_gate, b_down = _views(b_up_EF, bias), _views(b_gate_EF, bias and glu), _views(b_down_ED, bias)
+
+    def block(i: int, acc_TD: Tensor | None, tmp_BD: Tensor | None) -> None:
+        e = grp.experts[i]
+        x_BD = x_TD.index_select(0, grp.idx_b[i])
+        up_BF = _linear(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
+        if gate_b is not None:
+            gate_BF = _linear(x_BD, w_gate[e], b_gate[e] if b_gate else None, gate_b[i])
+            h_BF = act(activation, gate_BF).mul_(up_BF)
+        else:
+            h_BF = act(activation, up_BF)
+        if acc_TD is None:
+            _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
+            return
+        # The routing weight scales the expert's output row (as transformers' MoE blocks do).
+        y_BD = _linear(h_BF, w_down[e], b_down[e] if b_down else None, tmp_BD[: grp.sizes[i]])
+        acc_TD.index_add_(0, grp.idx_b[i], y_BD.mul_(w_b[i]))
+
+    n_par = grp.workers(d, f)
+    _run(grp, block, n_par, y if combine else None, (d, x_TD) if combine else None)
+    return y, up_NF, gate_NF
+
+
+def backward(grad_y, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_down_ED,
+             up_NF, gate_NF, has_bias, activation, weight_N):  # fmt: skip
+    """Gradients ``[x, w_up, w_gate, w_down, b_up, b_gate, b_down, weight_N]`` of :func:`forward`
+    (empty tensors for absent ones; weight_N's only with ``weight_N``). ``grad_y`` is [N, D],
+    or [T, D] with ``weight_N``; ``b_down_ED`` is needed (non-empty) only then, with bias."""
+    n_exp, f, d = w_up_EFD.shape
+    glu, combine = w_gate_EFD.numel() > 0, weight_N is not None
+    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, f, d, x_TD.element_size())
+    grad_x_TD = _buffers.empty_like(x_TD)  # zeroed by _run
+    grad_w_up = _buffers.empty_like(w_up_EFD)
+    grad_w_gate = _buffers.empty_like(w_gate_EFD) if glu else x_TD.new_empty(0)
+    grad_w_down = _buffers.empty_like(w_down_EDF)
+    grads_b = [x_TD.new_empty(0) for _ in range(3)]  # distinct: outputs must not alias
+    if has_bias:
+        grads_b = [x_TD.new_zeros(n_exp, f), x_TD.new_zeros(n_exp, f) if glu else x_TD.new_empty(0),
+                   x_TD.new_zeros(n_exp, d)]  # fmt: skip
+    grad_w_N = x_TD.new_zeros(grp.n_rows) if combine else None  # rows outside the group: 0
+    for e in set(range(n_exp)) - set(grp.experts):  # an expert without rows: zero weight gradients
+        for gw in (grad_w_up, grad_w_gate, grad_w_down) if glu else (grad_w_up, grad_w_down):
+            gw[e].zero_()
+    idx_b, up_b = grp.idx_b, grp.split(up_NF)
+    gate_b = grp.split(gate_NF) if glu else None
+    g_b = None if combine else grp.split(grad_y)
+    w_b = grp.split(weight_N.to(x_TD.dtype).unsqueeze(1)) if combine else None
+    gwn_b = grp.split(grad_w_N) if combine else None
+    w_up, w_down = w_up_EFD.unbind(0), w_down_EDF.unbind(0)  # [F, D], [D, F]
+    w_gate = _views(w_gate_EFD, glu)
+    b_down = _views(b_down_ED, combine and has_bias)
+    gw_up, gw_down = grad_w_up.unbind(0), grad_w_down.unbind(0)
+    gw_gate = _views(grad_w_gate, glu)
+    seen = [False] * n_exp  # expert e's weight gradients hold a first block already
+
+    def block(i: int, grad_x_TD: Tensor, tmp_BD: Tensor | None) -> None:
+        e = grp.experts[i]
+        acc, seen[e] = seen[e], True
+        x_BD = x_TD.index_select(0, idx_b[i])
+        up_BF = up_b[i]
+        if gate_b is not None:
+            gate_BF = gate_b[i]
+            a_BF = act(activation, gate_BF)
+            h_BF = torch.mul(a_BF, up_BF)
+        else:
+            h_BF = act(activation, up_BF)
+        if combine:
+            g_BD = torch.index_select(grad_y, 0, idx_b[i], out=tmp_BD[: grp.sizes[i]])  # unweighted
+            gh_BF = torch.mm(g_BD, w_down[e])
+            # d w[n] = <y[n], g[n]> = <h[n], g[n] W_down> (+ <b_down, g[n]>); then the rows'
+            # gradient is w[n] g[n]: scaling h (F wide) gives W_down's gradient g^T (w h).
+            torch.linalg.vecdot(h_BF, gh_BF, out=gwn_b[i])
+            if b_down is not None:
+                gwn_b[i].add_(torch.mv(g_BD, b_down[e]))
+                grads_b[2][e].add_(torch.mv(g_BD.t(), w_b[i][:, 0]))
+            h_BF.mul_(w_b[i])
+            gh_BF.mul_(w_b[i])
+        else:
+            g_BD = g_b[i]
+            gh_BF = torch.mm(g_BD, w_down[e])
+            if has_bias:
+                grads_b[2][e].add_(g_BD.sum(0))
+        _wgrad(g_BD, h_BF, gw_down[e], acc)  # [D, F]
+        if gate_b is not None:
+            gu_BF = a_BF.mul_(gh_BF)  # d up = d h * act(gate)
+            gg_BF = act_backward_(activation, gh_BF.mul_(up_BF), gate_BF)  # d gate = d h * up * act'
+        else:
+            gu_BF, gg_BF = act_backward_(activation, gh_BF, up_BF), None
+        _wgrad(gu_BF, x_BD, gw_up[e], acc)
+        if gg_BF is not None:
+            _wgrad(gg_BF, x_BD, gw_gate[e], acc)  # right after the other one reading x_BD
+        gx_BD = torch.mm(gu_BF, w_up[e])
+        if gg_BF is not None:
+            gx_BD.addmm_(gg_BF, w_gate[e])
+        grad_x_TD.index_add_(0, idx_b[i], gx_BD)
+        if has_bias:
+            grads_b[0][e].add_(gu_BF.sum(0))
+            if gg_BF is not None:
+                grads_b[1][e].add_(gg_BF.sum(0))
+
+    _run(grp, block, grp.workers(d, f), grad_x_TD, (d, x_TD) if combine else None)
+    out = [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
+    if combine:
+        out.append(grad_w_N.to(weight_N.dtype))
+    return out
+
+
+def _wgrad(g_BM: Tensor, x_BK: Tensor, out_MK: Tensor, accumulate: bool) -> None:
+    """out (+)= g.T @ x, the transposed operand read as a view (BLAS transpose flag)."""
+    if accumulate:
+        out_MK.addmm_(g_BM.t(), x_BK)
+    else:
+        torch.mm(g_BM.t(), x_BK, out=out_MK)
