@@ -17,13 +17,15 @@ gradient, and computes the weights' gradient from the block's hidden rows,
 d w[n] = <h[n], g[t] W_down> + <b_down, g[t]> (= <y[n], g[t]>).
 
 Blocks run on one single-threaded worker per intra-op thread (``moespec.ops._parallel``)
-when a group is large and its GEMMs are small. Results that sum over experts (x's gradient,
-the combined output) go to one accumulator per worker, each worker taking a fixed run of whole
-experts, summed in order afterwards: the results do not depend on thread timing.
+when a group is large and its GEMMs are small; the workers take whole experts one at a time.
+Results that sum over experts (x's gradient, the combined output) are added into one
+accumulator in block order whichever worker made the rows (``_OrderedAdd``): the results do not
+depend on thread timing.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,51 +84,76 @@ class Group:
         return min(_parallel.threads(), n)
 
 
-def split_runs(experts: list[int], sizes: list[int], n: int) -> list[list[int]]:
-    """Block indices in ``n`` consecutive runs of about equal rows, never splitting an expert
-    (its weight gradients accumulate over its blocks in one worker)."""
-    total, parts, cur, done = sum(sizes), [[] for _ in range(n)], 0, 0
-    for i, (e, r) in enumerate(zip(experts, sizes, strict=True)):
-        new_expert = i == 0 or experts[i - 1] != e
-        if new_expert and cur < n - 1 and done >= total * (cur + 1) / n and parts[cur]:
-            cur += 1
-        parts[cur].append(i)
-        done += r
-    return [p for p in parts if p]
+def expert_units(experts: list[int]) -> list[list[int]]:
+    """Block indices grouped by expert, in order: the unit of work a worker takes (an expert's
+    weight gradients accumulate over its blocks, in order, in one worker)."""
+    units: list[list[int]] = []
+    for i, e in enumerate(experts):
+        if i == 0 or experts[i - 1] != e:
+            units.append([])
+        units[-1].append(i)
+    return units
 
 
-Block = Callable[[int, Tensor | None, Tensor | None], None]
+class _OrderedAdd:
+    """``acc_TD.index_add_(0, idx_B, rows_BD)`` for blocks 0, 1, 2, ... in block order,
+    whichever worker made them and whenever: a block that arrives early waits in ``pending``
+    until the ones before it are added. One worker adds at a time (the others hand their rows
+    over and go on), so the sums are the same in every run."""
+
+    def __init__(self, acc_TD: Tensor) -> None:
+        self.acc_TD, self.next, self.adding = acc_TD, 0, False
+        self.pending: dict[int, tuple[Tensor, Tensor]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, i: int, idx_B: Tensor, rows_BD: Tensor) -> None:
+        with self.lock:
+            self.pending[i] = (idx_B, rows_BD)
+            if self.adding:
+                return
+            self.adding = True
+        while True:
+            with self.lock:
+                item = self.pending.pop(self.next, None)
+                if item is None:
+                    self.adding = False
+                    return
+                self.next += 1
+            self.acc_TD.index_add_(0, *item)
+
+
+# A block returns the rows it adds into the summed output, (idx_B, rows_BD), or None.
+Block = Callable[[int, Tensor | None], tuple[Tensor, Tensor] | None]
 
 
 def _run(
     grp: Group, block: Block, n_par: int, sum_TD: Tensor | None, scratch: tuple[int, Tensor] | None
 ) -> None:
-    """Call ``block(i, acc_TD, tmp_BX)`` for every block i, on ``n_par`` workers. Blocks add
-    into ``acc_TD``: ``sum_TD`` (uninitialised) receives the sum over all blocks (one zeroed
-    accumulator per worker, summed in order). ``tmp_BX`` is a per-worker scratch of
-    [max block rows, cols] like ``scratch = (cols, like)`` (None without scratch)."""
-    runs = split_runs(grp.experts, grp.sizes, n_par) if n_par > 1 else [list(range(len(grp.experts)))]
-    accs: list[Tensor | None] = [None] * len(runs)
-    if sum_TD is not None:
-        accs = [sum_TD, *(_buffers.empty_like(sum_TD) for _ in runs[1:])]
+    """Call ``block(i, tmp_BX)`` for every block i on ``n_par`` workers, which take whole
+    experts one at a time (dynamic: a worker slowed down by other load takes fewer). The rows
+    the blocks return are added into ``sum_TD`` (zeroed here) in block order, so the result
+    does not depend on timing. ``tmp_BX`` is a per-worker scratch of [max block rows, cols]
+    like ``scratch = (cols, like)`` (None without scratch)."""
+    adder = _OrderedAdd(sum_TD.zero_()) if sum_TD is not None else None
+    todo = iter(expert_units(grp.experts))
+    lock = threading.Lock()
 
-    def piece(blocks: list[int], acc_TD: Tensor | None) -> Callable[[], None]:
-        def go() -> None:
-            tmp = None
-            if scratch is not None:
-                cols, like = scratch
-                tmp = _buffers.empty((max(grp.sizes, default=0), cols), like.dtype, like.device)
-            if acc_TD is not None:
-                acc_TD.zero_()
-            for i in blocks:
-                block(i, acc_TD, tmp)
+    def piece() -> None:
+        tmp = None
+        if scratch is not None:
+            cols, like = scratch
+            tmp = _buffers.empty((max(grp.sizes, default=0), cols), like.dtype, like.device)
+        while True:
+            with lock:
+                unit = next(todo, None)
+            if unit is None:
+                return
+            for i in unit:
+                rows = block(i, tmp)
+                if rows is not None:
+                    adder.add(i, *rows)
 
-        return go
-
-    _parallel.run([piece(b, a) for b, a in zip(runs, accs, strict=True)])
-    if sum_TD is not None:
-        for a in accs[1:]:
-            sum_TD.add_(a)
+    _parallel.run([piece] * n_par)
 
 
 def _views(t: Tensor, present: bool) -> tuple[Tensor, ...] | None:
@@ -167,7 +194,7 @@ def forward(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_E
     w_down = w_down_EDF.transpose(1, 2).unbind(0)  # [F, D]
     b_up, b_gate, b_down = _views(b_up_EF, bias), _views(b_gate_EF, bias and glu), _views(b_down_ED, bias)
 
-    def block(i: int, acc_TD: Tensor | None, tmp_BD: Tensor | None) -> None:
+    def block(i: int, _tmp: Tensor | None) -> tuple[Tensor, Tensor] | None:
         e = grp.experts[i]
         x_BD = x_TD.index_select(0, grp.idx_b[i])
         up_BF = _linear(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
@@ -176,15 +203,14 @@ def forward(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_E
             h_BF = act(activation, gate_BF).mul_(up_BF)
         else:
             h_BF = act(activation, up_BF)
-        if acc_TD is None:
+        if not combine:
             _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
-            return
+            return None
         # The routing weight scales the expert's output row (as transformers' MoE blocks do).
-        y_BD = _linear(h_BF, w_down[e], b_down[e] if b_down else None, tmp_BD[: grp.sizes[i]])
-        acc_TD.index_add_(0, grp.idx_b[i], y_BD.mul_(w_b[i]))
+        y_BD = _linear(h_BF, w_down[e], b_down[e] if b_down else None, x_TD.new_empty(grp.sizes[i], d))
+        return grp.idx_b[i], y_BD.mul_(w_b[i])
 
-    n_par = grp.workers(d, f)
-    _run(grp, block, n_par, y if combine else None, (d, x_TD) if combine else None)
+    _run(grp, block, grp.workers(d, f), y if combine else None, None)
     return y, up_NF, gate_NF
 
 
@@ -220,7 +246,7 @@ def backward(grad_y, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
     gw_gate = _views(grad_w_gate, glu)
     seen = [False] * n_exp  # expert e's weight gradients hold a first block already
 
-    def block(i: int, grad_x_TD: Tensor, tmp_BD: Tensor | None) -> None:
+    def block(i: int, tmp_BD: Tensor | None) -> tuple[Tensor, Tensor]:
         e = grp.experts[i]
         acc, seen[e] = seen[e], True
         x_BD = x_TD.index_select(0, idx_b[i])
@@ -259,11 +285,11 @@ def backward(grad_y, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
         gx_BD = torch.mm(gu_BF, w_up[e])
         if gg_BF is not None:
             gx_BD.addmm_(gg_BF, w_gate[e])
-        grad_x_TD.index_add_(0, idx_b[i], gx_BD)
         if has_bias:
             grads_b[0][e].add_(gu_BF.sum(0))
             if gg_BF is not None:
                 grads_b[1][e].add_(gg_BF.sum(0))
+        return idx_b[i], gx_BD
 
     _run(grp, block, grp.workers(d, f), grad_x_TD, (d, x_TD) if combine else None)
     out = [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]

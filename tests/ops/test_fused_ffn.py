@@ -247,12 +247,21 @@ def test_worker_error_propagates(forced):
     assert hits == [1]  # the other piece ran to the end
 
 
-def test_split_keeps_experts_whole():
-    experts = [0, 0, 0, 1, 2, 2, 3]
-    sizes = [5, 5, 5, 1, 4, 4, 20]
-    parts = _expert_cpu.split_runs(experts, sizes, 2)
-    assert sorted(i for p in parts for i in p) == list(range(len(experts)))
-    owner = {experts[i]: j for j, p in enumerate(parts) for i in p}
-    assert all(owner[experts[i]] == j for j, p in enumerate(parts) for i in p)
-    assert len(parts) == 2
-    assert _expert_cpu.split_runs([0, 0], [3, 3], 2) == [[0, 1]]  # one expert: one run
+def test_expert_units_keep_experts_whole():
+    assert _expert_cpu.expert_units([0, 0, 0, 1, 2, 2, 3]) == [[0, 1, 2], [3], [4, 5], [6]]
+    assert _expert_cpu.expert_units([]) == []
+
+
+def test_ordered_add_in_block_order_whatever_the_arrival():
+    """Blocks handed over out of order are added in block order (one fixed rounding)."""
+    rows = [torch.full((1, 1), v) for v in (1e8, 1.0, -1e8, 1.0)]  # order-sensitive in fp32
+    idx = torch.zeros(1, dtype=torch.long)
+    expected = torch.zeros(1, 1)
+    for r in rows:
+        expected.index_add_(0, idx, r)
+    for arrival in ([3, 1, 0, 2], [2, 3, 1, 0], [0, 1, 2, 3]):
+        adder = _expert_cpu._OrderedAdd(torch.zeros(1, 1))
+        for i in arrival:
+            adder.add(i, idx, rows[i])
+        assert adder.next == 4 and not adder.pending
+        assert torch.equal(adder.acc_TD, expected)
