@@ -72,16 +72,23 @@ def _as_kernel(piece: Callable[[], None], inference: bool) -> Callable[[], None]
 
 
 def run(pieces: list[Callable[[], None]]) -> None:
-    """Call every piece, each in its own worker thread, and wait for all (re-raising the first
-    error). At most :func:`threads` pieces; a single piece runs in the calling thread. Meant
-    for the CPU kernels of custom ops: the pieces run without autograd."""
+    """Call every piece at once, the first in the calling thread and each other one in a worker
+    thread, and wait for all (re-raising the first error). At most :func:`threads` pieces.
+    Meant for the CPU kernels of custom ops: the pieces run without autograd."""
     if len(pieces) == 1:
         pieces[0]()
         return
     n = threads()
     assert len(pieces) <= n, (len(pieces), n)
     inference = torch.is_inference_mode_enabled()
-    futures = [_workers(n).submit(_as_kernel(p, inference)) for p in pieces]
-    wait(futures)  # all of them, even when one failed: none may still write afterwards
+    futures = [_workers(n).submit(_as_kernel(p, inference)) for p in pieces[1:]]
+    # The calling thread runs the first piece itself, single-threaded like the workers (it
+    # would only sleep meanwhile, and a woken worker may wait for a core).
+    try:
+        torch.set_num_threads(1)
+        pieces[0]()
+    finally:
+        torch.set_num_threads(n)
+        wait(futures)  # all of them, even when one failed: none may still write afterwards
     for f in futures:
         f.result()
