@@ -20,7 +20,9 @@ background load hits all of them alike. The machine may be shared: each sample r
 much CPU other processes used meanwhile (``/proc/stat`` minus this process), and a cell is
 the median over the quiet samples (others below 0.15 cores; every sample with
 ``--all-samples`` or when fewer than 3 are quiet), printed with the interquartile range in
-percent of the median and the quiet count as the noise.
+percent of the median and the quiet count as the noise. The speed of a shared machine drifts
+from second to second, so the summary also gives moespec/dense paired by round: the median of
+the per-round ratios.
 """
 
 from __future__ import annotations
@@ -228,6 +230,15 @@ def summarise(v: list[Sample], quiet_only: bool) -> Cell:
     return Cell(m, 100.0 * (q[2] - q[0]) / m, min(use), len(quiet), len(v))
 
 
+def paired_ratio(a: list[Sample], b: list[Sample], quiet_only: bool) -> float:
+    """Median over rounds of a's time / b's time in the same round (both quiet when asked and
+    at least 3 rounds are): robust to the machine's speed drifting between rounds."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=True)]
+    quiet = [(x, y) for x, y in pairs if x.foreign < QUIET and y.foreign < QUIET]
+    use = quiet if quiet_only and len(quiet) >= 3 else pairs
+    return statistics.median(x.ms / y.ms for x, y in use)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T/4 and fewer rounds")
@@ -272,7 +283,7 @@ def main() -> None:
         for phase, i in (("fwd", 0), ("fwd+bwd", 1)):
             t = bench({n: st[i] for n, st in steps.items()}, rounds, args.warmup)
             cells = {n: summarise(v, not args.all_samples) for n, v in t.items()}
-            rows.append((s, phase, cells))
+            rows.append((s, phase, cells, paired_ratio(t["moespec"], t["dense"], not args.all_samples)))
             print(f"  {phase}: " + "  ".join(f"{n} {c.med:.1f} ms (IQR {c.iqr:.0f}%, quiet {c.quiet}/{c.n})"
                                             for n, c in cells.items()))  # fmt: skip
 
@@ -280,8 +291,8 @@ def main() -> None:
     basis = "every sample" if args.all_samples else f"quiet samples (other processes < {QUIET} cores busy)"
     print(f"\nSummary: median ms over {basis} [IQR % of median]; threads={torch.get_num_threads()}, fp32")
     hdr = f"{'shape':13s} {'phase':8s}" + "".join(f"{n:>19s}" for n in names)
-    print(hdr + f"{'ms/best-hf':>11s}{'ms/dense':>9s}{'(min)':>7s}{'GFLOP/s':>8s}")
-    for s, phase, res in rows:
+    print(hdr + f"{'ms/best-hf':>11s}{'ms/dense':>9s}{'(min)':>7s}{'(paired)':>9s}{'GFLOP/s':>8s}")
+    for s, phase, res, paired in rows:
         line = f"{s.name:13s} {phase:8s}"
         for n in names:
             line += f"{res[n].med:11.1f} [{res[n].iqr:3.0f}%]" if n in res else f"{'-':>19s}"
@@ -289,12 +300,14 @@ def main() -> None:
         flops = s.flops_fwd() * (3 if phase == "fwd+bwd" else 1)
         ms, dn = res["moespec"], res["dense"]
         line += (
-            f"{ms.med / best_hf:11.2f}{ms.med / dn.med:9.2f}{ms.lo / dn.lo:7.2f}{flops / ms.med / 1e6:8.1f}"
+            f"{ms.med / best_hf:11.2f}{ms.med / dn.med:9.2f}{ms.lo / dn.lo:7.2f}{paired:9.2f}"
+            f"{flops / ms.med / 1e6:8.1f}"
         )
         print(line)
     print(
         "Columns: ms/best-hf = moespec / fastest transformers path; ms/dense = moespec / dense SwiGLU "
-        "of width k*d_ff (medians; (min) = ratio of the minima); GFLOP/s = moespec expert GEMM FLOPs / time."
+        "of width k*d_ff (medians; (min) = ratio of the minima; (paired) = median over rounds of the ratio "
+        "within a round); GFLOP/s = moespec expert GEMM FLOPs / time."
     )
     print("Targets: ms/best-hf <= 1.00 in every cell; fwd+bwd ms/dense <= 1.30.")
 
