@@ -32,7 +32,7 @@ from moespec.api import build
 from moespec.export import layout as L
 from moespec.export.layout import ArtifactError
 from moespec.export.render import render_module
-from moespec.export.report import registered_op_set, report_data, report_text
+from moespec.export.report import report_data, report_text, used_op_set
 from moespec.ir.build import spec_hash
 from moespec.runtime.layer import MoELayer
 from moespec.spec.load import LoadedSpec, load_spec
@@ -136,7 +136,7 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
         "format_version": L.FORMAT_VERSION,
         "moespec_version": __version__,
         "versions": vers,
-        "op_set": registered_op_set(),
+        "op_set": used_op_set(report["custom_ops"]),
         "spec_name": loaded.spec.name,
         "spec_sha256": sha,
         "layer": layer,

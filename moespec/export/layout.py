@@ -2,7 +2,8 @@
 
 An artifact directory holds::
 
-    manifest.json       versions, op set, spec sha256, layer, seed, files (bytes + sha256)
+    manifest.json       versions, op set (the moespec ops it needs), spec sha256, layer, seed,
+                        files (bytes + sha256)
     spec.lock.yaml      the fully resolved spec (extends and overrides applied, defaults written)
     model.safetensors   the layer's state_dict ("moespec-native" layout) with metadata
     module.py           standalone loader generated from templates/module/module.py.jinja

@@ -29,6 +29,14 @@ def registered_op_set() -> list[str]:
     return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("moespec::"))
 
 
+def used_op_set(custom_ops: list[str]) -> list[str]:
+    """The ``moespec::`` ops an artifact needs: those its graphs call (``report["custom_ops"]``)
+    and their registered backward ops."""
+    registered = set(registered_op_set())
+    names = {"moespec::" + o.removeprefix("torch.ops.moespec.") for o in custom_ops}
+    return sorted(names | {n + "_backward" for n in names if n + "_backward" in registered})
+
+
 def target_name(node: fx.Node) -> str:
     """A readable, importable-looking name for what an FX node calls."""
     t = node.target

@@ -2,12 +2,13 @@
 either per routed row (``routed_experts``; Soft MoE's slot rows) or with the weighted combine
 into tokens fused in (``combined_experts``; token routings).
 
-Legend: N routed rows, D d_model.
+Legend: T tokens, N routed rows, D d_model.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -34,14 +35,24 @@ def _group_args(b: Builder, layer: MoELayerNode, gi: int, empty_x: fx.Node) -> t
     )
 
 
-def _sum_groups(b: Builder, layer: MoELayerNode, x: fx.Node, op, args, name: str) -> fx.Node:
-    """Sum over expert groups g of ``op(*args(g), *group g's parameters)[0]``."""
+def _sum_groups(
+    b: Builder,
+    layer: MoELayerNode,
+    x: fx.Node,
+    op: torch._ops.OpOverloadPacket,
+    args: Callable[[int], tuple],
+    name: str,
+) -> fx.Node:
+    """Sum over expert groups g of ``op(*args(first), *group g's parameters)[0]`` (``first``:
+    the group's first expert), each output named ``{name}{g}`` (name carries the shape suffix:
+    ``y`` + ``_TD`` reads as ``y0_TD``)."""
     at_e = layer.experts.origin
     empty_x = b.empty_like(x)
     total = None
     for gi, grp in enumerate(layer.experts.groups):
         out = b.fn(op, *args(grp.first), *_group_args(b, layer, gi, empty_x), origin=f"{at_e}.routed.{gi}")
-        part = b.item(out, 0, at_e, f"{name}{gi}_{'TD' if op is OPS.expert_ffn_combine else 'ND'}")
+        stem, shape = name.split("_")
+        part = b.item(out, 0, at_e, f"{stem}{gi}_{shape}")
         total = part if total is None else b.fn(operator.add, total, part, origin=at_e)
     return total
 
@@ -52,7 +63,7 @@ def routed_experts(
     """h_ND = sum over expert groups g of moespec.expert_ffn(x, token_idx_N, offsets_E1, ...):
     row n gathers x[token_idx[n]] and runs the expert that owns it (rows outside a group's
     offsets are zero in that group's output)."""
-    return _sum_groups(b, layer, x, OPS.expert_ffn, lambda first: (x, token_idx, offsets, first), "h")
+    return _sum_groups(b, layer, x, OPS.expert_ffn, lambda first: (x, token_idx, offsets, first), "h_ND")
 
 
 def combined_experts(
@@ -62,4 +73,4 @@ def combined_experts(
     offsets_E1, ...): the routed experts' weighted outputs summed per token (the combine fused
     into the expert op: no [N, D] rows)."""
     args = lambda first: (x, token_idx, row_w, offsets, first)  # noqa: E731
-    return _sum_groups(b, layer, x, OPS.expert_ffn_combine, args, "y")
+    return _sum_groups(b, layer, x, OPS.expert_ffn_combine, args, "y_TD")

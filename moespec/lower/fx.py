@@ -83,8 +83,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         # Token-mixing routers (Soft MoE): experts run on slot mixes of the tokens.
         y, stats = soft.lower_soft(b, layer, x, rt, seq_len)
         if layer.shared is not None:
-            empty_x = g.call_method("new_empty", (x, (0,)))
-            y = b.fn(operator.add, y, _shared(b, layer, x, empty_x), origin=layer.shared.origin)
+            y = b.fn(operator.add, y, _shared(b, layer, x), origin=layer.shared.origin)
         named = enumerate(OUTPUTS[2:])
         outs = [_merge_heads(b, layer, y), rt.logits_TS] + [
             b.item(stats, i, layer.losses.origin, n) for i, n in named
@@ -123,7 +122,6 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     row_w = b.fn(helpers.gather_row_weights, weight, keep, slot, origin=at_d)
 
     # Experts: one fused grouped FFN with the weighted combine per expert group.
-    empty_x = g.call_method("new_empty", (x, (0,)))
     y = combined_experts(b, layer, x, token_idx, row_w, offsets)
     if layer.experts.zero_compute:
         gates = b.fn(helpers.dense_gates, weight, idx, keep, n_exp, origin=at_e)
@@ -136,7 +134,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         zout = b.fn(helpers.zero_compute_output, x, gates, entries, zc[0].first, consts, origin=at_e)
         y = b.fn(operator.add, y, zout, origin=at_e)
     if layer.shared is not None:
-        y = b.fn(operator.add, y, _shared(b, layer, x, empty_x), origin=layer.shared.origin)
+        y = b.fn(operator.add, y, _shared(b, layer, x), origin=layer.shared.origin)
     if rt.residual_TD is not None:
         y = b.fn(operator.add, y, rt.residual_TD, origin=layer.router.origin)
 
@@ -170,13 +168,13 @@ def _merge_heads(b: Builder, layer: MoELayerNode, y: fx.Node) -> fx.Node:
     return b.fn(helpers.merge_heads, y, b.get("multi_head.w_out"), b_out, layer.heads, origin=at)
 
 
-def _shared(b: Builder, layer: MoELayerNode, x: fx.Node, empty_x: fx.Node) -> fx.Node:
+def _shared(b: Builder, layer: MoELayerNode, x: fx.Node) -> fx.Node:
     """Shared experts: S FFNs on every token through the same grouped op (rows = S·T)."""
     s, at = layer.shared, layer.shared.origin
     p = lambda name: b.get(f"shared.{name}")  # noqa: E731
     rows = b.fn(helpers.shared_rows, x, p("w_up"), origin=at)
     tok, offs = b.item(rows, 0, at), b.item(rows, 1, at)
-    glu = s.kind == "glu"
+    glu, empty_x = s.kind == "glu", b.empty_like(x)
     out = b.fn(
         OPS.expert_ffn,
         x,

@@ -19,8 +19,9 @@ d w[n] = <h[n], g[t] W_down> + <b_down, g[t]> (= <y[n], g[t]>).
 Blocks run on one single-threaded worker per intra-op thread (``moespec.ops._parallel``)
 when a group is large and its GEMMs are small; the workers take whole experts one at a time.
 Results that sum over experts (x's gradient, the combined output) are added into one
-accumulator in block order whichever worker made the rows (``_OrderedAdd``): the results do not
-depend on thread timing.
+accumulator in block order whichever worker made the rows (``_parallel.OrderedAdd``; rows of
+blocks finished early wait, at most ``_MAX_HELD_BYTES``): the results do not depend on thread
+timing.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ _MIN_BLOCK_ROWS = 256
 # Mixtral-like 1024 x 512 x 1024).
 _PARALLEL_MIN_MACS = 1 << 24
 _PARALLEL_MAX_BLOCK_MACS = 1 << 26
+# Rows summed over experts are added in block order; rows of blocks finished ahead of an
+# earlier one wait in memory, at most this much (then their worker waits too).
+_MAX_HELD_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class Group:
 
     @staticmethod
     def of(
-        token_idx_N: Tensor, offsets_E1: Tensor, first: int, n_exp: int, f: int, d: int, elt: int
+        token_idx_N: Tensor, offsets_E1: Tensor, first: int, n_exp: int, d: int, f: int, elt: int
     ) -> Group:
         bounds = offsets_E1.tolist()
         lo, hi = bounds[first], bounds[first + n_exp]
@@ -76,12 +80,13 @@ class Group:
         return t_NX[self.lo : self.hi].split(self.sizes)
 
     def workers(self, d: int, f: int) -> int:
-        """One worker per intra-op thread when the work is large and the blocks are small."""
+        """One worker per intra-op thread when the work is large and the blocks are small
+        (at most one per expert: a worker takes whole experts)."""
         macs = (self.hi - self.lo) * d * f
-        n = len(self.experts)
-        if n < 2 or macs < _PARALLEL_MIN_MACS or macs >= _PARALLEL_MAX_BLOCK_MACS * n:
+        n_blocks, n_units = len(self.experts), len(expert_units(self.experts))
+        if n_units < 2 or macs < _PARALLEL_MIN_MACS or macs >= _PARALLEL_MAX_BLOCK_MACS * n_blocks:
             return 1
-        return min(_parallel.threads(), n)
+        return min(_parallel.threads(), n_units)
 
 
 def expert_units(experts: list[int]) -> list[list[int]]:
@@ -95,34 +100,7 @@ def expert_units(experts: list[int]) -> list[list[int]]:
     return units
 
 
-class _OrderedAdd:
-    """``acc_TD.index_add_(0, idx_B, rows_BD)`` for blocks 0, 1, 2, ... in block order,
-    whichever worker made them and whenever: a block that arrives early waits in ``pending``
-    until the ones before it are added. One worker adds at a time (the others hand their rows
-    over and go on), so the sums are the same in every run."""
-
-    def __init__(self, acc_TD: Tensor) -> None:
-        self.acc_TD, self.next, self.adding = acc_TD, 0, False
-        self.pending: dict[int, tuple[Tensor, Tensor]] = {}
-        self.lock = threading.Lock()
-
-    def add(self, i: int, idx_B: Tensor, rows_BD: Tensor) -> None:
-        with self.lock:
-            self.pending[i] = (idx_B, rows_BD)
-            if self.adding:
-                return
-            self.adding = True
-        while True:
-            with self.lock:
-                item = self.pending.pop(self.next, None)
-                if item is None:
-                    self.adding = False
-                    return
-                self.next += 1
-            self.acc_TD.index_add_(0, *item)
-
-
-# A block returns the rows it adds into the summed output, (idx_B, rows_BD), or None.
+# A block returns the rows it adds into the summed output, (idx_B, rows_BD), when there is one.
 Block = Callable[[int, Tensor | None], tuple[Tensor, Tensor] | None]
 
 
@@ -134,11 +112,11 @@ def _run(
     the blocks return are added into ``sum_TD`` (zeroed here) in block order, so the result
     does not depend on timing. ``tmp_BX`` is a per-worker scratch of [max block rows, cols]
     like ``scratch = (cols, like)`` (None without scratch)."""
-    adder = _OrderedAdd(sum_TD.zero_()) if sum_TD is not None else None
+    adder = _parallel.OrderedAdd(sum_TD.zero_(), _MAX_HELD_BYTES) if sum_TD is not None else None
     todo = iter(expert_units(grp.experts))
     lock = threading.Lock()
 
-    def piece() -> None:
+    def work() -> None:
         tmp = None
         if scratch is not None:
             cols, like = scratch
@@ -150,10 +128,19 @@ def _run(
                 return
             for i in unit:
                 rows = block(i, tmp)
-                if rows is not None:
+                if adder is not None:
                     adder.add(i, *rows)
 
+    def piece() -> None:
+        try:
+            work()
+        except BaseException:
+            if adder is not None:
+                adder.fail()  # the other workers must not wait for rows that never come
+            raise
+
     _parallel.run([piece] * n_par)
+    assert adder is None or adder.next == len(grp.sizes), (adder.next, len(grp.sizes))
 
 
 def _views(t: Tensor, present: bool) -> tuple[Tensor, ...] | None:
@@ -173,13 +160,25 @@ def _linear(a: Tensor, w_t: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
     return torch.addmm(b, a, w_t, out=out)
 
 
-def forward(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
-            b_down_ED, activation, weight_N):  # fmt: skip
+def forward(
+    x_TD: Tensor,
+    token_idx_N: Tensor,
+    offsets_E1: Tensor,
+    first: int,
+    w_up_EFD: Tensor,
+    w_gate_EFD: Tensor,
+    w_down_EDF: Tensor,
+    b_up_EF: Tensor,
+    b_gate_EF: Tensor,
+    b_down_ED: Tensor,
+    activation: str,
+    weight_N: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, up_NF, gate_NF)``: y is the expert rows [N, D] (zero outside the group), or with
     ``weight_N`` their weighted sum per token [T, D]."""
     d, (n_exp, f) = x_TD.shape[1], w_up_EFD.shape[:2]
     glu, bias, combine = w_gate_EFD.numel() > 0, b_up_EF.numel() > 0, weight_N is not None
-    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, f, d, x_TD.element_size())
+    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
     new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
     up_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi)
     gate_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi) if glu else x_TD.new_empty(0)
@@ -214,14 +213,28 @@ def forward(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_E
     return y, up_NF, gate_NF
 
 
-def backward(grad_y, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_down_ED,
-             up_NF, gate_NF, has_bias, activation, weight_N):  # fmt: skip
+def backward(
+    grad_y: Tensor,
+    x_TD: Tensor,
+    token_idx_N: Tensor,
+    offsets_E1: Tensor,
+    first: int,
+    w_up_EFD: Tensor,
+    w_gate_EFD: Tensor,
+    w_down_EDF: Tensor,
+    b_down_ED: Tensor,
+    up_NF: Tensor,
+    gate_NF: Tensor,
+    has_bias: bool,
+    activation: str,
+    weight_N: Tensor | None,
+) -> list[Tensor]:
     """Gradients ``[x, w_up, w_gate, w_down, b_up, b_gate, b_down, weight_N]`` of :func:`forward`
     (empty tensors for absent ones; weight_N's only with ``weight_N``). ``grad_y`` is [N, D],
     or [T, D] with ``weight_N``; ``b_down_ED`` is needed (non-empty) only then, with bias."""
     n_exp, f, d = w_up_EFD.shape
     glu, combine = w_gate_EFD.numel() > 0, weight_N is not None
-    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, f, d, x_TD.element_size())
+    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
     grad_x_TD = _buffers.empty_like(x_TD)  # zeroed by _run
     grad_w_up = _buffers.empty_like(w_up_EFD)
     grad_w_gate = _buffers.empty_like(w_gate_EFD) if glu else x_TD.new_empty(0)
@@ -238,7 +251,7 @@ def backward(grad_y, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
     gate_b = grp.split(gate_NF) if glu else None
     g_b = None if combine else grp.split(grad_y)
     w_b = grp.split(weight_N.to(x_TD.dtype).unsqueeze(1)) if combine else None
-    gwn_b = grp.split(grad_w_N) if combine else None
+    grad_w_b = grp.split(grad_w_N) if combine else None
     w_up, w_down = w_up_EFD.unbind(0), w_down_EDF.unbind(0)  # [F, D], [D, F]
     w_gate = _views(w_gate_EFD, glu)
     b_down = _views(b_down_ED, combine and has_bias)
@@ -262,9 +275,9 @@ def backward(grad_y, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD,
             gh_BF = torch.mm(g_BD, w_down[e])
             # d w[n] = <y[n], g[n]> = <h[n], g[n] W_down> (+ <b_down, g[n]>); then the rows'
             # gradient is w[n] g[n]: scaling h (F wide) gives W_down's gradient g^T (w h).
-            torch.linalg.vecdot(h_BF, gh_BF, out=gwn_b[i])
+            torch.linalg.vecdot(h_BF, gh_BF, out=grad_w_b[i])
             if b_down is not None:
-                gwn_b[i].add_(torch.mv(g_BD, b_down[e]))
+                grad_w_b[i].add_(torch.mv(g_BD, b_down[e]))
                 grads_b[2][e].add_(torch.mv(g_BD.t(), w_b[i][:, 0]))
             h_BF.mul_(w_b[i])
             gh_BF.mul_(w_b[i])

@@ -4,8 +4,10 @@ Legend: T tokens, D d_model, F expert width, E experts in the group, N routed ro
 expert), R the group's rows [lo, hi).
 
 The group's x rows are gathered once and each projection is one grouped GEMM
-(``moespec.ops.gemm.gmm``: ``torch.nn.functional.grouped_mm`` where it applies). Reading the
-group's two row offsets is a host sync (``.item()``); the Triton backend has its own kernels.
+(``moespec.ops.gemm.gmm``: ``torch.nn.functional.grouped_mm`` where it applies). The group's
+row offsets (and per-expert bias rows and counts) are read on the host: a device sync per
+call, which a device-side kernel (the planned Triton backend) would avoid. Unlike the CPU
+kernels, these build whole-group [R, D] temporaries.
 With ``weight_N`` the forward also does the combine (weighted rows added into [T, D]) and the
 backward starts from the [T, D] output gradient, as the CPU kernels (``_expert_cpu``) do.
 """
@@ -35,8 +37,20 @@ def _scatter_rows(t_RX: Tensor, n_rows: int, lo: int) -> Tensor:
     return out
 
 
-def forward(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
-            b_down_ED, activation, weight_N):  # fmt: skip
+def forward(
+    x_TD: Tensor,
+    token_idx_N: Tensor,
+    offsets_E1: Tensor,
+    first: int,
+    w_up_EFD: Tensor,
+    w_gate_EFD: Tensor,
+    w_down_EDF: Tensor,
+    b_up_EF: Tensor,
+    b_gate_EF: Tensor,
+    b_down_ED: Tensor,
+    activation: str,
+    weight_N: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Same results as ``_expert_cpu.forward``."""
     n_rows, n_exp, f = token_idx_N.shape[0], w_up_EFD.shape[0], w_up_EFD.shape[1]
     glu = w_gate_EFD.numel() > 0
@@ -71,8 +85,22 @@ def forward(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_E
     return torch.zeros_like(x_TD).index_add_(0, idx_R, y_RD), rows_out(up_RF), gate_NF
 
 
-def backward(grad_y, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_down_ED,
-             up_NF, gate_NF, has_bias, activation, weight_N):  # fmt: skip
+def backward(
+    grad_y: Tensor,
+    x_TD: Tensor,
+    token_idx_N: Tensor,
+    offsets_E1: Tensor,
+    first: int,
+    w_up_EFD: Tensor,
+    w_gate_EFD: Tensor,
+    w_down_EDF: Tensor,
+    b_down_ED: Tensor,
+    up_NF: Tensor,
+    gate_NF: Tensor,
+    has_bias: bool,
+    activation: str,
+    weight_N: Tensor | None,
+) -> list[Tensor]:
     """Same results as ``_expert_cpu.backward``."""
     n_exp = w_up_EFD.shape[0]
     glu, combine = w_gate_EFD.numel() > 0, weight_N is not None

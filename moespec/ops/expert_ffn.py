@@ -11,8 +11,8 @@ offsets[first+E]) belongs to expert e and computes
 ``expert_ffn`` returns ``(y_ND, up_NF, gate_NF)`` (rows outside the group are zero);
 ``expert_ffn_combine`` returns ``(y_TD, up_NF, gate_NF)`` with
     y_TD[t] = sum over the group's rows n of token t of weight_N[n] * y[n],
-the combine fused in: the [N, D] rows never exist, in the forward or the backward (the layer
-graph sums this op over expert groups). The pre-activations are saved for backward instead of
+the combine fused in: on the CPU the [N, D] rows never exist, in the forward or the backward
+(the layer graph sums this op over expert groups). The pre-activations are saved for backward instead of
 recomputing two of the three GEMMs. Absent optional tensors are passed as empty tensors
 (custom ops have no Optional outputs).
 
@@ -37,6 +37,14 @@ def _kernels(x_TD: Tensor) -> ModuleType:
     return _expert_cpu if x_TD.device.type == "cpu" and _BLOCKED_CPU else _expert_grouped
 
 
+def _check_biases(w_gate_EFD: Tensor, b_up_EF: Tensor, b_gate_EF: Tensor, b_down_ED: Tensor) -> None:
+    """The biases come all or none (the kernels and the backward decide on b_up alone)."""
+    glu = w_gate_EFD.numel() > 0
+    present = [b.numel() > 0 for b in ((b_up_EF, b_gate_EF, b_down_ED) if glu else (b_up_EF, b_down_ED))]
+    if any(present) and not all(present):
+        raise ValueError("expert biases come all or none: b_up, b_down" + (" and b_gate" if glu else ""))
+
+
 @torch.library.custom_op("moespec::expert_ffn", mutates_args=())
 def expert_ffn(
     x_TD: Tensor,
@@ -52,6 +60,7 @@ def expert_ffn(
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Grouped expert FFN over expert-sorted rows (see the module docstring)."""
+    _check_biases(w_gate_EFD, b_up_EF, b_gate_EF, b_down_ED)
     return _kernels(x_TD).forward(
         x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
         b_down_ED, activation, None,
@@ -74,6 +83,7 @@ def expert_ffn_combine(
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Grouped expert FFN with the weighted combine into tokens (see the module docstring)."""
+    _check_biases(w_gate_EFD, b_up_EF, b_gate_EF, b_down_ED)
     return _kernels(x_TD).forward(
         x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
         b_down_ED, activation, weight_N,

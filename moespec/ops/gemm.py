@@ -10,7 +10,7 @@ aligned strides and a supported dtype). On the CPU ATen's grouped_mm is itself a
 each expert's slice straight into ``out`` (no copy, no masking pass) and reads transposed
 operands as views (no ``.contiguous()`` copies; BLAS takes the transpose flags). On the CPU
 the loop's ``tolist()`` is not a device sync. :func:`expert_blocks` is the row tiling of the
-blocked CPU expert kernels in ``moespec.ops.expert_ffn``.
+blocked CPU expert kernels in ``moespec.ops._expert_cpu``.
 """
 
 from __future__ import annotations

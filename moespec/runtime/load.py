@@ -108,7 +108,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer
     if missing_ops:
         raise ArtifactError(
             f"{root}: the artifact uses ops this moespec {__version__} does not provide: "
-            f"{', '.join(missing_ops)} (built by moespec {manifest.get('moespec_version')})"
+            f"{', '.join(missing_ops)} (built by moespec {manifest.get('moespec_version')}); rebuild it "
+            "from its spec.lock.yaml with `moespec build`"
         )
     if manifest.get("moespec_version") != __version__:
         log.warning(

@@ -199,18 +199,23 @@ def test_opcheck_every_op():
 # --- parallel CPU path, forced on ---
 
 
-@pytest.fixture(params=["one_block", "small_blocks"])
-def forced(request, monkeypatch):
-    """The parallel path and recycled buffers at tiny shapes, on 2 threads."""
+@pytest.fixture
+def two_threads():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["one_block", "small_blocks"])
+def forced(request, monkeypatch, two_threads):
+    """The parallel path and recycled buffers at tiny shapes, on 2 threads."""
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
     if request.param == "small_blocks":  # experts span several blocks
         monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
         monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 3)
     yield
-    torch.set_num_threads(threads)
     _buffers.release()
 
 
@@ -242,9 +247,10 @@ def test_worker_error_propagates(forced):
     def bad() -> None:
         raise ValueError("boom")
 
-    with pytest.raises(ValueError, match="boom"):
-        _parallel.run([bad, lambda: hits.append(1)])
-    assert hits == [1]  # the other piece ran to the end
+    for pieces in ([bad, lambda: hits.append(1)], [lambda: hits.append(1), bad]):
+        with pytest.raises(ValueError, match="boom"):
+            _parallel.run(pieces)
+    assert hits == [1, 1]  # the other piece ran to the end
 
 
 def test_expert_units_keep_experts_whole():
@@ -260,8 +266,90 @@ def test_ordered_add_in_block_order_whatever_the_arrival():
     for r in rows:
         expected.index_add_(0, idx, r)
     for arrival in ([3, 1, 0, 2], [2, 3, 1, 0], [0, 1, 2, 3]):
-        adder = _expert_cpu._OrderedAdd(torch.zeros(1, 1))
+        adder = _parallel.OrderedAdd(torch.zeros(1, 1), max_held_bytes=1 << 20)
         for i in arrival:
             adder.add(i, idx, rows[i])
         assert adder.next == 4 and not adder.pending
         assert torch.equal(adder.acc_TD, expected)
+
+
+@pytest.mark.parametrize("max_held_bytes", [0, 1 << 20])
+def test_ordered_add_from_threads_is_deterministic(two_threads, max_held_bytes):
+    """Threads handing over items in any order and timing (holding back every item when the
+    budget is 0) give the serial sums bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    n_items = 60
+    items = [(torch.randint(0, 5, (3,), generator=g).unique(), None) for _ in range(n_items)]
+    items = [(i, torch.randn(len(i), 4, generator=g) * 10 ** float(k % 7)) for k, (i, _) in enumerate(items)]
+    expected = torch.zeros(5, 4)
+    for idx, rows in items:
+        expected.index_add_(0, idx, rows)
+    for _trial in range(5):
+        adder = _parallel.OrderedAdd(torch.zeros(5, 4), max_held_bytes)
+        todo = iter(range(n_items))
+
+        def piece(adder=adder, todo=todo) -> None:
+            for k in todo:
+                adder.add(k, *items[k])
+
+        _parallel.run([piece, piece])
+        assert adder.next == n_items and not adder.pending and adder.held == 0
+        assert torch.equal(adder.acc_TD, expected)
+
+
+def test_ordered_add_fail_releases_waiting_threads(two_threads):
+    adder = _parallel.OrderedAdd(torch.zeros(1, 1), max_held_bytes=0)
+    idx = torch.zeros(1, dtype=torch.long)
+    done = []
+
+    def ahead() -> None:  # item 1 waits: item 0 never comes
+        adder.add(1, idx, torch.ones(1, 1))
+        done.append(1)
+
+    def failing() -> None:
+        adder.fail()
+        raise RuntimeError("block 0 failed")
+
+    with pytest.raises(RuntimeError, match="block 0 failed"):
+        _parallel.run([ahead, failing])
+    assert done == [1] and adder.next == 0
+
+
+def test_workers_count_experts_not_blocks(two_threads, monkeypatch):
+    """One expert cut into many blocks runs in one worker (it takes whole experts): no second
+    worker, so BLAS keeps every thread for its GEMMs."""
+    monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 2)
+    monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
+    one = _expert_cpu.Group.of(torch.arange(10), torch.tensor([0, 10, 10]), 0, 2, 4, 4, 4)
+    assert len(one.experts) == 5 and one.workers(4, 4) == 1
+    two = _expert_cpu.Group.of(torch.arange(10), torch.tensor([0, 6, 10]), 0, 2, 4, 4, 4)
+    assert two.workers(4, 4) == 2
+
+
+def test_combine_weights_in_another_dtype(kernels):
+    """fp64 tokens with fp32 routing weights (the layer's router dtype may differ from x's):
+    the weights are used in x's dtype and their gradient comes back in their own dtype."""
+    idx_TK, keep_TK = _routing(7, 2, 6, drop=0.2)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    w_TK = torch.rand(7, 2, generator=g, requires_grad=True)  # fp32
+    p = _params(6, 10, 12, True, True, torch.float64)
+    y = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", kernels)
+    assert y.dtype == torch.float64
+    (gw,) = torch.autograd.grad(y.sum(), [w_TK])
+    assert gw.dtype == torch.float32
+    w64 = w_TK.detach().double().requires_grad_()
+    ref = _loop(x, idx_TK, keep_TK, w64, p, "silu")
+    torch.testing.assert_close(y, ref)
+    (gw_ref,) = torch.autograd.grad(ref.sum(), [w64])
+    torch.testing.assert_close(gw, gw_ref.float())
+
+
+@pytest.mark.parametrize("missing", ["b_gate", "b_down"])
+def test_biases_come_all_or_none(missing):
+    idx_TK, keep_TK = _routing(5, 2, 4)
+    p = {k: v.detach() for k, v in _params(4, 6, 8, True, True, torch.float32).items()}
+    p[missing] = torch.empty(0)
+    with pytest.raises(ValueError, match="all or none"):
+        _fused(torch.randn(5, 8), idx_TK, keep_TK, torch.rand(5, 2), p, "silu", combined=True)
