@@ -215,6 +215,8 @@ def forced(request, monkeypatch, two_threads):
     if request.param == "small_blocks":  # experts span several blocks
         monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
         monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 3)
+        # and a worker ahead of the other waits for its rows to be added
+        monkeypatch.setattr(_expert_cpu, "_MAX_HELD_BYTES", 0)
     yield
     _buffers.release()
 
