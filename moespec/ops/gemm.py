@@ -44,10 +44,14 @@ def _aligned(*tensors: Tensor) -> bool:
     return True
 
 
+# Tests set this to run torch's grouped_mm on the CPU too (its CPU kernel is a loop of mm).
+_GMM_ON_CPU = False
+
+
 def _use_gmm(*tensors: Tensor) -> bool:
     return (
         _GMM is not None
-        and tensors[0].device.type != "cpu"
+        and (tensors[0].device.type != "cpu" or _GMM_ON_CPU)
         and all(t.dtype in _GMM_DTYPES for t in tensors)
         and _aligned(*tensors)
     )

@@ -12,12 +12,14 @@ for the same cases, with experts in one or several row blocks, in inference mode
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
 import moespec.ops.dispatch  # noqa: F401
 import moespec.ops.expert_ffn as expert_ffn
-from moespec.ops import _buffers, _expert_cpu, _parallel
+from moespec.ops import _buffers, _expert_cpu, _parallel, gemm
 from moespec.ops.activations import act
 
 OPS = torch.ops.moespec
@@ -47,18 +49,25 @@ def _params(e, f, d, glu, bias, dtype, seed=1):
     )  # fmt: skip
 
 
-def _fused(x, idx_TK, keep_TK, w_TK, p, activation, combined=False):
-    """expert_ffn then a plain combine, or (combined) expert_ffn_combine; experts in two groups when
-    there are more than 4 (the layer graph sums the groups' outputs)."""
+class Mode(NamedTuple):
+    combined: bool = False  # expert_ffn_combine, or expert_ffn then a plain combine
+    split: bool = True  # experts in two groups when there are more than 4
+
+
+ROWS = Mode()
+
+
+def _fused(x, idx_TK, keep_TK, w_TK, p, activation, mode: Mode = ROWS):
+    """The layer's routed experts through the fused ops (the layer graph sums the groups' outputs)."""
     n_exp = p["w_up"].shape[0]
     tok, slot, offs = OPS.sort_by_expert(idx_TK, keep_TK, n_exp)
     w_N = (w_TK * keep_TK).reshape(-1)[slot]
-    cut = n_exp // 2 if n_exp > 4 else n_exp
+    cut = n_exp // 2 if n_exp > 4 and mode.split else n_exp
     y = 0
     for first, last in ((0, cut), (cut, n_exp)) if cut < n_exp else ((0, n_exp),):
         q = {k: v[first:last] if v.numel() else v for k, v in p.items()}
         w = (q["w_up"], q["w_gate"], q["w_down"], q["b_up"], q["b_gate"], q["b_down"], activation)
-        if combined:
+        if mode.combined:
             y = y + OPS.expert_ffn_combine(x, tok, w_N, offs, first, *w)[0]
         else:
             y_ND = OPS.expert_ffn(x, tok, offs, first, *w)[0]
@@ -66,12 +75,24 @@ def _fused(x, idx_TK, keep_TK, w_TK, p, activation, combined=False):
     return y
 
 
-@pytest.fixture(params=["rows", "combined", "grouped-rows", "grouped-combined"])
-def kernels(request, monkeypatch) -> bool:
-    """Which op (expert_ffn + a plain combine, or expert_ffn_combine) and which kernels (the CPU's
-    blocked ones, or the grouped ones of other devices); returns ``combined``."""
-    monkeypatch.setattr(expert_ffn, "_BLOCKED_CPU", not request.param.startswith("grouped"))
-    return request.param.endswith("combined")
+@pytest.fixture(
+    params=[
+        "rows",
+        "combined",
+        "grouped-rows",
+        "grouped-combined",
+        "grouped-whole-rows",
+        "grouped-whole-combined",
+    ]
+)
+def kernels(request, monkeypatch) -> Mode:
+    """Which op (expert_ffn + a plain combine, or expert_ffn_combine) and which kernels: the
+    CPU's blocked ones, or the grouped ones of other devices. "whole": one expert group (the
+    grouped kernels' sync-free path) with torch's grouped_mm allowed on the CPU."""
+    grouped, whole = request.param.startswith("grouped"), "whole" in request.param
+    monkeypatch.setattr(expert_ffn, "_BLOCKED_CPU", not grouped)
+    monkeypatch.setattr(gemm, "_GMM_ON_CPU", whole)
+    return Mode(combined=request.param.endswith("combined"), split=not whole)
 
 
 def _loop(x, idx_TK, keep_TK, w_TK, p, activation):
@@ -112,7 +133,7 @@ CASES = [
 ]
 
 
-def _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, combined):
+def _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, mode):
     """Run the fused op and the per-expert loop on one case; assert output and every gradient
     agree; return the fused output and gradients and a closure re-running it (for
     repeatability checks)."""
@@ -123,7 +144,7 @@ def _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, combin
     p = _params(e, f, d, kind == "glu", bias, torch.float32)
 
     def fused():
-        return _grads(lambda: _fused(x, idx_TK, keep_TK, w_TK, p, activation, combined), x, w_TK, p)
+        return _grads(lambda: _fused(x, idx_TK, keep_TK, w_TK, p, activation, mode), x, w_TK, p)
 
     y1, g1 = fused()
     y2, g2 = _grads(lambda: _loop(x, idx_TK, keep_TK, w_TK, p, activation), x, w_TK, p)
@@ -225,7 +246,7 @@ def forced(request, monkeypatch, two_threads):
 @pytest.mark.parametrize("combined", [False, True])
 def test_parallel_matches_loop(forced, t, d, f, e, k, kind, activation, bias, busy, drop, combined):
     assert _parallel.threads() == 2
-    y1, g1, fused = _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, combined)
+    y1, g1, fused = _fused_equals_loop(t, d, f, e, k, kind, activation, bias, busy, drop, Mode(combined))
     y3, g3 = fused()
     assert torch.equal(y1, y3)  # deterministic, recycled buffers included
     for a, b in zip(g1, g3, strict=True):
@@ -239,7 +260,7 @@ def test_parallel_inference_mode(forced, combined):
     w_TK = torch.rand(64, 2)
     p = {k: v.detach() for k, v in _params(8, 40, 48, True, True, torch.float32).items()}
     with torch.inference_mode():
-        y1 = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", combined)
+        y1 = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", Mode(combined))
     torch.testing.assert_close(y1, _loop(x, idx_TK, keep_TK, w_TK, p, "silu"), atol=1e-5, rtol=1e-5)
 
 
@@ -354,4 +375,35 @@ def test_biases_come_all_or_none(missing):
     p = {k: v.detach() for k, v in _params(4, 6, 8, True, True, torch.float32).items()}
     p[missing] = torch.empty(0)
     with pytest.raises(ValueError, match="all or none"):
-        _fused(torch.randn(5, 8), idx_TK, keep_TK, torch.rand(5, 2), p, "silu", combined=True)
+        _fused(torch.randn(5, 8), idx_TK, keep_TK, torch.rand(5, 2), p, "silu", Mode(combined=True))
+
+
+@pytest.mark.parametrize("combined", [False, True])
+def test_grouped_kernels_whole_layer_read_nothing_back(monkeypatch, combined):
+    """The grouped kernels (other devices) on a whole-layer group, with grouped_mm applying:
+    no .item() / .tolist() (each a device sync off the CPU), forward or backward."""
+    monkeypatch.setattr(expert_ffn, "_BLOCKED_CPU", False)
+    monkeypatch.setattr(gemm, "_GMM_ON_CPU", True)
+    idx_TK, keep_TK = _routing(16, 2, 4, drop=0.25)
+    x = torch.randn(16, 32, requires_grad=True)
+    w_TK = torch.rand(16, 2, requires_grad=True)
+    p = _params(4, 16, 32, True, True, torch.float32)
+
+    def no_sync(*_args, **_kwargs):
+        raise AssertionError("read back to the host")
+
+    y_ref = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", Mode(combined, split=False))
+    tok, slot, offs = OPS.sort_by_expert(idx_TK, keep_TK, 4)
+    w_N = (w_TK * keep_TK).reshape(-1)[slot]
+    ws = (p["w_up"], p["w_gate"], p["w_down"], p["b_up"], p["b_gate"], p["b_down"], "silu")
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_sync)
+        m.setattr(torch.Tensor, "tolist", no_sync)
+        if combined:
+            y = OPS.expert_ffn_combine(x, tok, w_N, offs, 0, *ws)[0]
+        else:
+            y = OPS.expert_ffn(x, tok, offs, 0, *ws)[0]
+        y.backward(torch.ones_like(y))
+    if not combined:
+        y = torch.zeros_like(x).index_add(0, tok, y * w_N.unsqueeze(1))
+    torch.testing.assert_close(y, y_ref)
