@@ -94,10 +94,6 @@ def empty_like(t: Tensor) -> Tensor:
     return empty(t.shape, t.dtype, t.device)
 
 
-def zeros(shape: Shape, like: Tensor) -> Tensor:
-    return empty(shape, like.dtype, like.device).zero_()
-
-
 def release() -> None:
     """Drop every pooled storage (those still in use live on with their owners)."""
     global _pooled_bytes

@@ -54,7 +54,8 @@ _MAX_HELD_BYTES = 64 << 20
 class Group:
     """One expert group's rows: experts ``first .. first+E-1`` own rows [lo, hi) of the N
     sorted rows, cut into blocks (``experts[i]`` is block i's local expert, ``sizes[i]`` its
-    row count); ``idx_b`` holds each block's token indices."""
+    row count); ``idx_b`` holds each block's token indices, ``units`` the block indices of each
+    expert (:func:`expert_units`)."""
 
     n_rows: int
     lo: int
@@ -62,6 +63,7 @@ class Group:
     experts: list[int]
     sizes: list[int]
     idx_b: tuple[Tensor, ...]
+    units: list[list[int]]
 
     @staticmethod
     def of(
@@ -73,7 +75,8 @@ class Group:
         blocks = list(expert_blocks(bounds, first, n_exp, rows)) if hi > lo else []
         sizes = [r1 - r0 for _, r0, r1 in blocks]
         idx_b = token_idx_N[lo:hi].split(sizes) if blocks else ()
-        return Group(token_idx_N.shape[0], lo, hi, [e for e, _, _ in blocks], sizes, idx_b)
+        experts = [e for e, _, _ in blocks]
+        return Group(token_idx_N.shape[0], lo, hi, experts, sizes, idx_b, expert_units(experts))
 
     def split(self, t_NX: Tensor) -> tuple[Tensor, ...]:
         """Per-block views of a tensor with one row per routed row."""
@@ -83,7 +86,7 @@ class Group:
         """One worker per intra-op thread when the work is large and the blocks are small
         (at most one per expert: a worker takes whole experts)."""
         macs = (self.hi - self.lo) * d * f
-        n_blocks, n_units = len(self.experts), len(expert_units(self.experts))
+        n_blocks, n_units = len(self.experts), len(self.units)
         if n_units < 2 or macs < _PARALLEL_MIN_MACS or macs >= _PARALLEL_MAX_BLOCK_MACS * n_blocks:
             return 1
         return min(_parallel.threads(), n_units)
@@ -113,7 +116,7 @@ def _run(
     does not depend on timing. ``tmp_BX`` is a per-worker scratch of [max block rows, cols]
     like ``scratch = (cols, like)`` (None without scratch)."""
     adder = _parallel.OrderedAdd(sum_TD.zero_(), _MAX_HELD_BYTES) if sum_TD is not None else None
-    todo = iter(expert_units(grp.experts))
+    todo = iter(grp.units)
     lock = threading.Lock()
 
     def work() -> None:
