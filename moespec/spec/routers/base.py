@@ -92,6 +92,29 @@ class RouterSpec(Strict):
         return True
 
 
+def at_most_routed(layer: LayerSpec, at: Path, name: str, value: int | None) -> Iterator[Problem]:
+    """``router.<name>`` (k, max_k, ...) above the layer's routed experts: a problem."""
+    n = layer.experts.n_routed
+    if value is not None and value > n:
+        yield (*at, name), f"{name}={value} exceeds the number of routed experts ({n})"
+
+
+# Layer settings a router may be unable to use, and when they are in use.
+_IN_USE: dict[str, Callable[[LayerSpec], bool]] = {
+    "capacity": lambda layer: layer.capacity.kind != "dropless",
+    "losses.load_balance": lambda layer: layer.losses.load_balance is not None,
+    "losses.z_loss": lambda layer: layer.losses.z_loss is not None,
+}
+
+
+def unusable(layer: LayerSpec, at: Path, setting: str, message: str) -> Iterator[Problem]:
+    """A problem at ``setting`` of the layer around the router (``at`` ends with "router"),
+    saying ``message``, when the layer uses it: ``capacity`` other than dropless, a
+    ``losses.load_balance`` or a ``losses.z_loss``."""
+    if _IN_USE[setting](layer):
+        yield (*at[:-1], *setting.split(".")), message
+
+
 def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec, unusable
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -48,13 +48,13 @@ class BaseLayerRouter(RouterSpec):
         return {"router.centroids": RouterParam(shape, "orthogonal", gain=self.centroid_gain)}
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
-        if layer.losses.load_balance is not None:
-            # ``at`` ends with "router"; the losses sit beside it in the layer.
-            yield (
-                (*at[:-1], "losses", "load_balance"),
-                "BASE layers are balanced by construction (an exact assignment); they take no "
-                "load-balancing loss",
-            )
+        yield from unusable(
+            layer,
+            at,
+            "losses.load_balance",
+            "BASE layers are balanced by construction (an exact assignment); they take no "
+            "load-balancing loss",
+        )
 
     @property
     def causal(self) -> bool:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from moespec.spec.base import DType
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec, at_most_routed
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -83,9 +83,7 @@ class CosineRouter(RouterSpec):
         return out
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
-        n = layer.experts.n_routed
-        if self.k > n:
-            yield (*at, "k"), f"k={self.k} exceeds the number of routed experts ({n})"
+        yield from at_most_routed(layer, at, "k", self.k)
         if self.learnable_temperature and self.temperature < MIN_TEMPERATURE:
             yield (
                 (*at, "temperature"),

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterSpec
+from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterSpec, at_most_routed, unusable
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -96,11 +96,9 @@ class CustomRouter(RouterSpec):
         return self.k if self.output == "dense" else None
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
-        n = layer.experts.n_routed
-        if self.k > n:
-            yield (*at, "k"), f"k={self.k} exceeds the number of routed experts ({n})"
-        if self.output == "dense" and layer.capacity.kind != "dropless":
-            yield (*at[:-1], "capacity"), "a `dense` custom router needs capacity: dropless"
+        yield from at_most_routed(layer, at, "k", self.k)
+        if self.output == "dense":
+            yield from unusable(layer, at, "capacity", "a `dense` custom router needs capacity: dropless")
         try:
             fn = resolve_function(self.function)
         except Exception as exc:  # any import-time failure is the user's to see, located

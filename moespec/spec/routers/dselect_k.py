@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from moespec.spec.base import DType
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import (
+    ROUTERS,
+    Path,
+    Problem,
+    RouterParam,
+    RouterSpec,
+    at_most_routed,
+    unusable,
+)
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -92,13 +100,11 @@ class DSelectKRouter(RouterSpec):
         n = layer.experts.n_routed
         if n < 2:
             yield (*at, "kind"), f"dselect_k needs at least 2 routed experts (got {n})"
-        if self.k > n:
-            yield (*at, "k"), f"k={self.k} exceeds the number of routed experts ({n})"
-        losses = layer.losses
-        if losses.load_balance is not None:
-            yield (
-                (*at[:-1], "losses", "load_balance"),
-                "dselect_k has no balance loss (its training is dense; use entropy_weight to sparsify)",
-            )
-        if losses.z_loss is not None:
-            yield (*at[:-1], "losses", "z_loss"), "dselect_k has no per-expert logits; remove z_loss"
+        yield from at_most_routed(layer, at, "k", self.k)
+        yield from unusable(
+            layer,
+            at,
+            "losses.load_balance",
+            "dselect_k has no balance loss (its training is dense; use entropy_weight to sparsify)",
+        )
+        yield from unusable(layer, at, "losses.z_loss", "dselect_k has no per-expert logits; remove z_loss")

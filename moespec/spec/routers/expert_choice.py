@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from moespec.spec.base import DType
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec, unusable
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -98,17 +98,18 @@ class ExpertChoiceRouter(RouterSpec):
                 "later tokens; not usable in a causal decoder (use a token-choice router such as "
                 "`topk` there, as the paper and flaxformer do)",
             )
-        layer_at = at[:-1]
-        if layer.capacity.kind != "dropless":
-            yield (
-                (*layer_at, "capacity"),
-                "expert choice sets its own per-expert capacity (capacity_factor, min_capacity); "
-                f"the layer's capacity must be `dropless`, not `{layer.capacity.kind}`",
-            )
-        lb = layer.losses.load_balance
-        if lb is not None:
-            yield (
-                (*layer_at, "losses", "load_balance"),
-                f"expert choice is balanced by construction (every expert takes C tokens); remove "
-                f"the `{lb.kind}` load-balancing loss (a z-loss is fine)",
-            )
+        yield from unusable(
+            layer,
+            at,
+            "capacity",
+            "expert choice sets its own per-expert capacity (capacity_factor, min_capacity); "
+            f"the layer's capacity must be `dropless`, not `{layer.capacity.kind}`",
+        )
+        lb_kind = getattr(layer.losses.load_balance, "kind", None)
+        yield from unusable(
+            layer,
+            at,
+            "losses.load_balance",
+            f"expert choice is balanced by construction (every expert takes C tokens); remove "
+            f"the `{lb_kind}` load-balancing loss (a z-loss is fine)",
+        )

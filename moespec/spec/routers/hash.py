@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import (
+    ROUTERS,
+    Path,
+    Problem,
+    RouterParam,
+    RouterSpec,
+    at_most_routed,
+    unusable,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -75,14 +83,11 @@ class HashRouter(RouterSpec):
         return {"router.table": RouterParam((self.vocab_size, self.k), buffer=True, value=value)}
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
-        n = layer.experts.n_routed
-        if self.k > n:
-            yield (*at, "k"), f"k={self.k} exceeds the number of routed experts ({n})"
-        losses = layer.losses
-        if losses.load_balance is not None:
-            yield (
-                (*at[:-1], "losses", "load_balance"),
-                "hash routing has no router to balance (its assignment is fixed); remove load_balance",
-            )
-        if losses.z_loss is not None:
-            yield (*at[:-1], "losses", "z_loss"), "hash routing has no router logits; remove z_loss"
+        yield from at_most_routed(layer, at, "k", self.k)
+        yield from unusable(
+            layer,
+            at,
+            "losses.load_balance",
+            "hash routing has no router to balance (its assignment is fixed); remove load_balance",
+        )
+        yield from unusable(layer, at, "losses.z_loss", "hash routing has no router logits; remove z_loss")

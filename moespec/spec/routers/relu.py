@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from moespec.spec.base import DType
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import (
+    ROUTERS,
+    Path,
+    Problem,
+    RouterParam,
+    RouterSpec,
+    at_most_routed,
+    unusable,
+)
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -69,17 +77,16 @@ class ReLURouter(RouterSpec):
         }
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
-        n = layer.experts.n_routed
-        if self.k > n:
-            yield (*at, "k"), f"k={self.k} exceeds the number of routed experts ({n})"
-        if layer.capacity.kind != "dropless":
-            yield (
-                (*at[:-1], "capacity"),
-                "the relu router routes a variable number of experts per token; it needs capacity: dropless",
-            )
-        if layer.losses.load_balance is not None:
-            yield (
-                (*at[:-1], "losses", "load_balance"),
-                "the relu router balances load through its own load-balanced L1 term; "
-                "remove losses.load_balance",
-            )
+        yield from at_most_routed(layer, at, "k", self.k)
+        yield from unusable(
+            layer,
+            at,
+            "capacity",
+            "the relu router routes a variable number of experts per token; it needs capacity: dropless",
+        )
+        yield from unusable(
+            layer,
+            at,
+            "losses.load_balance",
+            "the relu router balances load through its own load-balanced L1 term; remove losses.load_balance",
+        )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterSpec
+from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterSpec, at_most_routed, unusable
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -51,16 +51,14 @@ class SinkhornRouter(RouterSpec):
         return self.k
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
-        n = layer.experts.n_routed
-        if self.k > n:
-            yield (*at, "k"), f"k={self.k} exceeds the number of routed experts ({n})"
-        if layer.losses.load_balance is not None:
-            # ``at`` ends with "router"; the losses sit beside it in the layer.
-            yield (
-                (*at[:-1], "losses", "load_balance"),
-                "Sinkhorn routing balances by normalisation; it takes no load-balancing loss "
-                "(as Megatron-LM requires)",
-            )
+        yield from at_most_routed(layer, at, "k", self.k)
+        yield from unusable(
+            layer,
+            at,
+            "losses.load_balance",
+            "Sinkhorn routing balances by normalisation; it takes no load-balancing loss "
+            "(as Megatron-LM requires)",
+        )
 
     @property
     def causal(self) -> bool:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from moespec.spec.base import DType
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterParam, RouterSpec, unusable
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -93,21 +93,24 @@ class SoftMoERouter(RouterSpec):
                 "Soft MoE mixes every token of a group into every slot, so a token's output depends "
                 "on later tokens; not usable in a causal decoder (the paper leaves it to future work)",
             )
-        if layer.capacity.kind != "dropless":
-            yield (
-                (*at[:-1], "capacity"),
-                "Soft MoE drops no tokens (each expert gets exactly p slots): use capacity: dropless",
-            )
-        if layer.losses.load_balance is not None:
-            yield (
-                (*at[:-1], "losses", "load_balance"),
-                "Soft MoE is balanced by construction (p slots per expert): remove load_balance",
-            )
-        if layer.losses.z_loss is not None:
-            yield (
-                (*at[:-1], "losses", "z_loss"),
-                "the router z-loss is for token-choice logits; Soft MoE has none (remove z_loss)",
-            )
+        yield from unusable(
+            layer,
+            at,
+            "capacity",
+            "Soft MoE drops no tokens (each expert gets exactly p slots): use capacity: dropless",
+        )
+        yield from unusable(
+            layer,
+            at,
+            "losses.load_balance",
+            "Soft MoE is balanced by construction (p slots per expert): remove load_balance",
+        )
+        yield from unusable(
+            layer,
+            at,
+            "losses.z_loss",
+            "the router z-loss is for token-choice logits; Soft MoE has none (remove z_loss)",
+        )
         if layer.experts.zero_compute:
             yield (
                 (*at[:-1], "experts", "zero_compute"),

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from moespec.spec.base import DType
-from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterSpec
+from moespec.spec.routers.base import ROUTERS, Path, Problem, RouterSpec, at_most_routed, unusable
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -68,19 +68,19 @@ class TopPRouter(RouterSpec):
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
         n = layer.experts.n_routed
-        if self.max_k is not None and self.max_k > n:
-            yield (*at, "max_k"), f"max_k={self.max_k} exceeds the number of routed experts ({n})"
+        yield from at_most_routed(layer, at, "max_k", self.max_k)
         bound = min(self.max_k or n, n)
         if self.expected_k is not None and self.expected_k > bound:
             yield (
                 (*at, "expected_k"),
                 f"expected_k={self.expected_k:g} exceeds the most experts a token can use ({bound})",
             )
-        if layer.capacity.kind != "dropless":
-            yield (
-                (*at[:-1], "capacity"),
-                "the top_p router routes a variable number of experts per token; it needs capacity: dropless",
-            )
+        yield from unusable(
+            layer,
+            at,
+            "capacity",
+            "the top_p router routes a variable number of experts per token; it needs capacity: dropless",
+        )
         lb = layer.losses.load_balance
         if lb is not None and lb.kind == "gshard":
             yield (

@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from moespec.spec.base import DType, Strict
-from moespec.spec.routers.base import NOISES, ROUTERS, Path, Problem, RouterParam, RouterSpec
+from moespec.spec.routers.base import (
+    NOISES,
+    ROUTERS,
+    Path,
+    Problem,
+    RouterParam,
+    RouterSpec,
+    at_most_routed,
+    unusable,
+)
 
 if TYPE_CHECKING:
     from moespec.spec.schema import LayerSpec
@@ -146,8 +155,7 @@ class TopKRouter(RouterSpec):
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:
         r, n = self, layer.experts.n_routed
-        if r.k > n:
-            yield (*at, "k"), f"k={r.k} exceeds the number of routed experts ({n})"
+        yield from at_most_routed(layer, at, "k", r.k)
         if r.score == "sigmoid" and r.order == "topk_then_softmax":
             yield (*at, "order"), "`topk_then_softmax` needs score: softmax (sigmoid scores have no softmax)"
         if r.second_expert_policy != "all" and r.k != 2:
@@ -183,8 +191,7 @@ class TopKRouter(RouterSpec):
         if any(s.param == "router.k" for s in layer.schedules):
             # k(t) is compiled at k and masked down: capacity and the smooth load estimator
             # would need the step's k at trace time.
-            if layer.capacity.kind != "dropless":
-                yield (*at[:-1], "capacity"), "a scheduled router.k needs capacity: dropless"
+            yield from unusable(layer, at, "capacity", "a scheduled router.k needs capacity: dropless")
             if lb is not None and lb.kind == "importance_load_cv2":
                 yield (
                     (*at[:-1], "losses", "load_balance"),
