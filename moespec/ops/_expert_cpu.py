@@ -1,27 +1,29 @@
 """Blocked CPU kernels of the expert ops (``moespec.ops.expert_ffn``), forward and backward.
 
 Legend: T tokens, D d_model, F expert width, E experts in the group, N routed rows (sorted by
-expert), B rows of one block.
+expert), B rows of one block, R rows of the group.
 
 One pass per row block of one expert (an expert's rows split into blocks of at most
 ``_BLOCK_BYTES`` of [rows, max(F, D)] temporaries): gather the block's x rows, run its GEMMs
 straight into the outputs' slices (``torch.mm(out=)``, bias via ``addmm``), apply the
 activation in place. The backward recomputes act(gate) per block from the saved
-pre-activations, using ATen's fused ``*_backward`` kernels. No [N, *] temporary is allocated
-(a fresh tensor of 32 MiB or more is mmapped by glibc and page-faults on every call).
+pre-activations, using ATen's fused ``*_backward`` kernels. The [N, *] outputs and
+temporaries are recycled buffers (``moespec.ops._buffers``: a fresh tensor of 32 MiB or more
+is mmapped by glibc and page-faults on every call).
 
-With ``weight_N`` the kernels also do the combine: the forward scales each block's output
-rows by their routing weights and adds them into the [T, D] result (``index_add_``), so the
-[N, D] expert output never exists; the backward gathers the block's rows of the [T, D] output
-gradient, and computes the weights' gradient from the block's hidden rows,
+Rows that sum per token (the combined output with ``weight_N``, x's gradient) are written per
+routed row, then reduced by one ``embedding_bag(mode="sum")`` over each token's rows in row
+order (:func:`_token_sum`; the routing weights enter as its per-sample weights). That
+reduction is parallel, deterministic (a fixed order per token, whichever worker made the
+rows) and much faster than adding each block's rows into [T, D] in block order, which had to
+be serialized to be deterministic. With ``weight_N`` the backward gathers the block's rows of
+the [T, D] output gradient, and computes the weights' gradient from the block's hidden rows,
 d w[n] = <h[n], g[t] W_down> + <b_down, g[t]> (= <y[n], g[t]>).
 
 Blocks run on one single-threaded worker per intra-op thread (``moespec.ops._parallel``)
-when a group is large and its GEMMs are small; the workers take whole experts one at a time.
-Results that sum over experts (x's gradient, the combined output) are added into one
-accumulator in block order whichever worker made the rows (``_parallel.OrderedAdd``; rows of
-blocks finished early wait, at most ``_MAX_HELD_BYTES``): the results do not depend on thread
-timing.
+when a group is large and its GEMMs are small; the workers take whole experts one at a time
+(an expert's weight gradients accumulate over its blocks in one worker, in order), so the
+results do not depend on thread timing.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moespec.ops import _buffers, _parallel
@@ -45,19 +48,16 @@ _MIN_BLOCK_ROWS = 256
 # Mixtral-like 1024 x 512 x 1024).
 _PARALLEL_MIN_MACS = 1 << 24
 _PARALLEL_MAX_BLOCK_MACS = 1 << 26
-# Rows summed over experts are added in block order; rows of blocks finished ahead of an
-# earlier one wait in memory, at most this much (then their worker waits too).
-_MAX_HELD_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
 class Group:
     """One expert group's rows: experts ``first .. first+E-1`` own rows [lo, hi) of the N
-    sorted rows, cut into blocks (``experts[i]`` is block i's local expert, ``sizes[i]`` its
+    sorted rows (``token_idx_N``), cut into blocks (``experts[i]`` is block i's local expert, ``sizes[i]`` its
     row count); ``idx_b`` holds each block's token indices, ``units`` the block indices of each
     expert (:func:`expert_units`)."""
 
-    n_rows: int
+    token_idx_N: Tensor
     lo: int
     hi: int
     experts: list[int]
@@ -76,7 +76,11 @@ class Group:
         sizes = [r1 - r0 for _, r0, r1 in blocks]
         idx_b = token_idx_N[lo:hi].split(sizes) if blocks else ()
         experts = [e for e, _, _ in blocks]
-        return Group(token_idx_N.shape[0], lo, hi, experts, sizes, idx_b, expert_units(experts))
+        return Group(token_idx_N, lo, hi, experts, sizes, idx_b, expert_units(experts))
+
+    @property
+    def n_rows(self) -> int:
+        return self.token_idx_N.shape[0]
 
     def split(self, t_NX: Tensor) -> tuple[Tensor, ...]:
         """Per-block views of a tensor with one row per routed row."""
@@ -103,19 +107,14 @@ def expert_units(experts: list[int]) -> list[list[int]]:
     return units
 
 
-# A block returns the rows it adds into the summed output, (idx_B, rows_BD), when there is one.
-Block = Callable[[int, Tensor | None], tuple[Tensor, Tensor] | None]
+Block = Callable[[int, Tensor | None], None]
 
 
-def _run(
-    grp: Group, block: Block, n_par: int, sum_TD: Tensor | None, scratch: tuple[int, Tensor] | None
-) -> None:
+def _run(grp: Group, block: Block, n_par: int, scratch: tuple[int, Tensor] | None) -> None:
     """Call ``block(i, tmp_BX)`` for every block i on ``n_par`` workers, which take whole
-    experts one at a time (dynamic: a worker slowed down by other load takes fewer). The rows
-    the blocks return are added into ``sum_TD`` (zeroed here) in block order, so the result
-    does not depend on timing. ``tmp_BX`` is a per-worker scratch of [max block rows, cols]
-    like ``scratch = (cols, like)`` (None without scratch)."""
-    adder = _parallel.OrderedAdd(sum_TD.zero_(), _MAX_HELD_BYTES) if sum_TD is not None else None
+    experts one at a time (dynamic: a worker slowed down by other load takes fewer).
+    ``tmp_BX`` is a per-worker scratch of [max block rows, cols] like ``scratch = (cols, like)``
+    (None without scratch)."""
     todo = iter(grp.units)
     lock = threading.Lock()
 
@@ -130,20 +129,21 @@ def _run(
             if unit is None:
                 return
             for i in unit:
-                rows = block(i, tmp)
-                if adder is not None:
-                    adder.add(i, *rows)
+                block(i, tmp)
 
-    def piece() -> None:
-        try:
-            work()
-        except BaseException:
-            if adder is not None:
-                adder.fail()  # the other workers must not wait for rows that never come
-            raise
+    _parallel.run([work] * n_par)
 
-    _parallel.run([piece] * n_par)
-    assert adder is None or adder.next == len(grp.sizes), (adder.next, len(grp.sizes))
+
+def _token_sum(grp: Group, rows_ND: Tensor, n_tokens: int, weight_N: Tensor | None) -> Tensor:
+    """[T, D]: out[t] = sum of (weight[n] *) rows[n] over the group's rows n of token t, in
+    row order (tokens without rows: 0). One ``embedding_bag`` over the rows grouped by token
+    (a stable sort of their token indices): parallel over tokens and deterministic."""
+    tok_R = grp.token_idx_N[grp.lo : grp.hi]
+    order_R = torch.argsort(tok_R, stable=True)
+    counts_T = torch.bincount(tok_R, minlength=n_tokens)
+    starts_T = counts_T.cumsum(0).sub_(counts_T)
+    w_R = None if weight_N is None else weight_N[grp.lo : grp.hi].to(rows_ND.dtype)[order_R]
+    return F.embedding_bag(order_R, rows_ND[grp.lo : grp.hi], starts_T, mode="sum", per_sample_weights=w_R)
 
 
 def _views(t: Tensor, present: bool) -> tuple[Tensor, ...] | None:
@@ -185,18 +185,15 @@ def forward(
     new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
     up_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi)
     gate_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi) if glu else x_TD.new_empty(0)
-    y = new(x_TD.shape[0], d) if combine else _zero_outside(new(grp.n_rows, d), grp.lo, grp.hi)
-    if not grp.experts:
-        return (y.zero_() if combine else y), up_NF, gate_NF
-    up_b, gate_b = grp.split(up_NF), grp.split(gate_NF) if glu else None
-    y_b = None if combine else grp.split(y)
-    w_b = grp.split(weight_N.to(x_TD.dtype).unsqueeze(1)) if combine else None
+    # The expert rows; with weight_N a temporary (only the group's rows are read).
+    y_ND = new(grp.n_rows, d) if combine else _zero_outside(new(grp.n_rows, d), grp.lo, grp.hi)
+    up_b, gate_b, y_b = grp.split(up_NF), grp.split(gate_NF) if glu else None, grp.split(y_ND)
     w_up = w_up_EFD.transpose(1, 2).unbind(0)  # [D, F] per expert
     w_gate = w_gate_EFD.transpose(1, 2).unbind(0) if glu else None
     w_down = w_down_EDF.transpose(1, 2).unbind(0)  # [F, D]
     b_up, b_gate, b_down = _views(b_up_EF, bias), _views(b_gate_EF, bias and glu), _views(b_down_ED, bias)
 
-    def block(i: int, _tmp: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    def block(i: int, _tmp: Tensor | None) -> None:
         e = grp.experts[i]
         x_BD = x_TD.index_select(0, grp.idx_b[i])
         up_BF = _linear(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
@@ -205,15 +202,12 @@ def forward(
             h_BF = act(activation, gate_BF).mul_(up_BF)
         else:
             h_BF = act(activation, up_BF)
-        if not combine:
-            _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
-            return None
-        # The routing weight scales the expert's output row (as transformers' MoE blocks do).
-        y_BD = _linear(h_BF, w_down[e], b_down[e] if b_down else None, x_TD.new_empty(grp.sizes[i], d))
-        return grp.idx_b[i], y_BD.mul_(w_b[i])
+        _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
 
-    _run(grp, block, grp.workers(d, f), y if combine else None, None)
-    return y, up_NF, gate_NF
+    _run(grp, block, grp.workers(d, f), None)
+    if combine:  # the routing weight scales the expert's output row (as transformers' MoE blocks do)
+        return _token_sum(grp, y_ND, x_TD.shape[0], weight_N), up_NF, gate_NF
+    return y_ND, up_NF, gate_NF
 
 
 def backward(
@@ -238,7 +232,7 @@ def backward(
     n_exp, f, d = w_up_EFD.shape
     glu, combine = w_gate_EFD.numel() > 0, weight_N is not None
     grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
-    grad_x_TD = _buffers.empty_like(x_TD)  # zeroed by _run
+    grad_x_ND = _buffers.empty((grp.n_rows, d), x_TD.dtype, x_TD.device)  # the group's rows, summed per token
     grad_w_up = _buffers.empty_like(w_up_EFD)
     grad_w_gate = _buffers.empty_like(w_gate_EFD) if glu else x_TD.new_empty(0)
     grad_w_down = _buffers.empty_like(w_down_EDF)
@@ -250,7 +244,7 @@ def backward(
     for e in set(range(n_exp)) - set(grp.experts):  # an expert without rows: zero weight gradients
         for gw in (grad_w_up, grad_w_gate, grad_w_down) if glu else (grad_w_up, grad_w_down):
             gw[e].zero_()
-    idx_b, up_b = grp.idx_b, grp.split(up_NF)
+    idx_b, up_b, gx_b = grp.idx_b, grp.split(up_NF), grp.split(grad_x_ND)
     gate_b = grp.split(gate_NF) if glu else None
     g_b = None if combine else grp.split(grad_y)
     w_b = grp.split(weight_N.to(x_TD.dtype).unsqueeze(1)) if combine else None
@@ -262,7 +256,7 @@ def backward(
     gw_gate = _views(grad_w_gate, glu)
     seen = [False] * n_exp  # expert e's weight gradients hold a first block already
 
-    def block(i: int, tmp_BD: Tensor | None) -> tuple[Tensor, Tensor]:
+    def block(i: int, tmp_BD: Tensor | None) -> None:
         e = grp.experts[i]
         acc, seen[e] = seen[e], True
         x_BD = x_TD.index_select(0, idx_b[i])
@@ -298,17 +292,16 @@ def backward(
         _wgrad(gu_BF, x_BD, gw_up[e], acc)
         if gg_BF is not None:
             _wgrad(gg_BF, x_BD, gw_gate[e], acc)  # right after the other one reading x_BD
-        gx_BD = torch.mm(gu_BF, w_up[e])
+        gx_BD = torch.mm(gu_BF, w_up[e], out=gx_b[i])
         if gg_BF is not None:
             gx_BD.addmm_(gg_BF, w_gate[e])
         if has_bias:
             grads_b[0][e].add_(gu_BF.sum(0))
             if gg_BF is not None:
                 grads_b[1][e].add_(gg_BF.sum(0))
-        return idx_b[i], gx_BD
 
-    _run(grp, block, grp.workers(d, f), grad_x_TD, (d, x_TD) if combine else None)
-    out = [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
+    _run(grp, block, grp.workers(d, f), (d, x_TD) if combine else None)
+    out = [_token_sum(grp, grad_x_ND, x_TD.shape[0], None), grad_w_up, grad_w_gate, grad_w_down, *grads_b]
     if combine:
         out.append(grad_w_N.to(weight_N.dtype))
     return out

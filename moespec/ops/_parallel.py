@@ -8,7 +8,6 @@ single-threaded GEMMs on different experts run at ~2 x 84 GFLOP/s. :func:`run` h
 are single-threaded (``torch.set_num_threads(1)`` in that thread: the OpenMP and MKL thread
 counts are per thread), and ATen kernels release the GIL, so the workers compute at the same
 time. The pool follows the caller's thread count and is rebuilt after a fork.
-:class:`OrderedAdd` lets such pieces add rows into one accumulator in a fixed order.
 """
 
 from __future__ import annotations
@@ -86,44 +85,3 @@ def run(pieces: list[Callable[[], None]]) -> None:
     wait(futures)  # all of them, even when one failed: none may still write afterwards
     for f in futures:
         f.result()
-
-
-class OrderedAdd:
-    """``acc_TD.index_add_(0, idx_B, rows_BD)`` for items 0, 1, 2, ... in that order, whichever
-    thread hands them over and whenever: one thread adds at a time, so every run computes the
-    same sums. An item handed over before those ahead of it waits in memory; while more than
-    ``max_held_bytes`` wait, a thread handing one over waits too, until its item is added (by
-    the thread that makes the next item, which never waits here) or :meth:`fail` is called.
-    ``next`` counts the items added."""
-
-    def __init__(self, acc_TD: torch.Tensor, max_held_bytes: int) -> None:
-        self.acc_TD, self.max_held_bytes = acc_TD, max_held_bytes
-        self.next, self.held, self.adding, self.failed = 0, 0, False, False
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cond = threading.Condition()
-
-    def add(self, i: int, idx_B: torch.Tensor, rows_BD: torch.Tensor) -> None:
-        with self.cond:
-            self.pending[i] = (idx_B, rows_BD)
-            self.held += rows_BD.nbytes
-            if self.adding or i != self.next:  # another thread adds it
-                while self.held > self.max_held_bytes and i in self.pending and not self.failed:
-                    self.cond.wait()
-                return
-            self.adding = True
-        while True:
-            with self.cond:
-                item = self.pending.pop(self.next, None)
-                if item is None:
-                    self.adding = False
-                    return
-                self.next += 1
-                self.held -= item[1].nbytes
-                self.cond.notify_all()
-            self.acc_TD.index_add_(0, *item)
-
-    def fail(self) -> None:
-        """A thread failed: the items after its own will never be added; stop waiting."""
-        with self.cond:
-            self.failed = True
-            self.cond.notify_all()

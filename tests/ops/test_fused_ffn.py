@@ -236,8 +236,6 @@ def forced(request, monkeypatch, two_threads):
     if request.param == "small_blocks":  # experts span several blocks
         monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
         monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 3)
-        # and a worker ahead of the other waits for its rows to be added
-        monkeypatch.setattr(_expert_cpu, "_MAX_HELD_BYTES", 0)
     yield
     _buffers.release()
 
@@ -279,63 +277,6 @@ def test_worker_error_propagates(forced):
 def test_expert_units_keep_experts_whole():
     assert _expert_cpu.expert_units([0, 0, 0, 1, 2, 2, 3]) == [[0, 1, 2], [3], [4, 5], [6]]
     assert _expert_cpu.expert_units([]) == []
-
-
-def test_ordered_add_in_block_order_whatever_the_arrival():
-    """Blocks handed over out of order are added in block order (one fixed rounding)."""
-    rows = [torch.full((1, 1), v) for v in (1e8, 1.0, -1e8, 1.0)]  # order-sensitive in fp32
-    idx = torch.zeros(1, dtype=torch.long)
-    expected = torch.zeros(1, 1)
-    for r in rows:
-        expected.index_add_(0, idx, r)
-    for arrival in ([3, 1, 0, 2], [2, 3, 1, 0], [0, 1, 2, 3]):
-        adder = _parallel.OrderedAdd(torch.zeros(1, 1), max_held_bytes=1 << 20)
-        for i in arrival:
-            adder.add(i, idx, rows[i])
-        assert adder.next == 4 and not adder.pending
-        assert torch.equal(adder.acc_TD, expected)
-
-
-@pytest.mark.parametrize("max_held_bytes", [0, 1 << 20])
-def test_ordered_add_from_threads_is_deterministic(two_threads, max_held_bytes):
-    """Threads handing over items in any order and timing (holding back every item when the
-    budget is 0) give the serial sums bit for bit."""
-    g = torch.Generator().manual_seed(0)
-    n_items = 60
-    items = [(torch.randint(0, 5, (3,), generator=g).unique(), None) for _ in range(n_items)]
-    items = [(i, torch.randn(len(i), 4, generator=g) * 10 ** float(k % 7)) for k, (i, _) in enumerate(items)]
-    expected = torch.zeros(5, 4)
-    for idx, rows in items:
-        expected.index_add_(0, idx, rows)
-    for _trial in range(5):
-        adder = _parallel.OrderedAdd(torch.zeros(5, 4), max_held_bytes)
-        todo = iter(range(n_items))
-
-        def piece(adder=adder, todo=todo) -> None:
-            for k in todo:
-                adder.add(k, *items[k])
-
-        _parallel.run([piece, piece])
-        assert adder.next == n_items and not adder.pending and adder.held == 0
-        assert torch.equal(adder.acc_TD, expected)
-
-
-def test_ordered_add_fail_releases_waiting_threads(two_threads):
-    adder = _parallel.OrderedAdd(torch.zeros(1, 1), max_held_bytes=0)
-    idx = torch.zeros(1, dtype=torch.long)
-    done = []
-
-    def ahead() -> None:  # item 1 waits: item 0 never comes
-        adder.add(1, idx, torch.ones(1, 1))
-        done.append(1)
-
-    def failing() -> None:
-        adder.fail()
-        raise RuntimeError("block 0 failed")
-
-    with pytest.raises(RuntimeError, match="block 0 failed"):
-        _parallel.run([ahead, failing])
-    assert done == [1] and adder.next == 0
 
 
 def test_workers_count_experts_not_blocks(two_threads, monkeypatch):
