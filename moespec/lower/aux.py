@@ -9,6 +9,8 @@ Statistics are tensors (never Python floats), so reading them does not sync a de
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -82,7 +84,8 @@ class AuxLossAndStats(nn.Module):
         n_active = routed_E.sum()
         dropped = (n_active - kept_E.sum()).to(probs_TE.dtype) / n_active.clamp(min=1).to(probs_TE.dtype)
         p = score_distribution(probs_TE.detach(), self.score)
-        plogp = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
+        # 0 log 0 = 0 (xlogy); NaN scores count 0 too, as in the reference statistics.
+        plogp = torch.special.xlogy(p, p).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
         entropy = -plogp.sum(-1).mean() if p.shape[0] else p.new_zeros(())
         ratio = routed_E.max().to(p.dtype) / routed_E.min().to(p.dtype)
         return aux, routed_E, kept_E, dropped, entropy, ratio
