@@ -96,6 +96,9 @@ def _setup(ctx, inputs, output) -> None:
     weight, idx, probs = output
     ctx.save_for_backward(logits, idx, probs, weight)
     ctx.cfg = (score, order, renormalize, scale)
+    # An unused output's gradient arrives as None, not as a dense zero tensor (the probs
+    # usually get none: only a load-balance loss reads them).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_weight_TK, _grad_idx, grad_probs_TE):
