@@ -11,9 +11,10 @@ offsets[first+E]) belongs to expert e and computes
 ``expert_ffn`` returns ``(y_ND, up_NF, gate_NF)`` (rows outside the group are zero);
 ``expert_ffn_combine`` returns ``(y_TD, up_NF, gate_NF)`` with
     y_TD[t] = sum over the group's rows n of token t of weight_N[n] * y[n],
-the combine fused in: on the CPU the [N, D] rows never exist, in the forward or the backward
-(the layer graph sums this op over expert groups). The pre-activations are saved for backward instead of
-recomputing two of the three GEMMs. Absent optional tensors are passed as empty tensors
+the combine fused in: the [N, D] rows are never an output or saved (on the CPU they live in a
+reused scratch buffer, reduced per token by ``embedding_bag``; the layer graph sums this op
+over expert groups). The pre-activations are saved for backward instead of recomputing two
+of the three GEMMs. Absent optional tensors are passed as empty tensors
 (custom ops have no Optional outputs).
 
 Kernels: blocked per expert row block on the CPU (``moespec.ops._expert_cpu``), whole-group
