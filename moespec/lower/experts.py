@@ -71,6 +71,6 @@ def combined_experts(
 ) -> fx.Node:
     """y_TD = sum over expert groups g of moespec.expert_ffn_combine(x, token_idx_N, weight_N,
     offsets_E1, ...): the routed experts' weighted outputs summed per token (the combine fused
-    into the expert op: no [N, D] rows)."""
+    into the expert op: no [N, D] rows in the graph)."""
     args = lambda first: (x, token_idx, row_w, offsets, first)  # noqa: E731
     return _sum_groups(b, layer, x, OPS.expert_ffn_combine, args, "y_TD")

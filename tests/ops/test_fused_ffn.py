@@ -201,6 +201,25 @@ def test_sort_by_expert_invariants():
     assert torch.equal(tok, slot // 3)
 
 
+def test_expert_group_without_rows(kernels):
+    """Every token routes into the first half of the experts: with the layer split in two
+    groups the second gets no rows at all (its op adds zeros, its weights' gradients are 0)."""
+    g = torch.Generator().manual_seed(5)
+    idx_TK = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(7)])
+    keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
+    x = torch.randn(7, 48, generator=g, requires_grad=True)
+    w_TK = torch.rand(7, 2, generator=g, requires_grad=True)
+    p = _params(8, 100, 48, True, True, torch.float32)
+    y1, g1 = _grads(
+        lambda: _fused(x, idx_TK, keep_TK, w_TK, p, "silu", Mode(kernels.combined, split=True)), x, w_TK, p
+    )
+    y2, g2 = _grads(lambda: _loop(x, idx_TK, keep_TK, w_TK, p, "silu"), x, w_TK, p)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert all(gr[4:].abs().max() == 0 for gr in g1[2:])  # the empty group's experts
+
+
 def test_opcheck_every_op():
     idx_TK, keep_TK = _routing(7, 2, 4, drop=0.2)
     tok, _slot, offs = OPS.sort_by_expert(idx_TK, keep_TK, 4)
