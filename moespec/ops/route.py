@@ -104,32 +104,30 @@ def _setup(ctx, inputs, output) -> None:
 def _backward(ctx, grad_weight_TK, _grad_idx, grad_probs_TE):
     logits_TE, idx_TK, probs_TE, weight_TK = ctx.saved_tensors
     score, order, renormalize, scale = ctx.cfg
-    g_w_TK = grad_weight_TK * scale if grad_weight_TK is not None else torch.zeros_like(weight_TK)
-    # The weights' gradient is sparse (K of E per token): scattered into a fresh [T, E] tensor
-    # in place, or added to the probs' own gradient; no dense zero tensor is added in.
-    g_sel_z_TE = None  # topk_then_softmax: the gradient reaching the logits directly
-    g_p_TE = grad_probs_TE
-    if order == "topk_then_softmax":
-        w0_TK = weight_TK / scale  # softmax over the selected logits
-        g_sel_TK = w0_TK * (g_w_TK - (g_w_TK * w0_TK).sum(-1, keepdim=True))
-        g_sel_z_TE = torch.zeros_like(logits_TE).scatter_add_(1, idx_TK, g_sel_TK)
-        if g_p_TE is None:
-            return g_sel_z_TE, None, None, None, None, None, None, None, None, None, None
-    else:
-        if renormalize:
-            sel_TK = probs_TE.gather(1, idx_TK)
-            w0_TK = weight_TK / scale
-            g_w_TK = (g_w_TK - (g_w_TK * w0_TK).sum(-1, keepdim=True)) / sel_TK.sum(-1, keepdim=True)
-        if g_p_TE is None:
-            g_p_TE = torch.zeros_like(probs_TE).scatter_add_(1, idx_TK, g_w_TK)
+    # Unused outputs' gradients are None. The weights' gradient is sparse (K of E per token):
+    # it is scattered into a fresh [T, E] in place, or added to the probs' own gradient.
+    g_z_TE, g_p_TE = None, grad_probs_TE  # the gradient reaching the logits directly / the probs
+    if grad_weight_TK is not None:
+        g_w_TK = grad_weight_TK * scale
+        if order == "topk_then_softmax":
+            w0_TK = weight_TK / scale  # softmax over the selected logits
+            g_sel_TK = w0_TK * (g_w_TK - (g_w_TK * w0_TK).sum(-1, keepdim=True))
+            g_z_TE = torch.zeros_like(logits_TE).scatter_add_(1, idx_TK, g_sel_TK)
         else:
-            g_p_TE = g_p_TE.scatter_add(1, idx_TK, g_w_TK)
-    if score == "softmax":
-        g_z_TE = probs_TE * (g_p_TE - (g_p_TE * probs_TE).sum(-1, keepdim=True))
-    else:
-        g_z_TE = g_p_TE * probs_TE * (1.0 - probs_TE)
-    if g_sel_z_TE is not None:
-        g_z_TE = g_z_TE + g_sel_z_TE
+            if renormalize:
+                sel_TK = probs_TE.gather(1, idx_TK)
+                w0_TK = weight_TK / scale
+                g_w_TK = (g_w_TK - (g_w_TK * w0_TK).sum(-1, keepdim=True)) / sel_TK.sum(-1, keepdim=True)
+            if g_p_TE is None:
+                g_p_TE = torch.zeros_like(probs_TE).scatter_add_(1, idx_TK, g_w_TK)
+            else:
+                g_p_TE = g_p_TE.scatter_add(1, idx_TK, g_w_TK)
+    if g_p_TE is not None:
+        if score == "softmax":
+            g_s_TE = probs_TE * (g_p_TE - (g_p_TE * probs_TE).sum(-1, keepdim=True))
+        else:
+            g_s_TE = g_p_TE * probs_TE * (1.0 - probs_TE)
+        g_z_TE = g_s_TE if g_z_TE is None else g_z_TE + g_s_TE
     return g_z_TE, None, None, None, None, None, None, None, None, None, None
 
 
