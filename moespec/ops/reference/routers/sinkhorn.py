@@ -22,12 +22,11 @@ S-BASE was not checked against its text; Megatron's is used.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
 from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult
+from moespec.ops.reference.routing import RoutingResult, token_choice_routing
 from moespec.ops.sinkhorn import sinkhorn_plan
 from moespec.spec.routers.sinkhorn import SinkhornRouter
 
@@ -44,13 +43,4 @@ def sinkhorn(
         idx_TK = stable_topk(sinkhorn_plan(logits_TE, spec.iterations, spec.tol), spec.k)
     else:
         idx_TK = stable_topk(probs_TE.detach(), spec.k)
-    return RoutingResult(
-        logits_TE=logits_TE,
-        noisy_logits_TE=logits_TE,
-        noise_std_TE=None,
-        probs_TE=probs_TE,
-        topk_idx_TK=idx_TK,
-        topk_weight_TK=probs_TE.gather(1, idx_TK),
-        active_TK=torch.ones_like(idx_TK, dtype=torch.bool),
-        n_experts=ctx.n_experts,
-    )
+    return token_choice_routing(logits_TE, probs_TE, probs_TE.gather(1, idx_TK), idx_TK, ctx.n_experts)
