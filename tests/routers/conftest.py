@@ -3,11 +3,15 @@ plain-PyTorch reference, forward, aux loss, stats and the gradient of every para
 
 Tests in this folder take the ``compare`` fixture (pytest runs with --import-mode=importlib,
 so conftest is not importable): ``compare(spec, overrides, x, training=..., inputs=...)``,
-``spec`` a path or a dict; ``run_both`` is the ``run_both`` fixture.
+``spec`` a path or a dict; ``run_both`` is the ``run_both`` fixture; ``explain_layer(path)`` the
+first layer of ``moespec explain SPEC --json``.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +104,19 @@ def _spec_error_text():
 @pytest.fixture(name="spec_diagnostics")
 def _spec_diagnostics():
     return spec_diagnostics
+
+
+def explain_layer(spec_path: str | Path) -> dict:
+    """The first layer of ``moespec explain SPEC --json``, run as a user runs it (a subprocess)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "moespec", "explain", str(spec_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)["layers"][0]
+
+
+@pytest.fixture(name="explain_layer")
+def _explain_layer():
+    return explain_layer

@@ -4,9 +4,6 @@ reference's invariants, module vs reference, bad specs and the example spec's nu
 from __future__ import annotations
 
 import itertools
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -203,14 +200,8 @@ def test_bad_specs():
         moespec.load_spec(spec(k=2))
 
 
-def test_example_spec_numbers():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(ROOT / "specs/base-layers.yaml"), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    lay = json.loads(out.stdout)["layers"][0]
+def test_example_spec_numbers(explain_layer):
+    lay = explain_layer(ROOT / "specs/base-layers.yaml")
     d, e, f = 2048, 128, 8192
     expert = 2 * d * f + f + d  # ReLU MLP with biases
     router = e * d  # centroids

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -186,14 +183,8 @@ def test_bad_specs(layer, router, message):
     assert message in str(ei.value)
 
 
-def test_explain_numbers_of_the_example_spec():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(ROOT / "specs/x-moe.yaml"), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    layer = json.loads(out.stdout)["layers"][0]
+def test_explain_numbers_of_the_example_spec(explain_layer):
+    layer = explain_layer(ROOT / "specs/x-moe.yaml")
     d, f, e, p = 768, 3072, 32, 16
     expert = 2 * d * f + f + d  # GELU MLP with biases
     router = d * p + e * p  # router.proj + router.expert_emb

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -272,14 +269,8 @@ def test_bad_specs(n, layer, router, message):
     assert message in str(ei.value)
 
 
-def test_explain_numbers_of_the_example_spec():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(ROOT / "specs/dselect-k.yaml"), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    layer = json.loads(out.stdout)["layers"][0]
+def test_explain_numbers_of_the_example_spec(explain_layer):
+    layer = explain_layer(ROOT / "specs/dselect-k.yaml")
     d, f, e, k, m = 512, 2048, 16, 2, 4  # m = log2(16) bits
     expert = 2 * d * f  # ReLU MLP, no biases
     router = (k * m * d + k * m) + (k * d + k)  # z_weight, z_bias, alpha_weight, alpha_bias

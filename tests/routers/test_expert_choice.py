@@ -5,9 +5,6 @@ reference, module == reference (forward, aux loss, gradients), and the example's
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -325,12 +322,8 @@ def test_bad_fields(field: str, value, spec_diagnostics):
 # --- the example spec's numbers ------------------------------------------------------------
 
 
-def test_example_spec_numbers():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(SPEC), "--json"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    )  # fmt: skip
-    layer = json.loads(out.stdout)["layers"][0]
+def test_example_spec_numbers(explain_layer):
+    layer = explain_layer(SPEC)
     d, f, e, cf = 4096, 16384, 64, 2.0  # paper Table 1, 8B/64E; EC-CF2
     expert = 2 * d * f  # w_up + w_down, no biases
     router = d * e

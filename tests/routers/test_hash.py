@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -239,14 +236,8 @@ def test_vocab_size_required():
         moespec.load_spec(bad)
 
 
-def test_explain_numbers_of_the_example_spec():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(ROOT / "specs/hash-layers.yaml"), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    layer = json.loads(out.stdout)["layers"][0]
+def test_explain_numbers_of_the_example_spec(explain_layer):
+    layer = explain_layer(ROOT / "specs/hash-layers.yaml")
     d, f, e = 1024, 4096, 64
     expert = 2 * d * f + f + d  # w_up, w_down and their biases
     assert layer["params_total"] == e * expert  # no router parameters (the table is a buffer)

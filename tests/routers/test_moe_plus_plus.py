@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,14 +88,8 @@ def test_topk_without_residual_rejects_the_port():
         m(torch.randn(3, 32), prev_router_logits=torch.zeros(3, 4))
 
 
-def test_moe_plus_plus_numbers():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", MPP, "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    layer = json.loads(out.stdout)["layers"][0]
+def test_moe_plus_plus_numbers(explain_layer):
+    layer = explain_layer(MPP)
     d, f, e = 1536, 4096, 20
     ffn = 3 * d * f
     router = d * e + e * e  # W_g and the gating residual's W_res

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,10 +78,8 @@ def test_multi_head_with_per_token_router_inputs_is_rejected():
         moespec.load_spec(TINY, over)
 
 
-def test_mh_moe_numbers():
-    out = subprocess.run([sys.executable, "-m", "moespec", "explain", MH, "--json"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    layer = json.loads(out.stdout)["layers"][0]
+def test_mh_moe_numbers(explain_layer):
+    layer = explain_layer(MH)
     d, h, f, e, k = 768, 4, 3072, 32, 2
     sub = d // h
     expert = 2 * sub * f + f + sub

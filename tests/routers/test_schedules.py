@@ -146,18 +146,8 @@ def test_smoe_dropout_spec_frozen_router_and_state():
     assert int(m.routing_stats["routed_per_expert"].sum()) == 5 * 12
 
 
-def test_smoe_dropout_numbers():
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(SPECS / "smoe-dropout.yaml"), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    layer = json.loads(out.stdout)["layers"][0]
+def test_smoe_dropout_numbers(explain_layer):
+    layer = explain_layer(SPECS / "smoe-dropout.yaml")
     d, f = 256, 512  # smoe_dropout.sh: --d_model 256 --d_inner 512 (every expert full width)
     expert = 2 * d * f + f + d
     assert layer["params_total"] == 16 * expert  # the frozen router is a buffer, not a parameter

@@ -3,9 +3,6 @@ invariants, selection and weights, module vs reference, bad specs, example-spec 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -169,14 +166,8 @@ def test_bad_specs():
             moespec.load_spec(spec(**bad))
 
 
-def test_example_spec_numbers():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(ROOT / "specs/sinkhorn.yaml"), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    lay = json.loads(out.stdout)["layers"][0]
+def test_example_spec_numbers(explain_layer):
+    lay = explain_layer(ROOT / "specs/sinkhorn.yaml")
     d, e, f = 2048, 64, 8192
     expert = 2 * d * f  # GELU MLP, no biases
     assert lay["params_total"] == e * expert + e * d

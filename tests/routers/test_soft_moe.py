@@ -5,10 +5,7 @@ stats; odd shapes, train/eval), the spec checks and the example spec's numbers."
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -331,12 +328,8 @@ def test_bad_fields(field, value, spec_diagnostics):
 # --- the example spec's numbers -----------------------------------------------------------
 
 
-def test_example_spec_numbers():
-    out = subprocess.run(
-        [sys.executable, "-m", "moespec", "explain", str(SPEC), "--json"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    )  # fmt: skip
-    layer = json.loads(out.stdout)["layers"][0]
+def test_example_spec_numbers(explain_layer):
+    layer = explain_layer(SPEC)
     d, f, n, p, group = 768, 3072, 128, 1, 196  # ViT-B/16, 128 experts, 1 slot, (224/16)^2
     expert = 2 * d * f + f + d  # MLP with biases
     router = n * p * d + 1  # Φ and the scalar scale
