@@ -54,23 +54,22 @@ def _wrap(s: torch.UntypedStorage, shape: tuple[int, ...], dtype: torch.dtype) -
 Shape = tuple[int, ...] | list[int] | torch.Size
 
 
-def tracing(shape: Shape) -> bool:
-    """True under torch.compile / export tracing (symbolic sizes or an active fake mode)."""
-    if any(not isinstance(d, int) for d in shape):
-        return True
+def _tracing() -> bool:
+    """True under torch.compile / export tracing (an active fake mode)."""
     return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
 
 
 def empty(shape: Shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised contiguous tensor, on a recycled storage where one is free (CPU only)."""
     global _pooled_bytes
-    if tracing(shape):
-        # Autograd formulas are traced by torch.compile/export (fake tensors, symbolic sizes):
-        # there is nothing to recycle, and the sizes may be data-dependent.
+    # Autograd formulas are traced by torch.compile/export (fake tensors, symbolic sizes that
+    # may be data-dependent): nothing to recycle. The cheap checks go first; the fake-mode
+    # lookup only runs for the large CPU tensors the pool would take.
+    if device.type != "cpu" or any(not isinstance(d, int) for d in shape):
         return torch.empty(shape, dtype=dtype, device=device)
-    shape = tuple(int(s) for s in shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < MIN_BYTES:
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < MIN_BYTES or _tracing():
         return torch.empty(shape, dtype=dtype, device=device)
     with _lock:
         for key, entry in _pool.items():
