@@ -2,7 +2,7 @@
 
 Legend: T tokens, E experts, K top-k.
 
-Losses are the reference formulas (moespec.ops.reference.losses) applied to the fused
+Losses are the reference formulas (moespec.common.losses) applied to the fused
 router's outputs: they are plain differentiable torch code and small next to the experts.
 Statistics are tensors (never Python floats), so reading them does not sync a device.
 """
@@ -14,8 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moespec.ops.reference.losses import aux_losses, score_distribution
-from moespec.ops.reference.routing import RoutingResult
+from moespec.common.losses import aux_losses, score_distribution
+from moespec.common.routing import RoutingResult
 from moespec.spec.sparsity import LossesSpec
 
 

@@ -4,19 +4,20 @@ Legend: T tokens, K slots per token, E experts.
 
 C = max(ceil(factor · T · K / E), min_capacity). Slots are served in priority order and an
 expert keeps its first C active slots. Priorities follow the reference
-(moespec.ops.reference.capacity): ``position`` serves all first choices before any second
-choice, earliest token first; ``score`` serves the highest weight first (position order on
-ties); ``random`` serves in the order of ``u_TK`` (uniform draws given as input, so the op is
-pure). Vectorised: no per-expert loop. C is computed inside the op from T, so an exported
-graph stays valid for any number of tokens.
+(moespec.ops.reference.capacity; C is moespec.common.capacity's formula): ``position``
+serves all first choices before any second choice, earliest token first; ``score`` serves
+the highest weight first (position order on ties); ``random`` serves in the order of
+``u_TK`` (uniform draws given as input, so the op is pure). Vectorised: no per-expert
+loop. C is computed inside the op from T, so an exported graph stays valid for any number
+of tokens.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from moespec.common.capacity import expert_capacity
 
 
 def _order(weight_TK: Tensor, u_TK: Tensor, policy: str) -> Tensor:
@@ -47,7 +48,7 @@ def capacity_keep(
 ) -> Tensor:
     """Bool [T, K]: slot kept (active and within its expert's first C in priority order)."""
     t, k = idx_TK.shape
-    cap = max(math.ceil(factor * t * k / n_experts), min_capacity)
+    cap = expert_capacity(factor, t, k, n_experts, min_capacity)
     order_S = _order(weight_TK, u_TK, policy)
     active_S = active_TK.reshape(-1)[order_S]
     # Inactive slots go to a sentinel expert so they take no capacity.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference.routers.expert_choice import expert_choice_capacity
+from moespec.common.capacity import expert_choice_capacity
 
 
 def _select(scores_GSE: Tensor, capacity: int) -> Tensor:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference import selection
-from moespec.ops.reference._common import stable_topk
+from moespec.common import select as selection
+from moespec.common.select import stable_topk
 
 
 def _topk_idx(crit_TE: Tensor, k: int) -> Tensor:

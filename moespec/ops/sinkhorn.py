@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import stable_topk
+from moespec.common.select import stable_topk
 
 EPS = 1e-8
 

@@ -16,12 +16,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, fx, nn
 
+from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.losses import relative_sizes_E
+from moespec.common.rng import gumbel, normal, uniform
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.aux import AuxLossAndStats
 from moespec.lower.fx import OUTPUTS, extra_inputs, lower_layer, random_inputs
 from moespec.lower.routers import lowering
-from moespec.ops.reference._common import TORCH_DTYPES, gumbel, normal, uniform
-from moespec.ops.reference.losses import relative_sizes_E
 from moespec.ops.reference.params import buffer_names, init_reference_params
 from moespec.runtime.schedules import evaluate
 from moespec.spec.schema import LayerSpec

@@ -70,7 +70,7 @@ def test_sampling_second_expert_matches_reference_draws():
     x, w = torch.randn(7, 6), torch.randn(8, 6)
     ref = route_topk(x, w, spec, n_experts=8, training=True, generator=torch.Generator().manual_seed(3))
     # The reference draws its Gumbel noise as the first random tensor of the generator.
-    from moespec.ops.reference._common import gumbel
+    from moespec.common.rng import gumbel
 
     noise = gumbel((7, 8), torch.Generator().manual_seed(3), x)
     _, idx, _ = _op(x @ w.T, torch.empty(0), 2, "softmax", "softmax_then_topk", False, False, gumbel=noise)
@@ -107,7 +107,7 @@ def test_opcheck(args):
 @pytest.mark.parametrize("k", [1, 3, 7, 8])
 def test_topk_fast_path_matches_stable_sort(ties, k):
     """The CPU top-k shortcut selects and orders exactly like the stable sort, ties included."""
-    from moespec.ops.reference._common import stable_topk
+    from moespec.common.select import stable_topk
     from moespec.ops.route import _topk_idx
 
     g = torch.Generator().manual_seed(k)

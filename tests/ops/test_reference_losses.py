@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from moespec.common.losses import normal_cdf
 from moespec.ops.reference import (
     RoutingResult,
     aux_losses,
@@ -21,7 +22,6 @@ from moespec.ops.reference import (
     switch_loss,
     z_loss,
 )
-from moespec.ops.reference.losses import normal_cdf
 from moespec.spec.routers import TopKRouter
 from moespec.spec.sparsity import LossesSpec
 

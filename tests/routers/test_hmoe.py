@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moespec
-from moespec.ops.reference.losses import parameter_penalty_loss, relative_sizes_E, switch_loss
+from moespec.common.losses import parameter_penalty_loss, relative_sizes_E, switch_loss
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 HMOE = str(SPECS / "hmoe.yaml")

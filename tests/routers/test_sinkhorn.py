@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moespec
-from moespec.ops.reference._common import stable_topk
+from moespec.common.select import stable_topk
 from moespec.ops.reference.routers import RouteContext, route
 from moespec.ops.sinkhorn import EPS, sinkhorn_plan
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, fx
 
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder, RandomInput
-from moespec.ops.reference._common import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from torch import nn

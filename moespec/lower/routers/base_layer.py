@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.select import stable_topk
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
 from moespec.lower.routers import RouteNodes, RouterLowering, register
-from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
 
 OPS = torch.ops.moespec
 

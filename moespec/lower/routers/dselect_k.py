@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
 from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
-from moespec.ops.reference._common import TORCH_DTYPES
 from moespec.spec.routers.dselect_k import n_binary
 
 ENTROPY_EPS = 1e-6  # the released code's EPSILON inside the entropy's log

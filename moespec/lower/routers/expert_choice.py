@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
 from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
-from moespec.ops.reference._common import TORCH_DTYPES
 
 OPS = torch.ops.moespec
 

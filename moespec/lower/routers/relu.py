@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from moespec.common.controllers import update_l1_coeff
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder, RandomInput
 from moespec.lower.routers import JITTER, RouteNodes, RouterLowering, dense_slots, register, router_input
-from moespec.ops.reference._common import TORCH_DTYPES
-from moespec.ops.reference.routers.relu import update_l1_coeff
 
 
 def remoe_l1_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:

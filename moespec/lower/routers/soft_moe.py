@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
 from moespec.lower.routers import RouterLowering, SoftNodes, register
-from moespec.ops.reference._common import TORCH_DTYPES
 
 
 def soft_logits(x_TD: Tensor, phi_SD: Tensor, scale: Tensor | None) -> Tensor:

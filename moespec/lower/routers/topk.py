@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers
 from moespec.lower.builder import Builder, ExtraInput, RandomInput
 from moespec.lower.routers import JITTER, RouteNodes, RouterLowering, register, router_input
-from moespec.ops.reference._common import TORCH_DTYPES
 
 OPS = torch.ops.moespec
 

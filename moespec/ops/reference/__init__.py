@@ -11,10 +11,7 @@ rows sorted by expert), ``capacity``, ``experts`` (FFN/GLU, shared, zero-compute
 ``params`` (names, shapes, init), ``losses``, ``stats``, ``layer`` (the composition).
 """
 
-from moespec.ops.reference.capacity import CapacityResult, apply_capacity, expert_capacity
-from moespec.ops.reference.experts import ACTIVATIONS, expert_forward, expert_table, ffn, shared_forward
-from moespec.ops.reference.layer import moe_layer_reference
-from moespec.ops.reference.losses import (
+from moespec.common.losses import (
     aux_losses,
     cv_squared,
     gshard_loss,
@@ -22,9 +19,12 @@ from moespec.ops.reference.losses import (
     switch_loss,
     z_loss,
 )
+from moespec.common.sorted_routing import SortedRouting, sort_by_expert
+from moespec.ops.reference.capacity import CapacityResult, apply_capacity, expert_capacity
+from moespec.ops.reference.experts import ACTIVATIONS, expert_forward, expert_table, ffn, shared_forward
+from moespec.ops.reference.layer import moe_layer_reference
 from moespec.ops.reference.params import BUFFERS, init_reference_params, param_shapes
 from moespec.ops.reference.routing import RoutingResult, route_topk, update_expert_bias
-from moespec.ops.reference.sorted_routing import SortedRouting, sort_by_expert
 from moespec.ops.reference.stats import LayerStats, load_ratio, router_entropy
 
 __all__ = [

@@ -20,15 +20,17 @@ Shape legend: T tokens, K top-k, E experts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import need_generator, uniform
-from moespec.ops.reference.routing import RoutingResult
+from moespec.common.capacity import capacity_factor, expert_capacity
+from moespec.common.rng import need_generator, uniform
+from moespec.common.routing import RoutingResult
 from moespec.spec.sparsity import CapacityFactor, Dropless
+
+__all__ = ["CapacityResult", "apply_capacity", "expert_capacity", "slot_priority"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,6 @@ class CapacityResult:
     capacity: int | None
     n_dropped: int
     dropped_fraction: float
-
-
-def expert_capacity(factor: float, n_tokens: int, k: int, n_experts: int, min_capacity: int) -> int:
-    """C = max(ceil(factor * T * k / E), min_capacity), evaluated left to right in float64."""
-    return max(math.ceil(factor * n_tokens * k / n_experts), min_capacity)
 
 
 def slot_priority(routing: RoutingResult, policy: str, generator: torch.Generator | None) -> Tensor:
@@ -89,8 +86,7 @@ def apply_capacity(
     if spec.kind == "dropless":
         return CapacityResult(keep_TK=active_TK.clone(), capacity=None, n_dropped=0, dropped_fraction=0.0)
     t_count, k = routing.topk_idx_TK.shape
-    factor = spec.train_factor if training else spec.eval_factor
-    cap = expert_capacity(factor, t_count, k, routing.n_experts, spec.min_capacity)
+    cap = expert_capacity(capacity_factor(spec, training), t_count, k, routing.n_experts, spec.min_capacity)
     rank_TK = slot_priority(routing, spec.drop_policy, generator)
 
     keep_TK = torch.zeros_like(active_TK)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moespec.common.losses import aux_losses, relative_sizes_E
+from moespec.common.sorted_routing import SortedRouting
 from moespec.ops.reference.capacity import CapacityResult, apply_capacity
 from moespec.ops.reference.experts import expert_forward, shared_forward
-from moespec.ops.reference.losses import aux_losses, relative_sizes_E
 from moespec.ops.reference.routers import RouteContext, SoftRouting, route
-from moespec.ops.reference.sorted_routing import SortedRouting
 from moespec.ops.reference.stats import LayerStats, layer_stats, load_ratio, router_entropy
 from moespec.spec.schema import LayerSpec
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moespec.common.losses import score_distribution
+from moespec.common.routing import RoutingResult
+from moespec.common.sorted_routing import SortedRouting
 from moespec.ops.reference.capacity import CapacityResult
-from moespec.ops.reference.losses import score_distribution
-from moespec.ops.reference.routing import RoutingResult
-from moespec.ops.reference.sorted_routing import SortedRouting
 
 
 def router_entropy(p_TE: Tensor) -> float:

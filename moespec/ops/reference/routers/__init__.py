@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moespec.ops.reference.routing import RoutingResult
+from moespec.common.routing import RoutingResult
 from moespec.spec.base import Strict
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES
+from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.routing import RoutingResult
 from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult
 from moespec.ops.reference.selection import select_all
 from moespec.spec.routers.adaptive_gating import AdaptiveGatingRouter
 

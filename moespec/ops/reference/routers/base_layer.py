@@ -26,10 +26,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.routing import RoutingResult
+from moespec.common.select import stable_topk
 from moespec.ops.balanced_assignment import solve_balanced_assignment
-from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
 from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult
 from moespec.spec.routers.base_layer import BaseLayerRouter
 
 

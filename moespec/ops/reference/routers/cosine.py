@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
+from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.select import stable_topk
 from moespec.ops.reference.routers import RouteContext, reference_router
 from moespec.ops.reference.routing import RoutingResult, token_choice_routing
 from moespec.spec.routers.cosine import MIN_TEMPERATURE, CosineRouter

@@ -30,17 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES
+from moespec.common.capacity import expert_choice_capacity
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ops.reference.routers import RouteContext, reference_router
 from moespec.ops.reference.routing import RoutingResult, dense_routing
 from moespec.spec.routers.expert_choice import ExpertChoiceRouter
-
-
-def expert_choice_capacity(n_tokens: int, n_experts: int, capacity_factor: float, min_capacity: int) -> int:
-    """C = min(max(round(cf · T / E), min_capacity), T): tokens each expert takes from a group
-    of ``n_tokens`` (round half to even, as flaxformer's Python ``round``)."""
-    c = max(round(capacity_factor * n_tokens / n_experts), min_capacity)
-    return min(c, n_tokens)
 
 
 def select_group(scores_TE: Tensor, capacity: int) -> Tensor:

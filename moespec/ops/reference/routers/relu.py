@@ -29,10 +29,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES
+from moespec.common.controllers import update_l1_coeff
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ops.reference.routers import RouteContext, reference_router
 from moespec.ops.reference.routing import RoutingResult, dense_routing, input_jitter
 from moespec.spec.routers.relu import ReLURouter
+
+__all__ = ["l1_balance_loss", "relu", "update_l1_coeff"]
 
 
 def l1_balance_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
@@ -59,19 +62,3 @@ def relu(x_TD: Tensor, params: dict[str, Tensor], spec: ReLURouter, ctx: RouteCo
     return dense_routing(
         logits_TE, logits_TE.softmax(-1), r_TE, selected_TE, nominal_k=spec.k, extra_loss=extra
     )
-
-
-def update_l1_coeff(
-    l1_coeff: Tensor, routed_per_expert_E: Tensor, n_tokens: int, k: int, multiplier: float
-) -> Tensor:
-    """ReMoE's controller: s = 1 − Σ_e n_e / (T E) (sparsity of R), s* = 1 − k / E;
-    λ ← λ·α if s < s* (too dense) else λ/α. Returns the new λ (no in-place update, no
-    gradient); unchanged when T = 0."""
-    if n_tokens == 0:
-        return l1_coeff.detach().clone()
-    n_experts = routed_per_expert_E.shape[0]
-    density = routed_per_expert_E.to(torch.float64).sum() / (n_tokens * n_experts)
-    sparsity, target = 1.0 - density, 1.0 - k / n_experts
-    lam = l1_coeff.detach().to(torch.float64)
-    new = torch.where(sparsity < target, lam * multiplier, lam / multiplier)
-    return new.to(l1_coeff.dtype)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES, stable_topk
+from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.select import stable_topk
 from moespec.ops.reference.routers import RouteContext, reference_router
 from moespec.ops.reference.routing import RoutingResult, token_choice_routing
 from moespec.ops.sinkhorn import sinkhorn_plan

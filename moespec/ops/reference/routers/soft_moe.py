@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ops.reference.routers import RouteContext, SoftRouting, reference_router
 from moespec.spec.routers.soft_moe import SoftMoERouter
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference._common import TORCH_DTYPES
+from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ops.reference.routers import RouteContext, reference_router
 from moespec.ops.reference.routing import RoutingResult, dense_routing
 from moespec.spec.routers.top_p import TopPRouter

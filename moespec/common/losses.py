@@ -31,8 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from moespec.common.routing import RoutingResult
 from moespec.ir.numbers import ffn_params
-from moespec.ops.reference.routing import RoutingResult
 from moespec.spec.schema import LayerSpec, inner_d_model
 from moespec.spec.sparsity import LossesSpec
 

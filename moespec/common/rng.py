@@ -1,20 +1,13 @@
-"""Small helpers shared by the reference ops: dtype names and explicit randomness.
+"""Explicit randomness: every draw comes from a caller's ``torch.Generator``, in fp32.
 
-Shape legend: T tokens, D d_model, E experts.
+Drawing in fp32 whatever the compute dtype keeps the random stream identical across dtypes,
+so the reference and the module (which draws the same samples in the same order) agree.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-# Spec dtype names (moespec.spec.base.DType) -> torch dtypes.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp64": torch.float64,
-}
 
 
 def need_generator(generator: torch.Generator | None, what: str) -> torch.Generator:
@@ -44,13 +37,3 @@ def gumbel(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> 
     tiny = torch.finfo(torch.float32).tiny
     u = u.clamp(min=tiny, max=1.0 - torch.finfo(torch.float32).eps)
     return (-torch.log(-torch.log(u))).to(device=like.device, dtype=like.dtype)
-
-
-def stable_topk(values_TE: Tensor, k: int) -> Tensor:
-    """Indices [T, k] of the k largest entries of each row, best first.
-
-    Ties go to the lower expert index (a stable descending sort), which makes the oracle
-    deterministic where ``torch.topk`` leaves tie order unspecified.
-    """
-    order_TE = torch.sort(values_TE, dim=-1, descending=True, stable=True).indices
-    return order_TE[:, :k]
