@@ -40,9 +40,7 @@ def build(
     name = layer or names[0]
     if name not in names:
         raise BuildError(f"no layer group {name!r}; the spec has {names}")
-    ir = program.layers[names.index(name)]
-    spec_layer = dict((n, lay) for n, _, lay in loaded.spec.layer_groups())[name]
-    return MoELayer(ir, spec_layer, seed=seed, generator=generator)
+    return MoELayer(program.layers[names.index(name)], seed=seed, generator=generator)
 
 
 def set_step(model: nn.Module, step: int) -> None:

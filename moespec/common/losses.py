@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from moespec.common.routing import RoutingResult
-from moespec.ir.numbers import ffn_params
-from moespec.spec.schema import LayerSpec, inner_d_model
+from moespec.ir.numbers import expert_sizes
+from moespec.spec.schema import LayerSpec
 from moespec.spec.sparsity import LossesSpec
 
 
@@ -62,14 +62,8 @@ def parameter_penalty_loss(p_TE: Tensor, selected_TE: Tensor, k: int, size_E: Te
 
 def relative_sizes_E(layer: LayerSpec, d_model: int) -> Tensor:
     """Parameters of each routed expert (FFN groups in order, then zero-compute experts),
-    fp64 [E], for the parameter penalty."""
-    sizes: list[float] = []
-    d_model = inner_d_model(layer, d_model)
-    for g in layer.experts.routed:
-        sizes += [float(ffn_params(g, d_model, g.width))] * g.n_experts
-    for z in layer.experts.zero_compute:
-        sizes += [3.0 * d_model if z.kind == "constant" else 0.0] * z.count
-    return torch.tensor(sizes, dtype=torch.float64)
+    fp64 [E], for the parameter penalty (the IR's ``ExpertsNode.sizes``)."""
+    return torch.tensor(expert_sizes(layer, d_model), dtype=torch.float64)
 
 
 def gshard_loss(p_TE: Tensor, top1_T: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ from moespec.ir.nodes import (
     SharedNode,
     ZeroComputeNode,
 )
-from moespec.ir.numbers import layer_numbers
+from moespec.ir.numbers import expert_costs, layer_numbers
+from moespec.ir.params import layer_params
 from moespec.ir.verify import verify
 from moespec.spec.schema import LayerSpec, Spec, inner_d_model
 
@@ -40,6 +41,7 @@ def expert_to_rank(mapping: str | list[int], n_ffn: int, ep: int) -> tuple[int, 
 
 
 def _experts(d_model: int, layer: LayerSpec, at: str) -> ExpertsNode:
+    # d_model here is already the inner width (multi-head MoE: D / heads).
     groups, first = [], 0
     for g in layer.experts.routed:
         groups.append(ExpertGroupNode(g.kind, g.activation, g.width, g.n_experts, g.bias, g.init, first))
@@ -48,15 +50,20 @@ def _experts(d_model: int, layer: LayerSpec, at: str) -> ExpertsNode:
     for z in layer.experts.zero_compute:
         zeros.append(ZeroComputeNode(z.kind, z.count, first))
         first += z.count
-    return ExpertsNode(d_model, tuple(groups), tuple(zeros), f"{at}.experts")
+    sizes = tuple(p for p, _ in expert_costs(layer, d_model))
+    return ExpertsNode(d_model, tuple(groups), tuple(zeros), f"{at}.experts", sizes)
 
 
 def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) -> MoELayerNode:
     """Resolve one layer group into an :class:`MoELayerNode`."""
     d_inner = inner_d_model(layer, spec.d_model)
     experts = _experts(d_inner, layer, at)
-    router_dtype = getattr(layer.router, "dtype", None) or spec.target.router_dtype
-    router = RouterNode(layer.router, d_inner, experts.n_experts, router_dtype, f"{at}.router")
+    router_dtype = layer.router.own_dtype or spec.target.router_dtype
+    r = layer.router
+    router = RouterNode(
+        r, d_inner, experts.n_experts, router_dtype, f"{at}.router", score=r.score_fn,
+        nominal_k=r.nominal_k(layer), extra_inputs=r.extra_inputs(layer), causal=r.causal,
+    )  # fmt: skip
     rows = layer.router.rows_per_token(layer)
     shared = None
     if (s := layer.experts.shared) is not None:
@@ -79,6 +86,7 @@ def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) ->
             p.expert_parallel, expert_to_rank(p.mapping, experts.n_ffn, p.expert_parallel), "placement"
         ),
         numbers=layer_numbers(spec, name, count, layer),
+        params=layer_params(layer, spec.d_model),
         schedules=tuple(layer.schedules),
         heads=layer.multi_head.heads if layer.multi_head is not None else 1,
         head_bias=layer.multi_head.bias if layer.multi_head is not None else False,

@@ -11,19 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moespec.ir.numbers import LayerNumbers
+from moespec.ir.params import ParamNode
 from moespec.spec.base import Strict
 from moespec.spec.experts import InitSpec
+from moespec.spec.routers.base import ExtraInput
 
 
 @dataclass(frozen=True)
 class RouterNode:
-    """Scores and selection. ``config`` is the router's spec model (its ``kind`` picks the op)."""
+    """Scores and selection. ``config`` is the router's spec model (its ``kind`` picks the
+    lowering); the rest is its contract resolved for this layer: ``dtype`` the router compute
+    dtype (its own ``dtype`` or ``target.router_dtype``), ``score`` the score function the
+    balance losses and the entropy read, ``nominal_k`` the k the balance losses normalise a
+    dense-form routing by (None: the token-choice K), ``extra_inputs`` the per-token inputs
+    the layer takes besides x, ``causal`` False when a token's routing depends on later
+    tokens."""
 
     config: Strict
     d_model: int
     n_experts: int
     dtype: str
     origin: str
+    score: str = "softmax"
+    nominal_k: int | None = None
+    extra_inputs: tuple[ExtraInput, ...] = ()
+    causal: bool = True
 
     @property
     def kind(self) -> str:
@@ -33,7 +45,10 @@ class RouterNode:
 
 @dataclass(frozen=True)
 class DispatchNode:
-    """Sort (token, expert) pairs by expert; apply capacity. At most ``rows_per_token``·T rows."""
+    """Sort (token, expert) pairs by expert; apply capacity. At most ``rows_per_token``·T rows:
+    the static bound on a token's (token, expert) rows, which is the router's k for top-k
+    (``RouterSpec.rows_per_token``); ``capacity`` is the spec's capacity section (its
+    ``train_factor`` / ``eval_factor`` pick C per mode, ``moespec.common.capacity``)."""
 
     n_experts: int
     rows_per_token: int
@@ -71,6 +86,7 @@ class ExpertsNode:
     groups: tuple[ExpertGroupNode, ...]
     zero_compute: tuple[ZeroComputeNode, ...]
     origin: str
+    sizes: tuple[int, ...] = ()  # parameters of each routed expert (the parameter penalty's weights)
 
     @property
     def n_ffn(self) -> int:
@@ -128,7 +144,9 @@ class PlacementNode:
 
 @dataclass(frozen=True)
 class MoELayerNode:
-    """One MoE layer (``count`` identical copies of it in the model)."""
+    """One MoE layer (``count`` identical copies of it in the model). ``params`` is its
+    state table (names, shapes, init; :mod:`moespec.ir.params`): ``MoELayer(ir)`` needs
+    nothing else."""
 
     name: str
     count: int
@@ -142,6 +160,7 @@ class MoELayerNode:
     losses: LossesNode
     placement: PlacementNode
     numbers: LayerNumbers
+    params: tuple[ParamNode, ...] = ()
     schedules: tuple[Strict, ...] = ()
     heads: int = 1
     head_bias: bool = False

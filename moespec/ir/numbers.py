@@ -42,6 +42,23 @@ def _top_k_sum(values: list[int], k: float) -> float:
     return sum(top[:whole]) + rest
 
 
+def expert_costs(layer: LayerSpec, d: int) -> list[tuple[int, int]]:
+    """(parameters, MACs per token) of each routed expert at width ``d``, in expert-index
+    order: FFN groups, then zero-compute experts (a constant expert has 3·D parameters)."""
+    out: list[tuple[int, int]] = []
+    for g in layer.experts.routed:
+        out += [(ffn_params(g, d, g.width), ffn_macs(g.kind, d, g.width))] * g.n_experts
+    for z in layer.experts.zero_compute:
+        out += [(3 * d, 2 * d) if z.kind == "constant" else (0, 0)] * z.count
+    return out
+
+
+def expert_sizes(layer: LayerSpec, d_model: int) -> tuple[int, ...]:
+    """Parameters of each routed expert at the layer's inner width (the parameter penalty's
+    weights)."""
+    return tuple(p for p, _ in expert_costs(layer, inner_d_model(layer, d_model)))
+
+
 @dataclass(frozen=True)
 class LayerNumbers:
     """Derived numbers of one MoE layer (one member of a group)."""
@@ -74,13 +91,7 @@ def layer_numbers(spec: Spec, name: str, count: int, layer: LayerSpec) -> LayerN
     router = layer.router
     router_active = router.active_router_params(layer, d)
     router_params = sum(numel(p.shape) for p in router.params(layer, d).values() if not p.buffer)
-    # Per routed expert: (params, MACs), in expert-index order.
-    per_expert: list[tuple[int, int]] = []
-    for g in ex.routed:
-        per_expert += [(ffn_params(g, d, g.width), ffn_macs(g.kind, d, g.width))] * g.n_experts
-    for z in ex.zero_compute:
-        cost = (3 * d, 2 * d) if z.kind == "constant" else (0, 0)
-        per_expert += [cost] * z.count
+    per_expert = expert_costs(layer, d)
     routed = sum(p for p, _ in per_expert[: ex.n_ffn])
     zero = sum(p for p, _ in per_expert[ex.n_ffn :])
     shared, shared_macs = 0, 0

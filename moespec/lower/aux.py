@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moespec.common.losses import aux_losses, score_distribution
 from moespec.common.routing import RoutingResult
-from moespec.spec.sparsity import LossesSpec
+from moespec.ir.nodes import LossesNode
 
 
 class AuxLossAndStats(nn.Module):
@@ -25,19 +25,19 @@ class AuxLossAndStats(nn.Module):
 
     def __init__(
         self,
-        losses: LossesSpec,
+        losses: LossesNode,
         score: str,
         n_experts: int,
         nominal_k: int | None = None,
-        expert_sizes: Tensor | None = None,
+        expert_sizes: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.losses, self.score, self.n_experts, self.nominal_k = losses, score, n_experts, nominal_k
         # Parameters per expert (the parameter penalty's weights): derived from the spec, so
         # neither checkpoint state nor a buffer; a tensor is made per call only when used.
         lb = losses.load_balance
-        use = lb is not None and lb.kind == "parameter_penalty" and expert_sizes is not None
-        self.expert_sizes = tuple(expert_sizes.tolist()) if use else None
+        use = lb is not None and lb.kind == "parameter_penalty"
+        self.expert_sizes = tuple(float(s) for s in expert_sizes) if use else None
 
     def extra_repr(self) -> str:
         lb, z = self.losses.load_balance, self.losses.z_loss

@@ -21,24 +21,6 @@ class RandomInput:
     train_only: bool
 
 
-@dataclass(frozen=True)
-class ExtraInput:
-    """An input the layer takes besides x, by keyword: per token (shape x.shape[:-1], or
-    flattened [T]) plus ``trailing`` dims. The graph gets it as [T, *trailing]. An
-    ``optional`` one defaults to zeros (e.g. the previous layer's router logits for the
-    first layer of a MoE++ stack); ``dtype`` is ``"float"`` (cast to x's dtype) or ``"int"``."""
-
-    name: str
-    trailing: tuple[int, ...] = ()
-    optional: bool = False
-    dtype: str = "int"
-
-
-def as_extra_input(entry: str | ExtraInput) -> ExtraInput:
-    """Router lowerings may declare extra inputs by bare name (a required [T] integer input)."""
-    return entry if isinstance(entry, ExtraInput) else ExtraInput(entry)
-
-
 class Builder:
     """Appends call_function nodes to ``g``, each tagged with the spec path it lowers."""
 

@@ -25,9 +25,10 @@ from torch import fx, nn
 import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers, soft
-from moespec.lower.builder import Builder, ExtraInput, RandomInput, as_extra_input
+from moespec.lower.builder import Builder, RandomInput
 from moespec.lower.experts import combined_experts
 from moespec.lower.routers import SoftNodes, lowering
+from moespec.spec.routers.base import ExtraInput
 
 OPS = torch.ops.moespec
 OUTPUTS = (
@@ -58,8 +59,9 @@ def schedule_inputs(layer: MoELayerNode) -> tuple[str, ...]:
 
 
 def extra_inputs(layer: MoELayerNode) -> tuple[ExtraInput, ...]:
-    """Extra forward inputs of ``layer`` (e.g. ``input_ids``), each [T, *trailing] in the graph."""
-    return tuple(as_extra_input(e) for e in lowering(layer).extra_inputs(layer))
+    """Extra forward inputs of ``layer`` (e.g. ``input_ids``; the router spec declares them),
+    each [T, *trailing] in the graph."""
+    return layer.router.extra_inputs
 
 
 def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.GraphModule:

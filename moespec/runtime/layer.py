@@ -3,7 +3,7 @@
 Legend: T tokens, D d_model, E experts, K top-k.
 
 The module owns the parameters under clean, stable names (the checkpoint contract; see
-``moespec.ops.reference.params``) and runs one of two FX GraphModules lowered from the IR:
+``moespec.ir.params``) and runs one of two FX GraphModules lowered from the IR:
 the training graph (jitter, noise, train capacity) or the eval graph. Random draws happen
 here, from ``self.generator`` (or the global RNG when it is None), in the reference's order,
 and enter the graph as inputs, so the graph itself is pure.
@@ -17,15 +17,13 @@ import torch
 from torch import Tensor, fx, nn
 
 from moespec.common.dtypes import TORCH_DTYPES
-from moespec.common.losses import relative_sizes_E
+from moespec.common.params import init_params
 from moespec.common.rng import gumbel, normal, uniform
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.aux import AuxLossAndStats
 from moespec.lower.fx import OUTPUTS, extra_inputs, lower_layer, random_inputs
 from moespec.lower.routers import lowering
-from moespec.ops.reference.params import buffer_names, init_reference_params
 from moespec.runtime.schedules import evaluate
-from moespec.spec.schema import LayerSpec
 
 # Generated forward functions, shared by every layer whose graph prints the same code. Each
 # GraphModule has its own class, so calling GraphModules would make torch.compile recompile
@@ -60,23 +58,19 @@ class MoELayer(nn.Module):
     ``tokens_per_expert`` (after capacity), ``dropped_fraction``, ``router_entropy``,
     ``load_ratio`` (max/min routed load)."""
 
-    def __init__(
-        self, ir: MoELayerNode, spec: LayerSpec, *, seed: int = 0, generator: torch.Generator | None = None
-    ) -> None:
+    def __init__(self, ir: MoELayerNode, *, seed: int = 0, generator: torch.Generator | None = None) -> None:
+        """The layer the IR describes, with fresh weights drawn from ``seed``; ``generator``
+        drives jitter, noise and random policies (the global RNG when None)."""
         super().__init__()
         self.d_model, self.dtype = ir.d_model, TORCH_DTYPES[ir.dtype]
         self.generator = generator
         init_gen = torch.Generator().manual_seed(seed)
-        params = init_reference_params(spec, ir.d_model, generator=init_gen, dtype=self.dtype)
-        buffers = buffer_names(spec, ir.d_model)
-        for name, value in params.items():
-            _set(self, name, value, buffer=name in buffers)
+        params = init_params(ir.params, generator=init_gen, dtype=self.dtype)
+        for p in ir.params:
+            _set(self, p.name, params[p.name], buffer=p.buffer)
+        object.__setattr__(self, "_controllers", tuple(p.name for p in ir.params if p.controller))
         self.aux = AuxLossAndStats(
-            spec.losses,
-            getattr(spec.router, "score", "softmax"),
-            ir.experts.n_experts,
-            spec.router.nominal_k(spec),
-            relative_sizes_E(spec, ir.d_model),
+            ir.losses, ir.router.score, ir.experts.n_experts, ir.router.nominal_k, ir.experts.sizes
         )
         object.__setattr__(self, "ir", ir)
         if ir.schedules:
@@ -87,6 +81,18 @@ class MoELayer(nn.Module):
         self.aux_loss: Tensor | None = None
         self.router_logits: Tensor | None = None
         self.routing_stats: dict[str, Tensor] = {}
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # `.to(dtype)` / `.half()` cast every floating buffer; a running controller's state
+        # (the expert bias, ReMoE's λ) stays fp32, since its small steps vanish in bf16.
+        super()._apply(fn, recurse)
+        for name in self._controllers:
+            mod_name, _, leaf = name.rpartition(".")
+            mod = self.get_submodule(mod_name)
+            buf = mod._buffers[leaf]
+            if buf is not None and buf.dtype != torch.float32:
+                mod._buffers[leaf] = buf.float()
+        return self
 
     def _lower(self) -> None:
         # The IR and graphs are not submodules: parameters must appear once in state_dict.

@@ -36,7 +36,7 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
                 ),
             )
     yield from _check_schedules(layer, at)
-    router_dtype = getattr(layer.router, "dtype", None)
+    router_dtype = layer.router.own_dtype
     if router_dtype is not None:
         yield from _check_dtype(spec, router_dtype, (*at, "router", "dtype"))
     ep = spec.placement.expert_parallel
@@ -59,12 +59,7 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
 
 def lowering_inputs(layer: LayerSpec) -> list[str]:
     """Per-token inputs besides x a layer's router reads (input_ids, prev_router_logits)."""
-    out = []
-    if layer.router.kind == "hash":
-        out.append("input_ids")
-    if getattr(layer.router, "gating_residual", False):
-        out.append("prev_router_logits")
-    return out
+    return [e.name for e in layer.router.extra_inputs(layer)]
 
 
 def _check_schedules(layer: LayerSpec, at: Path) -> Iterator[Problem]:

@@ -75,14 +75,11 @@ class RouterLowering:
         """Random tensors the graph takes as inputs, in the reference's draw order."""
         return []
 
-    def extra_inputs(self, layer: MoELayerNode) -> tuple[str, ...]:
-        """Names of extra forward inputs the router reads (e.g. ``input_ids``)."""
-        return ()
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes | SoftNodes:
-        """Append the router's nodes; ``inputs`` maps random and extra input names to nodes,
+        """Append the router's nodes; ``inputs`` maps random and extra input names (the extra
+        inputs the router spec declares, ``RouterSpec.extra_inputs``) to nodes,
         and ``seq_len`` to the layer's sequence length (0 unless the input is 3-D)."""
         raise NotImplementedError
 

@@ -34,9 +34,6 @@ def hash_lookup(
 class HashLowering(RouterLowering):
     kind = "hash"
 
-    def extra_inputs(self, layer: MoELayerNode) -> tuple[str, ...]:
-        return ("input_ids",)
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:

@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers
-from moespec.lower.builder import Builder, ExtraInput, RandomInput
+from moespec.lower.builder import Builder, RandomInput
 from moespec.lower.routers import JITTER, RouteNodes, RouterLowering, register, router_input
 
 OPS = torch.ops.moespec
@@ -64,11 +64,6 @@ class TopKLowering(RouterLowering):
         if r.second_expert_policy == "random":
             out.append(RandomInput("second_u_T", "uniform", "T", False))
         return out
-
-    def extra_inputs(self, layer: MoELayerNode) -> tuple[ExtraInput, ...]:
-        if not layer.router.config.gating_residual:
-            return ()
-        return (ExtraInput("prev_router_logits", (layer.router.n_experts,), optional=True, dtype="float"),)
 
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool

@@ -76,7 +76,7 @@ def moe_layer_reference(
     if routing.residual_TD is not None:
         y_TD = y_TD + routing.residual_TD.to(y_TD.dtype)  # e.g. BASE's (1 - α)·x
 
-    score = getattr(router, "score", "softmax")
+    score = router.score_fn
     size_E = relative_sizes_E(layer, d_model)
     aux, parts = aux_losses(routing, layer.losses, score=score, seq_len=seq_len, size_E=size_E)
     stats = layer_stats(routing, cap, srt, score, parts)

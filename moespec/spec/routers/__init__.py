@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from moespec.spec.routers.base import NOISES, ROUTERS, RouterParam, RouterSpec
+from moespec.spec.routers.base import NOISES, ROUTERS, ExtraInput, RouterParam, RouterSpec
 from moespec.spec.routers.topk import ExpertBias, FixedNoise, GroupLimited, LearnedNoise, TopKRouter
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
@@ -25,6 +25,7 @@ __all__ = [
     "NOISES",
     "ROUTERS",
     "ExpertBias",
+    "ExtraInput",
     "FixedNoise",
     "GroupLimited",
     "LearnedNoise",

@@ -7,17 +7,25 @@ A router kind is one :class:`RouterSpec` subclass with a ``kind`` Literal, regis
 - :meth:`RouterSpec.experts_per_token`: routed experts computed per token on average, for
   active parameters and FLOPs (may be fractional);
 - :meth:`RouterSpec.router_macs`: router multiply-accumulates per token;
-- :meth:`RouterSpec.params`: the router's parameters and buffers (names under ``router.``).
+- :meth:`RouterSpec.params`: the router's parameters and buffers (names under ``router.``);
+- :meth:`RouterSpec.extra_inputs`: per-token inputs the layer takes besides x (hash routing's
+  ``input_ids``), each an :class:`ExtraInput`;
+- :attr:`RouterSpec.score_fn`: the score function the balance losses and the entropy read;
+- :meth:`RouterSpec.nominal_k`, :attr:`RouterSpec.causal`, :meth:`RouterSpec.schedulable`;
+- which layer settings it cannot use: :func:`unusable` inside ``checks``.
 
-The reference function and the FX lowering of a kind live in
-``moespec.ops.reference.routers.<kind>`` and ``moespec.lower.routers.<kind>``.
+Validation, the IR, the lowering, the reference and the runtime all read this contract; none
+of them asks for a router by kind. The reference function and the FX lowering of a kind
+live in ``moespec.ops.reference.routers.<kind>`` and ``moespec.lower.routers.<kind>``,
+registered under the same kind (``REFERENCE_ROUTERS.register("kind")``,
+``LOWERINGS.register("kind")``); a test checks that the three registries agree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from moespec.spec.base import KindRegistry, Strict
 
@@ -32,6 +40,19 @@ Problem = tuple[Path, str]
 
 
 @dataclass(frozen=True)
+class ExtraInput:
+    """An input the layer takes besides x, by keyword: per token (shape x.shape[:-1], or
+    flattened [T]) plus ``trailing`` dims; the graph gets it as [T, *trailing]. An
+    ``optional`` one defaults to zeros (the previous layer's router logits for the first
+    layer of a MoE++ stack); ``dtype`` is ``"float"`` (cast to x's dtype) or ``"int"``."""
+
+    name: str
+    trailing: tuple[int, ...] = ()
+    optional: bool = False
+    dtype: Literal["int", "float"] = "int"
+
+
+@dataclass(frozen=True)
 class RouterParam:
     """One router tensor: ``shape``, how it starts (``normal`` N(0, 0.02²), ``zeros``,
     ``ones``, ``orthogonal`` or ``xavier`` (uniform) with gain ``gain``, ``uniform``
@@ -39,13 +60,16 @@ class RouterParam:
     is a buffer (state, not trained by gradient; still in ``state_dict``). ``value``, when
     set, computes the initial tensor from the spec instead (``init`` is then ignored and no
     random draw is taken): a fixed table (hash routing's int64 ``router.table``, whose dtype
-    is kept) or a constant start (a learnable log-temperature)."""
+    is kept) or a constant start (a learnable log-temperature). ``controller`` marks a
+    running controller's state (a buffer updated after each training forward, e.g. the
+    expert bias), which stays fp32 whatever the layer's dtype."""
 
     shape: tuple[int, ...]
     init: str = "normal"
     buffer: bool = False
     gain: float = 1.0
     value: Callable[[], Any] | None = field(default=None, compare=False)
+    controller: bool = False
 
 
 class RouterSpec(Strict):
@@ -68,6 +92,22 @@ class RouterSpec(Strict):
         """The k the balance losses normalise by for a dense-form routing (None: the
         token-choice K itself)."""
         return None
+
+    def extra_inputs(self, layer: LayerSpec) -> tuple[ExtraInput, ...]:
+        """Per-token inputs besides x the router reads (none by default)."""
+        return ()
+
+    @property
+    def own_dtype(self) -> str | None:
+        """The router's own compute ``dtype`` field, for kinds that have one (None: use
+        ``target.router_dtype``)."""
+        return getattr(self, "dtype", None)
+
+    @property
+    def score_fn(self) -> str:
+        """The score function (``softmax`` or ``sigmoid``) whose per-token distribution the
+        balance losses and the router-entropy statistic read (softmax by default)."""
+        return "softmax"
 
     def router_macs(self, layer: LayerSpec, d_model: int) -> float:
         """Router multiply-accumulates per token at inference (a linear router: D·E)."""

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from moespec.spec.routers.base import (
     ROUTERS,
+    ExtraInput,
     Path,
     Problem,
     RouterParam,
@@ -73,6 +74,9 @@ class HashRouter(RouterSpec):
 
     def experts_per_token(self, layer: LayerSpec) -> float:
         return self.k
+
+    def extra_inputs(self, layer: LayerSpec) -> tuple[ExtraInput, ...]:
+        return (ExtraInput("input_ids"),)
 
     def router_macs(self, layer: LayerSpec, d_model: int) -> float:
         return 0  # a table lookup

@@ -73,7 +73,9 @@ class ReLURouter(RouterSpec):
     def params(self, layer: LayerSpec, d_model: int) -> dict[str, RouterParam]:
         return {
             "router.weight": RouterParam((layer.experts.n_routed, d_model)),
-            "router.l1_coeff": RouterParam((), "constant", buffer=True, gain=self.l1_coeff_init),
+            "router.l1_coeff": RouterParam(
+                (), "constant", buffer=True, gain=self.l1_coeff_init, controller=True
+            ),
         }
 
     def checks(self, layer: LayerSpec, at: Path) -> Iterator[Problem]:

@@ -11,6 +11,7 @@ from moespec.spec.base import DType, Strict
 from moespec.spec.routers.base import (
     NOISES,
     ROUTERS,
+    ExtraInput,
     Path,
     Problem,
     RouterParam,
@@ -123,6 +124,16 @@ class TopKRouter(RouterSpec):
     def experts_per_token(self, layer: LayerSpec) -> float:
         return self.k
 
+    @property
+    def score_fn(self) -> str:
+        return self.score
+
+    def extra_inputs(self, layer: LayerSpec) -> tuple[ExtraInput, ...]:
+        if not self.gating_residual:
+            return ()
+        n = layer.experts.n_routed
+        return (ExtraInput("prev_router_logits", (n,), optional=True, dtype="float"),)
+
     def router_macs(self, layer: LayerSpec, d_model: int) -> float:
         # The noise projection runs only while training; FLOPs are inference FLOPs.
         n = layer.experts.n_routed
@@ -136,7 +147,7 @@ class TopKRouter(RouterSpec):
         if self.noise is not None and self.noise.kind == "learned":
             out["router.noise_weight"] = RouterParam((n, d_model))
         if self.expert_bias is not None:
-            out["router.expert_bias"] = RouterParam((n,), "zeros", buffer=True)
+            out["router.expert_bias"] = RouterParam((n,), "zeros", buffer=True, controller=True)
         if self.gating_residual:
             # nn.Linear(E, E, bias=False)'s default bound 1/sqrt(fan_in), as MoE++'s gate_map.
             out["router.residual_weight"] = RouterParam((n, n), "uniform", buffer=frozen, gain=n**-0.5)

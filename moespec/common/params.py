@@ -1,0 +1,98 @@
+"""Fresh tensors for a layer's parameter table (``moespec.ir.params``), the one init both the
+module and the reference use.
+
+Expert FFN tensors follow their spec's ``init``; every other tensor its declared kind (router,
+noise, shared gate and zero-compute weights N(0, 0.02²) unless declared otherwise). Tensors are
+initialised in fp32 in table order, FFN tensors first (so the random stream, and the weights
+for a seed, do not depend on the dtype), then cast to the layer's dtype; integer tables keep
+their dtype and running controllers' state stays fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from moespec.ir.params import ParamNode, layer_params
+from moespec.spec.schema import LayerSpec
+
+# Parameters the spec gives no init for: router, noise and zero-compute weights.
+DEFAULT_STD = 0.02
+
+
+def _init_ffn(t: Tensor, p: ParamNode, gen: torch.Generator) -> None:
+    init = p.ffn_init
+    assert init is not None
+    scale = init.output_scale if p.down else 1.0
+    if init.kind == "uniform_fan_in":
+        # nn.Linear: weight and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = scale / math.sqrt(p.fan_in)
+        t.uniform_(-bound, bound, generator=gen)
+    elif p.name.rsplit(".", 1)[1].startswith("b_"):
+        t.zero_()  # normal kinds: zero biases (the spec's std is about weights)
+    elif init.kind == "normal":
+        t.normal_(0.0, init.std * scale, generator=gen)
+    else:
+        std = init.std * scale
+        torch.nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=gen)
+
+
+def _init_declared(t: Tensor, p: ParamNode, gen: torch.Generator) -> None:
+    if p.init == "zeros":
+        t.zero_()
+    elif p.init == "ones":
+        t.fill_(1.0)
+    elif p.init == "constant":
+        t.fill_(p.gain)
+    elif p.init == "uniform":
+        t.uniform_(-p.gain, p.gain, generator=gen)
+    elif p.init == "xavier":
+        torch.nn.init.xavier_uniform_(t, gain=p.gain, generator=gen)
+    elif p.init == "orthogonal":
+        torch.nn.init.orthogonal_(t, gain=p.gain, generator=gen)
+    else:
+        t.normal_(0.0, DEFAULT_STD, generator=gen)
+
+
+def init_params(
+    table: tuple[ParamNode, ...], *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """``{name: tensor}`` for every entry of ``table``, in table order (see the module docstring)."""
+    out = {p.name: torch.empty(p.shape, dtype=torch.float32) for p in table}
+    for p in table:  # FFN tensors draw first, in table order
+        if p.init == "ffn":
+            _init_ffn(out[p.name], p, generator)
+    for p in table:
+        if p.init == "ffn":
+            continue
+        if p.value is not None:
+            # Computed from the spec (a hash table, a constant start): no draw; an integer
+            # table keeps its dtype.
+            fixed = p.value()
+            assert tuple(fixed.shape) == tuple(p.shape), f"{p.name}: value shape {tuple(fixed.shape)}"
+            out[p.name] = fixed if not fixed.is_floating_point() else fixed.to(torch.float32)
+            continue
+        _init_declared(out[p.name], p, generator)
+    keep = {p.name for p in table if p.controller}
+    return {
+        name: t.to(dtype) if t.is_floating_point() and name not in keep else t for name, t in out.items()
+    }
+
+
+def init_layer_params(
+    layer: LayerSpec, d_model: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """Fresh parameters for one layer spec (its table from :func:`moespec.ir.params.layer_params`)."""
+    return init_params(layer_params(layer, d_model), generator=generator, dtype=dtype)
+
+
+def param_shapes(layer: LayerSpec, d_model: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer of the layer with its shape."""
+    return {p.name: p.shape for p in layer_params(layer, d_model)}
+
+
+def buffer_names(layer: LayerSpec, d_model: int) -> set[str]:
+    """Entries of the layer's parameter dict that are state (buffers), not trained."""
+    return {p.name for p in layer_params(layer, d_model) if p.buffer}
