@@ -1,10 +1,12 @@
 """Golden tests of the diagnostics printed for invalid specs and command-line overrides.
 
-Every ``tests/bad_specs/NAME.yaml`` is validated with the CLI (in-process, cwd = the
-``bad_specs`` folder, so file names in the output are relative and stable); stderr must
-equal ``NAME.expected``. Files under ``bad_specs/parts/`` are helpers (extended or
-overridden), not cases. Override cases live in ``OVERRIDE_CASES`` with goldens in
-``bad_specs/overrides/``.
+Every ``tests/bad_specs/NAME.yaml`` and ``tests/bad_specs/checks/NAME.yaml`` is validated
+with the CLI (in-process, cwd = the ``bad_specs`` folder, so file names in the output are
+relative and stable); stderr must equal ``NAME.expected`` next to it, paths included.
+``checks/`` holds one spec per semantic check (``test_every_semantic_check_has_a_golden``
+fails for a check none of the goldens triggers). Files under ``bad_specs/parts/`` are
+helpers (extended or overridden), not cases. Override cases live in ``OVERRIDE_CASES``
+with goldens in ``bad_specs/overrides/``.
 
 Regenerate the goldens after an intended change of wording with::
 
@@ -15,14 +17,20 @@ and read the diff: a golden is a review of the message, not a snapshot to accept
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
+import moespec
+import moespec.spec
 from moespec.cli import main
 
 BAD = Path(__file__).parent / "bad_specs"
@@ -32,7 +40,7 @@ UPDATE = os.environ.get("MOESPEC_UPDATE_GOLDEN") == "1"
 ABS_PREFIX = str(BAD.resolve()) + os.sep
 ABS_PLACEHOLDER = "$BAD_SPECS/"
 
-CASES = sorted(p.name for p in BAD.glob("*.yaml"))
+CASES = sorted(p.relative_to(BAD).as_posix() for p in [*BAD.glob("*.yaml"), *BAD.glob("checks/*.yaml")])
 
 # A diagnostic header: `file:line:col: [path: ]message` (file may be `<cli>`).
 HEADER = re.compile(r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):(?P<col>\d+): (?P<rest>.+)$")
@@ -117,13 +125,104 @@ def test_bad_spec_shape(name: str, monkeypatch: pytest.MonkeyPatch, capsys: pyte
 
 
 def test_every_golden_has_a_case() -> None:
-    stale = {p.stem for p in BAD.glob("*.expected")} - {Path(c).stem for c in CASES}
+    goldens = [*BAD.glob("*.expected"), *BAD.glob("checks/*.expected")]
+    stale = {p.relative_to(BAD).with_suffix("").as_posix() for p in goldens}
+    stale -= {c.removesuffix(".yaml") for c in CASES}
     stale |= {p.stem for p in OVERRIDE_GOLDEN.glob("*.expected")} - set(OVERRIDE_CASES)
     assert not stale, f"goldens without a case: {sorted(stale)}"
 
 
 def test_enough_cases() -> None:
-    assert len(CASES) >= 26
+    assert len(CASES) >= 26 + 51
+
+
+# --- every semantic check is triggered by some golden -------------------------------------
+
+SPEC_PKG = Path(moespec.spec.__file__).parent
+
+
+@dataclass(frozen=True)
+class Site:
+    """A statement that reports semantic problems: a ``yield`` / ``yield from`` in a function
+    returning ``Problem``s (``checks``, ``_check_*``, ``unusable``, ...) or a
+    ``problems.append((path, message))``."""
+
+    file: str
+    first: int
+    last: int
+    source: str
+
+    def __str__(self) -> str:
+        return f"{Path(self.file).relative_to(SPEC_PKG.parents[1])}:{self.first}: {self.source}"
+
+
+def _problem_sites() -> list[Site]:
+    sites = []
+    for f in sorted(SPEC_PKG.rglob("*.py")):
+        for fn in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(fn, ast.FunctionDef) or fn.returns is None:
+                continue
+            if "Problem" not in ast.unparse(fn.returns):
+                continue
+            for node in ast.walk(fn):
+                appends = (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "append"
+                    and bool(node.args)
+                    and isinstance(node.args[0], ast.Tuple)
+                )
+                if isinstance(node, (ast.Yield, ast.YieldFrom)) or appends:
+                    text = ast.unparse(node).strip("()")
+                    sites.append(Site(str(f), node.lineno, node.end_lineno or node.lineno, text[:90]))
+    return sites
+
+
+def _reported_lines(cases: list[str]) -> set[tuple[str, int]]:
+    """``(file, line)`` of every statement under moespec/spec that produced a problem while
+    validating ``cases``: the line a generator frame yields a value from (for ``yield from``
+    also the delegating frame's line), and every executed line (for ``append``)."""
+    hits: set[tuple[str, int]] = set()
+    prefix = str(SPEC_PKG)
+
+    def local(frame: FrameType, event: str, arg: object) -> Callable | None:
+        if (event == "return" and arg is not None) or event == "line":
+            hits.add((frame.f_code.co_filename, frame.f_lineno, event))
+        return local
+
+    def scope(frame: FrameType, event: str, arg: object) -> Callable | None:
+        return local if frame.f_code.co_filename.startswith(prefix) else None
+
+    previous = sys.gettrace()
+    try:
+        for case in cases:
+            sys.settrace(scope)
+            try:
+                moespec.load_spec(BAD / case)
+            except moespec.SpecError:
+                pass
+            finally:
+                sys.settrace(previous)
+    finally:
+        sys.settrace(previous)
+    return hits
+
+
+def test_every_semantic_check_has_a_golden() -> None:
+    """Each site that reports a semantic problem fires for at least one bad-spec golden, so a
+    new check needs a spec in ``bad_specs/checks/`` (and dropping a check fails a golden)."""
+    sites = _problem_sites()
+    assert len(sites) > 50, "the site finder no longer sees the checks; update _problem_sites"
+    hits = _reported_lines(CASES)
+
+    def fired(site: Site) -> bool:
+        event = "line" if site.source.startswith("problems.append") else "return"
+        return any((site.file, n, event) in hits for n in range(site.first, site.last + 1))
+
+    missing = [str(s) for s in sites if not fired(s)]
+    assert not missing, "semantic checks no golden triggers (add tests/bad_specs/checks/*.yaml):\n" + (
+        "\n".join(missing)
+    )
 
 
 def test_several_errors_reported_at_once(monkeypatch, capsys) -> None:

@@ -87,7 +87,7 @@ class CosineRouter(RouterSpec):
         if self.learnable_temperature and self.temperature < MIN_TEMPERATURE:
             yield (
                 (*at, "temperature"),
-                f"a learnable temperature starts at or above its floor {MIN_TEMPERATURE} "
+                f"a learnable temperature must start at or above its floor {MIN_TEMPERATURE} "
                 f"(got {self.temperature})",
             )
         lb = layer.losses.load_balance

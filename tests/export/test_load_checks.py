@@ -1,0 +1,285 @@
+"""Each check of ``moespec.load`` alone: break exactly one thing in a fresh artifact and
+expect that check's exact message (``moespec/runtime/load.py`` and the manifest reader in
+``moespec/export/layout.py``).
+
+A test that breaks two things at once and matches the first message lets the second check
+go missing unnoticed; here every artifact differs from a good one in a single respect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import moespec
+
+# Two groups of identical shapes: the weights of one fit the other but for their metadata.
+SPEC: dict[str, Any] = {
+    "moespec": 1,
+    "name": "load-checks",
+    "d_model": 8,
+    "layer": {
+        "experts": {"routed": [{"count": 2, "kind": "glu", "activation": "silu", "d_ff": 4}]},
+        "router": {"kind": "topk", "k": 1},
+    },
+    "groups": [
+        {"name": "early", "layer": {}},
+        {"name": "late", "layer": {"router": {"temperature": 2.0}}},
+    ],
+}
+
+Edit = Callable[[dict[str, torch.Tensor], dict[str, str]], None]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("built")
+    out = {}
+    for layer in ("early", "late"):
+        out[layer] = root / layer
+        moespec.build_artifact(SPEC, out[layer], layer=layer)
+    return out
+
+
+@pytest.fixture
+def art(built: dict[str, Path], tmp_path: Path) -> Path:
+    """A fresh copy of the good `early` artifact, to break in one respect."""
+    return Path(shutil.copytree(built["early"], tmp_path / "art"))
+
+
+def manifest(art: Path) -> dict[str, Any]:
+    return json.loads((art / "manifest.json").read_text(encoding="utf-8"))
+
+
+def write_manifest(art: Path, data: Any) -> None:
+    (art / "manifest.json").write_text(json.dumps(data), encoding="utf-8")
+
+
+def rewrite_weights(art: Path, edit: Edit) -> None:
+    """Rewrite model.safetensors after ``edit(tensors, metadata)`` changed them in place."""
+    path = art / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    state = load_file(path)
+    edit(state, meta)
+    save_file(state, str(path), metadata=meta)
+
+
+def load_error(art: Path) -> str:
+    with pytest.raises(moespec.ArtifactError) as ei:
+        moespec.load(art)
+    return str(ei.value)
+
+
+def test_intact_artifact_loads(art: Path) -> None:
+    assert moespec.load(art).d_model == 8
+
+
+# --- the manifest (moespec/export/layout.py: read_manifest) ---------------------------------
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    assert (
+        load_error(missing)
+        == f"{missing}: not an artifact directory (it does not exist or is not a directory)"
+    )
+
+
+def test_a_file_is_not_a_directory(art: Path) -> None:
+    path = art / "manifest.json"
+    assert load_error(path) == f"{path}: not an artifact directory (it does not exist or is not a directory)"
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "spec.lock.yaml", "model.safetensors"])
+def test_missing_file(art: Path, name: str) -> None:
+    (art / name).unlink()
+    assert load_error(art) == f"{art}: incomplete artifact, missing {name} (rebuild it with `moespec build`)"
+
+
+def test_optional_files_are_not_needed(art: Path) -> None:
+    for name in ("module.py", "report.json", "report.txt", "ir.txt", "graph.txt"):
+        (art / name).unlink(missing_ok=True)
+    assert moespec.load(art).d_model == 8
+
+
+def test_manifest_not_json(art: Path) -> None:
+    text = "{not json"
+    (art / "manifest.json").write_text(text, encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError) as why:
+        json.loads(text)
+    assert load_error(art) == f"{art / 'manifest.json'}: unreadable manifest ({why.value})"
+
+
+def test_manifest_not_utf8(art: Path) -> None:
+    data = b'{"format": "\xff"}'
+    (art / "manifest.json").write_bytes(data)
+    with pytest.raises(UnicodeDecodeError) as why:
+        data.decode("utf-8")
+    assert load_error(art) == f"{art / 'manifest.json'}: unreadable manifest ({why.value})"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda m: [m], id="a list"),
+        pytest.param(lambda m: {**m, "format": "other"}, id="other format"),
+        pytest.param(lambda m: {k: v for k, v in m.items() if k != "format"}, id="no format"),
+    ],
+)
+def test_not_a_manifest(art: Path, edit: Callable[[dict], Any]) -> None:
+    write_manifest(art, edit(manifest(art)))
+    expected = (
+        f"{art / 'manifest.json'}: not a moespec artifact manifest (expected format 'moespec-artifact')"
+    )
+    assert load_error(art) == expected
+
+
+@pytest.mark.parametrize("version", [2, "1", None])
+def test_format_version(art: Path, version: Any) -> None:
+    write_manifest(art, {**manifest(art), "format_version": version})
+    assert load_error(art) == (
+        f"{art / 'manifest.json'}: artifact format version {version!r} is newer than this moespec "
+        "reads (1); upgrade moespec"
+    )
+
+
+@pytest.mark.parametrize("key", ["spec_sha256", "layer", "op_set"])
+def test_manifest_entry_missing(art: Path, key: str) -> None:
+    write_manifest(art, {k: v for k, v in manifest(art).items() if k != key})
+    assert load_error(art) == f"{art / 'manifest.json'}: manifest has no {key!r} entry"
+
+
+# --- moespec/runtime/load.py ---------------------------------------------------------------
+
+
+def test_unknown_op(art: Path) -> None:
+    m = manifest(art)
+    write_manifest(art, {**m, "op_set": [*m["op_set"], "moespec::warp_drive", "moespec::a_b"]})
+    assert load_error(art) == (
+        f"{art}: the artifact uses ops this moespec {moespec.__version__} does not provide: "
+        f"moespec::a_b, moespec::warp_drive (built by moespec {m['moespec_version']}); rebuild it "
+        "from its spec.lock.yaml with `moespec build`"
+    )
+
+
+def test_other_moespec_version_is_logged_not_refused(art: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_manifest(art, {**manifest(art), "moespec_version": "0.0.1"})
+    with caplog.at_level(logging.WARNING):
+        assert moespec.load(art).d_model == 8
+    assert caplog.messages == [
+        f"{art} was built by moespec 0.0.1; loading with moespec {moespec.__version__}"
+    ]
+
+
+def test_manifest_hash_is_not_the_lock_files(art: Path) -> None:
+    m = manifest(art)
+    write_manifest(art, {**m, "spec_sha256": "0" * 64})
+    assert load_error(art) == (
+        f"{art / 'spec.lock.yaml'}: the resolved spec does not match the artifact (sha256 "
+        f"{m['spec_sha256'][:12]}..., manifest says 000000000000...); the lock file was edited. "
+        "Rebuild with `moespec build` instead."
+    )
+
+
+def test_edited_lock_file(art: Path) -> None:
+    lock = art / "spec.lock.yaml"
+    text = lock.read_text(encoding="utf-8")
+    assert text.count("temperature: 2.0\n") == 1
+    lock.write_text(text.replace("temperature: 2.0\n", "temperature: 3.0\n"), encoding="utf-8")
+    before, after = (
+        f"{art / 'spec.lock.yaml'}: the resolved spec does not match the artifact (sha256 ",
+        f"..., manifest says {manifest(art)['spec_sha256'][:12]}...); the lock file was edited. "
+        "Rebuild with `moespec build` instead.",
+    )
+    assert re.fullmatch(re.escape(before) + "[0-9a-f]{12}" + re.escape(after), load_error(art))
+
+
+def test_truncated_weights(art: Path) -> None:
+    path = art / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    assert re.fullmatch(re.escape(f"{path}: unreadable weights file (") + r".+\)", load_error(art))
+
+
+def _weights_error(art: Path, *problems: str) -> str:
+    return f"{art / 'model.safetensors'}: weights were written for another artifact: " + "; ".join(problems)
+
+
+def test_weights_metadata_format(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: meta.update(format="hf"))
+    assert load_error(art) == _weights_error(art, "layout 'hf', expected 'moespec-native'")
+
+
+def test_weights_metadata_spec_sha256(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: meta.update(spec_sha256="f" * 64))
+    sha = manifest(art)["spec_sha256"]
+    assert load_error(art) == _weights_error(art, f"spec sha256 ffffffffffff... is not {sha[:12]}...")
+
+
+def test_weights_metadata_layer(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: meta.update(layer="late"))
+    assert load_error(art) == _weights_error(art, "layer 'late' is not 'early'")
+
+
+def test_weights_of_the_other_layer(art: Path, built: dict[str, Path]) -> None:
+    """The `late` group's weights (same spec, same shapes) in the `early` artifact."""
+    shutil.copyfile(built["late"] / "model.safetensors", art / "model.safetensors")
+    assert load_error(art) == _weights_error(art, "layer 'late' is not 'early'")
+
+
+def test_weights_without_metadata(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: meta.clear())
+    sha = manifest(art)["spec_sha256"]
+    assert load_error(art) == _weights_error(
+        art, "layout None, expected 'moespec-native'", f"spec sha256 None... is not {sha[:12]}...",
+        "layer None is not 'early'",
+    )  # fmt: skip
+
+
+def _state_error(art: Path, *blocks: str) -> str:
+    return "\n".join(
+        [f"{art / 'model.safetensors'}: the weights do not match the layer the spec builds", *blocks]
+    )
+
+
+def test_missing_key(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: state.pop("experts.0.w_gate"))
+    assert load_error(art) == _state_error(art, "  missing keys (1):\n    experts.0.w_gate")
+
+
+def test_unexpected_key(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: state.update({"experts.0.w_extra": torch.zeros(1)}))
+    assert load_error(art) == _state_error(art, "  unexpected keys (1):\n    experts.0.w_extra")
+
+
+def test_many_unexpected_keys_are_cut_short(art: Path) -> None:
+    rewrite_weights(
+        art, lambda state, meta: state.update({f"extra.{i:02}": torch.zeros(1) for i in range(23)})
+    )
+    listed = "\n".join(f"    extra.{i:02}" for i in range(20))
+    assert load_error(art) == _state_error(art, f"  unexpected keys (23):\n{listed}\n    ... and 3 more")
+
+
+def test_shape_mismatch(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: state.update({"router.weight": torch.zeros(3, 8)}))
+    assert load_error(art) == _state_error(
+        art, "  shape mismatches (1):\n    router.weight: file has [3, 8], the spec needs [2, 8]"
+    )
+
+
+def test_dtype_mismatch(art: Path) -> None:
+    rewrite_weights(art, lambda state, meta: state.update({"router.weight": state["router.weight"].double()}))
+    assert load_error(art) == _state_error(
+        art,
+        "  dtype mismatches (1):\n    router.weight: file has torch.float64, the spec needs torch.float32",
+    )
