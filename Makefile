@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint schema clean
+.PHONY: demo test lint schema docs clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,9 @@ lint: $(STAMP)
 
 schema: $(STAMP)
 	$(BIN)/moespec schema -o schemas/moespec.v1.schema.json
+
+docs: $(STAMP)
+	$(BIN)/python -m moespec.spec.docgen
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
