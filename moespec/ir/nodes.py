@@ -163,3 +163,4 @@ class Program:
     device: str
     backend: str
     layers: tuple[MoELayerNode, ...]
+    arch: str = "auto"

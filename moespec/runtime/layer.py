@@ -24,6 +24,7 @@ from moespec.ops.reference._common import TORCH_DTYPES, gumbel, normal, uniform
 from moespec.ops.reference.losses import relative_sizes_E
 from moespec.ops.reference.params import buffer_names, init_reference_params
 from moespec.runtime.schedules import evaluate
+from moespec.runtime.target import check_expert_parallel
 from moespec.spec.schema import LayerSpec
 
 # Generated forward functions, shared by every layer whose graph prints the same code. Each
@@ -214,6 +215,7 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, **inputs: Tensor | None) -> Tensor:
         """y = MoE(x) for x of shape [..., d_model]; a 3-D x is [batch, seq, d_model].
         Routers that read more than x (hash routing: ``input_ids``) take it by keyword."""
+        check_expert_parallel(self)
         self._check(x)
         x_TD = x.reshape(-1, self.d_model)
         extra = self._extra(x, inputs)
