@@ -3,6 +3,7 @@ ignored: validate, explain and artifact writing describe the target; a live modu
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,13 @@ def test_cuda_artifact_is_written_without_cuda_and_loads_only_where_asked(no_cud
     ref = moespec.build(TINY, seed=1)  # same weights as a CPU build of the same seed
     for (k, a), (_, b) in zip(layer.state_dict().items(), ref.state_dict().items(), strict=True):
         assert a.device.type == "cpu" and torch.equal(a, b), k
+    # The artifact's standalone module.py behaves the same.
+    spec = importlib.util.spec_from_file_location("moe_cuda_art", art.path / "module.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(TargetError, match=r"^target\.device: cuda"):
+        mod.load()
+    assert torch.equal(mod.load("cpu").experts.get_submodule("0").w_up, ref.experts.get_submodule("0").w_up)
 
 
 def test_cli_describes_cuda_targets_and_refuses_to_run_them(no_cuda, capsys, tmp_path: Path):
