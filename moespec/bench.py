@@ -150,9 +150,15 @@ def bench_layer(
 
 
 def layer_for_bench(
-    target: str | Path, overrides: list[str] | tuple[str, ...] = (), *, layer: str | None, seed: int
+    target: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    layer: str | None,
+    seed: int,
+    device: str | None = None,
 ) -> tuple[MoELayer, str, str]:
-    """``(module, spec name, default device)`` for a spec file or an artifact directory."""
+    """``(module, spec name, device)`` for a spec file or an artifact directory; the module is
+    built on ``device`` (``target.device`` if None, checked against this machine)."""
     from moespec.export.layout import MANIFEST, read_manifest
     from moespec.runtime.load import load
     from moespec.spec.load import load_spec
@@ -162,9 +168,11 @@ def layer_for_bench(
         if overrides or layer:
             raise BuildError(f"{path}: an artifact directory takes no overrides or --layer")
         manifest = read_manifest(path)
-        return load(path), manifest["spec_name"], manifest.get("target", {}).get("device", "cpu")
+        module = load(path, device=device)
+        return module, manifest["spec_name"], device or manifest.get("target", {}).get("device", "cpu")
     loaded = load_spec(path, overrides)
-    return build(loaded, layer=layer, seed=seed), loaded.spec.name, loaded.spec.target.device
+    module = build(loaded, layer=layer, seed=seed, device=device)
+    return module, loaded.spec.name, device or loaded.spec.target.device
 
 
 def result_table(res: BenchResult):

@@ -167,7 +167,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _usage(f"moespec bench: give exactly one spec file or artifact directory (got {len(specs)})")
     if args.tokens < 1 or args.repeat < 1 or args.warmup < 0:
         return _usage("moespec bench: --tokens and --repeat must be >= 1, --warmup >= 0")
-    module, name, device = layer_for_bench(specs[0], overrides, layer=args.layer, seed=args.seed)
+    module, name, device = layer_for_bench(
+        specs[0], overrides, layer=args.layer, seed=args.seed, device=args.device
+    )
     with _bench_progress(not args.json and sys.stderr.isatty()) as bar:
         tasks: dict[str, object] = {}
 
@@ -182,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             tokens=args.tokens,
             repeat=args.repeat,
             warmup=args.warmup,
-            device=args.device or device,
+            device=device,
             seed=args.seed,
             progress=progress,
         )

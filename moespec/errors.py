@@ -100,3 +100,17 @@ class SpecError(MoespecError):
 def spec_error(origin: Origin | None, path: str, message: str) -> SpecError:
     """Shorthand for a :class:`SpecError` with a single diagnostic."""
     return SpecError([Diagnostic(origin, path, message)])
+
+
+class BuildError(MoespecError):
+    """A valid spec could not be built as asked (e.g. an unknown layer group name)."""
+
+
+class TargetError(BuildError):
+    """A valid spec asks for a target this machine or build cannot provide (a CUDA device that
+    is absent, a GPU architecture that does not match, a backend not implemented yet, expert
+    parallelism without a mesh). ``path`` is the spec field, e.g. ``target.device``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}")

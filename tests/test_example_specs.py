@@ -199,7 +199,7 @@ def test_debug_extends_merges_over_base():
     assert spec.layer.experts.routed[0].kind == "glu"  # replaced (lists replace)
     assert spec.layer.losses.z_loss is not None
     assert spec.layer.losses.load_balance is not None  # kept from debug-base
-    assert spec.placement.expert_parallel == 2
+    assert spec.layer.capacity.kind == "factor"  # kept from debug-base
     assert prov["layer.router.k"].file.endswith("debug-extends.yaml")
     assert prov["layer.router.jitter"].file.endswith("debug-base.yaml")
 

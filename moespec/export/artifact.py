@@ -187,7 +187,8 @@ def build_artifact(
     out = Path(out_dir)
     _check_target(out, force)
     loaded = load_spec(spec, overrides)
-    module = build(loaded, layer=layer, seed=seed)
+    # Weights are made on the CPU: an artifact for a CUDA target can be written on a laptop.
+    module = build(loaded, layer=layer, seed=seed, device="cpu")
     sha = spec_hash(loaded.spec)
     source = {
         "spec": str(spec) if isinstance(spec, (str, Path)) else None,

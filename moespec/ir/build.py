@@ -106,6 +106,7 @@ def build_program(spec: Spec) -> Program:
         dtype=spec.target.dtype,
         device=spec.target.device,
         backend=spec.target.backend,
+        arch=spec.target.arch,
         layers=tuple(build_layer(spec, n, c, lay, at) for n, c, lay, at in items),
     )
     verify(program)

@@ -182,3 +182,4 @@ class Program:
     device: str
     backend: str
     layers: tuple[MoELayerNode, ...]
+    arch: str = "auto"

@@ -64,7 +64,7 @@ def print_program(program: Program) -> str:
     """The whole program as text, one line per node."""
     head = (
         f"program {program.name} spec={program.spec_hash[:12]} backend={program.backend} "
-        f"device={program.device} dtype={program.dtype}"
+        f"device={program.device} arch={program.arch} dtype={program.dtype}"
     )
     lines = [head]
     for layer in program.layers:

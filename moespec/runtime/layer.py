@@ -24,6 +24,7 @@ from moespec.lower.aux import AuxLossAndStats
 from moespec.lower.fx import OUTPUTS, extra_inputs, lower_layer, random_inputs
 from moespec.lower.routers import lowering
 from moespec.runtime.schedules import evaluate
+from moespec.runtime.target import check_expert_parallel
 
 # Generated forward functions, shared by every layer whose graph prints the same code. Each
 # GraphModule has its own class, so calling GraphModules would make torch.compile recompile
@@ -221,6 +222,7 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, **inputs: Tensor | None) -> Tensor:
         """y = MoE(x) for x of shape [..., d_model]; a 3-D x is [batch, seq, d_model].
         Routers that read more than x (hash routing: ``input_ids``) take it by keyword."""
+        check_expert_parallel(self)
         self._check(x)
         x_TD = x.reshape(-1, self.d_model)
         extra = self._extra(x, inputs)

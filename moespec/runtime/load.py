@@ -91,7 +91,8 @@ def read_weights(path: Path, *, spec_sha256: str, layer: str) -> dict[str, Tenso
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer:
-    """The layer of the artifact directory ``path``, with its weights, on ``device`` (CPU if None).
+    """The layer of the artifact directory ``path``, with its weights, on ``device`` (the spec's
+    ``target.device`` if None; :class:`~moespec.errors.TargetError` if this machine lacks it).
 
     Rebuilds the module from ``spec.lock.yaml`` (checked against the manifest's spec hash),
     loads ``model.safetensors`` after an exact key/shape/dtype check, and returns it in
@@ -120,8 +121,9 @@ def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer
         )
     loaded = load_spec(root / LOCK)
     check_spec_hash(loaded.spec, manifest["spec_sha256"], root / LOCK)
-    module = build(loaded, layer=manifest["layer"], seed=int(manifest.get("seed", 0)))
+    # On `device`, or target.device when None (TargetError if this machine has no such device).
+    module = build(loaded, layer=manifest["layer"], seed=int(manifest.get("seed", 0)), device=device)
     state = read_weights(root / WEIGHTS, spec_sha256=manifest["spec_sha256"], layer=manifest["layer"])
     check_state_dict(module, state, root / WEIGHTS)
     module.load_state_dict(state, strict=True)
-    return module if device is None else module.to(device)
+    return module

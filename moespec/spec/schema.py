@@ -77,7 +77,10 @@ class PlacementSpec(Strict):
     """Expert parallelism: how routed FFN experts are spread over ranks."""
 
     expert_parallel: int = Field(
-        1, gt=0, description="Expert-parallel degree (ranks sharing a layer's experts)."
+        1,
+        gt=0,
+        description="Expert-parallel degree (ranks sharing a layer's experts). Above 1 the layer "
+        "runs only with expert parallelism over a mesh of that many ranks; forward refuses otherwise.",
     )
     mapping: Literal["contiguous", "round_robin"] | list[int] = Field(
         "contiguous",
@@ -90,11 +93,19 @@ class TargetSpec(Strict):
     """What the compiler emits code for."""
 
     backend: Literal["torch", "triton"] = Field(
-        "torch", description="`torch`: FX graph of custom ops; `triton`: generated Triton kernels."
+        "torch",
+        description="`torch`: FX graph of custom ops; `triton`: generated Triton kernels (not "
+        "implemented yet: building a triton spec is an error; validate and explain accept it).",
     )
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Device the module runs on.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Device the built module is placed on (`moespec.build`, `moespec.load`); an "
+        "error where it is absent, unless `device=` is passed. Artifacts are written on any machine.",
+    )
     arch: Literal["auto", "sm80", "sm86", "sm89", "sm90", "sm100"] = Field(
-        "auto", description="GPU architecture for kernel tuning; `auto` detects it (CUDA only)."
+        "auto",
+        description="GPU architecture for kernel tuning; `auto` detects it (CUDA only). Another value "
+        "must match the GPU's compute capability when the module is built on it.",
     )
     dtype: DType = Field("fp32", description="Parameter and activation dtype.")
     router_dtype: DType = Field("fp32", description="Router compute dtype (selective precision).")

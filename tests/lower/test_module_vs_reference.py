@@ -22,7 +22,7 @@ CASES = [
     ("debug-tiny.yaml", ()),
     ("debug-hetero.yaml", ()),
     ("debug-capacity.yaml", ()),
-    ("debug-base.yaml", ()),  # jitter, position capacity, mlp+bias, ep=2
+    ("debug-base.yaml", ()),  # jitter, position capacity, mlp+bias
     ("debug-groups.yaml", ()),
     (
         "debug-tiny.yaml",
