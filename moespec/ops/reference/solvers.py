@@ -133,8 +133,11 @@ def sinkhorn_plan(logits_TE: Tensor, iterations: int, tol: float) -> Tensor:
     c_TE = torch.exp(c_TE - c_TE.max())
     d0_T, d1_E = c_TE.new_ones(n_tok), c_TE.new_ones(n_exp)
     for _ in range(iterations):
-        d0_T = (1.0 / n_tok) / ((c_TE * d1_E).sum(1) + SINKHORN_EPS)
-        new_d1_E = (1.0 / n_exp) / ((d0_T[:, None] * c_TE).sum(0) + SINKHORN_EPS)
+        # C d1 and d0^T C as matrix-vector products: with identical tokens every entry of
+        # the plan is 1/(T E) exactly and the top-k rests on rounding, so the reference
+        # rounds as the fast path does.
+        d0_T = (1.0 / n_tok) / (c_TE @ d1_E + SINKHORN_EPS)
+        new_d1_E = (1.0 / n_exp) / (d0_T @ c_TE + SINKHORN_EPS)
         converged = bool((new_d1_E - d1_E).abs().mean() <= tol)
         d1_E = new_d1_E
         if converged:
