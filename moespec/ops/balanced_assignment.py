@@ -8,24 +8,29 @@ subject to every expert e receiving exactly ``c_e`` tokens, with
     c_e = T // E + (1 if e < T mod E else 0)
 
 (T/E each when E divides T, as in BASE; otherwise the first T mod E experts take one token
-more, so any T works, T < E included: then experts e >= T get none).
+more, so any T works, T < E included: then experts e >= T get none). Among several optimal
+assignments (ties) it returns the lexicographically smallest ``expert_T``: earliest token
+first, each on the lowest expert it can take (with no binding capacity, the argmax with ties
+to the lower index), the rule the reference's plain solver states.
 
 Algorithm (exact): successive shortest paths on the transportation problem, started from
 the unconstrained optimum (each token on its argmax expert, ties to the lower index). That
 start is optimal for its own loads; each step moves one token's worth of load from an
 over-full expert to an under-full one along a *shortest* path in the residual graph, which
 keeps the assignment optimal for the new loads (the standard min-cost-flow argument), so
-when every load equals its c_e the assignment is optimal. The residual graph is compressed
-to the E experts: the edge e -> e' costs min over tokens t on e of (a[t, e] - a[t, e'])
-(moving that token from e to e'); a path's tokens are distinct since each sits on one
-expert. Shortest paths: Bellman-Ford from all over-full experts at once (no negative cycles
-exist, since the assignment is optimal for its loads).
+when every load equals its c_e the assignment is optimal (ties are then settled by
+``_lexicographic_ties``; only tokens with more than one optimal expert take part). The
+residual graph is compressed to the E experts: the edge e -> e' costs min over tokens t on
+e of (a[t, e] - a[t, e']) (moving that token from e to e'); a path's tokens are distinct
+since each sits on one expert. Shortest paths: Bellman-Ford from all over-full experts at
+once (no negative cycles exist, since the assignment is optimal for its loads).
 
 Guarantee: the returned total affinity is the optimum up to floating-point rounding (done in
 float64; relaxations use a 1e-12 relative tolerance, so at most T·1e-12·(1 + max|a|) below
 the optimum). Cost: (number of tokens off their argmax-balanced position) augmentations,
-each O(T·E + E²·path length) vectorised work; no per-token Python loop. Deterministic
-(first-index tie breaks, CPU float64). Compared with fairseq's ``balanced_assignment.cpp``
+each O(T·E + E²·path length) vectorised work; the tie step is one vectorised check, plus a
+Python loop over the tokens with several optimal experts (pairs within the tolerance count as
+tied), O(E² + T) each. Deterministic (CPU float64). Compared with fairseq's ``balanced_assignment.cpp``
 (a Jacobi auction with a fixed epsilon = range/50 and a 100-round cap, approximate), this
 solver is exact. The iteration is data-dependent: on a GPU the op copies the scores to the
 host (a sync, like fairseq's loop) and solves there.
@@ -120,7 +125,71 @@ def solve_balanced_assignment(scores_TE: Tensor) -> Tensor:
         load_E[path[-1]] += 1
         for u in path:
             _edge_row(a_TE, assign_T, u, w_EE, tok_EE)
+    _lexicographic_ties(a_TE, assign_T, w_EE, tol)
     return assign_T.to(device)
+
+
+def _lexicographic_ties(a_TE: Tensor, assign_T: Tensor, w_EE: Tensor, tol: float) -> None:
+    """Among the optimal assignments, move ``assign_T`` (optimal, in place) to the
+    lexicographically smallest: earliest token first, each on the lowest expert it can take.
+
+    Expert prices p_E come from shortest paths over ``w_EE`` (no negative cycles at the
+    optimum): then a[t, e] + p_e is largest at every token's own expert, and an assignment
+    is optimal iff it only uses "tight" pairs, those within ``tol`` of their row's largest
+    (complementary slackness). Token t can go to a lower tight expert e iff the tokens after
+    it can make room: a path e -> ... -> assign[t] in the expert graph with an edge x -> y
+    where a later token on x has y tight. Tokens with one tight expert never move, so with
+    no ties this is one vectorised check."""
+    n_tok, n_exp = a_TE.shape
+    p_E = torch.zeros(n_exp, dtype=torch.float64)
+    for _ in range(n_exp):
+        p_E = torch.minimum(p_E, (p_E[:, None] + w_EE).min(0).values)
+    r_TE = a_TE + p_E
+    tight_TE = r_TE >= r_TE.max(1, keepdim=True).values - tol
+    tight_TE[torch.arange(n_tok), assign_T] = True
+    free_T = tight_TE.sum(1) > 1
+    free = free_T.nonzero()[:, 0].tolist()
+    # count_EE[x, y]: free tokens after the current one that sit on x and have y tight.
+    count_EE = torch.zeros((n_exp, n_exp), dtype=torch.int64)
+    count_EE.index_add_(0, assign_T[free], tight_TE[free].long())
+    for i, t in enumerate(free):
+        u = int(assign_T[t])
+        count_EE[u] -= tight_TE[t].long()  # t itself is no longer a later token
+        lower = tight_TE[t, :u].nonzero()[:, 0].tolist()
+        if not lower:
+            continue
+        succ = _paths_into(count_EE > 0, u)
+        e = next((e for e in lower if e in succ), None)
+        if e is None:
+            continue
+        # Walk e -> ... -> u, moving one later token per edge (the experts on a shortest
+        # path are distinct, so the tokens are too), then put t on e: loads are unchanged.
+        later_N = torch.tensor(free[i + 1 :], dtype=torch.int64)
+        x = e
+        while x != u:
+            y = succ[x]
+            mover = int(later_N[(assign_T[later_N] == x) & tight_TE[later_N, y]][0])
+            assign_T[mover] = y
+            count_EE[x] -= tight_TE[mover].long()
+            count_EE[y] += tight_TE[mover].long()
+            x = y
+        assign_T[t] = e
+
+
+def _paths_into(edge_EE: Tensor, target: int) -> dict[int, int]:
+    """Breadth-first search backwards from ``target``: for each expert x that reaches it,
+    the next expert on a shortest path x -> target (the target maps to itself)."""
+    succ = {target: target}
+    frontier = [target]
+    while frontier:
+        new = []
+        for y in frontier:
+            for x in edge_EE[:, y].nonzero()[:, 0].tolist():
+                if x not in succ:
+                    succ[x] = y
+                    new.append(x)
+        frontier = new
+    return succ
 
 
 @torch.library.custom_op("moespec::balanced_assignment", mutates_args=())

@@ -1,8 +1,9 @@
 """moespec.build(...) modules (FX graph of fused ops) against the plain-PyTorch reference.
 
-Forward output, aux loss and the gradient of every parameter, train and eval, on specs that
-exercise every feature (capacity policies, jitter, learned/fixed noise, GShard policies,
-groups, expert bias, sigmoid, heterogeneous/shared/zero-compute experts), odd shapes.
+Forward output, aux loss and the gradient of every parameter, train and eval, at the initial
+weights and moved away from them, on specs that exercise every feature (capacity policies,
+jitter, learned/fixed noise, GShard policies, groups, expert bias, sigmoid,
+heterogeneous/shared/zero-compute experts), odd shapes.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ CASES = [
 ]
 
 
-def _run_both(path, overrides, x, training):
+def _run_both(path, overrides, x, training, move=None):
     layer_name = "late" if "groups" in path else None
     m = moespec.build(
         str(SPECS / path), overrides, layer=layer_name, seed=3, generator=torch.Generator().manual_seed(11)
     )
+    if move is not None:
+        move(m)  # weights away from their initial values (see tests/conftest.py)
     m.train(training)
     loaded = moespec.load_spec(str(SPECS / path), overrides)
     spec_layer = dict((n, lay) for n, _, lay in loaded.spec.layer_groups())[layer_name or "layer"]
@@ -79,11 +82,13 @@ def _run_both(path, overrides, x, training):
     return m, params, (x1, y1, m.aux_loss), (x2, y2, aux2)
 
 
+@pytest.mark.parametrize("away", [False, True], ids=["init", "moved"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("path,overrides", CASES)
-def test_module_matches_reference(path, overrides, training):
+def test_module_matches_reference(path, overrides, training, away, move_away_from_init):
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(5))
-    m, params, (x1, y1, a1), (x2, y2, a2) = _run_both(path, overrides, x, training)
+    move = move_away_from_init if away else None
+    m, params, (x1, y1, a1), (x2, y2, a2) = _run_both(path, overrides, x, training, move)
     torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a1, a2, atol=1e-6, rtol=1e-5)
     probe = torch.linspace(-1, 1, y1.numel()).view_as(y1)

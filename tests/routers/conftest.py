@@ -2,13 +2,15 @@
 plain-PyTorch reference, forward, aux loss, stats and the gradient of every parameter.
 
 Tests in this folder take the ``compare`` fixture (pytest runs with --import-mode=importlib,
-so conftest is not importable): ``compare(spec, overrides, x, training=..., inputs=...)``,
+so conftest is not importable): ``compare(spec, overrides, x, training=..., inputs=...)``
+(at init and with the weights moved away from it),
 ``spec`` a path or a dict; ``run_both`` is the ``run_both`` fixture; ``explain_layer(path)`` the
 first layer of ``moespec explain SPEC --json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -24,10 +26,14 @@ from moespec.ops.reference.params import buffer_names
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
-def run_both(spec, overrides=(), x=None, *, training: bool, inputs=None, seed: int = 3, layer=None):
-    """Build the module and run it and the reference on ``x``; returns
-    ``(module, params, (x1, y1, aux1), (x2, y2, aux2, stats2))``."""
+def run_both(
+    spec, overrides=(), x=None, *, training: bool, inputs=None, seed: int = 3, layer=None, move=None
+):
+    """Build the module (then ``move(module)`` its weights, if given) and run it and the
+    reference on ``x``; returns ``(module, params, (x1, y1, aux1), (x2, y2, aux2, stats2))``."""
     m = moespec.build(spec, overrides, layer=layer, seed=seed, generator=torch.Generator().manual_seed(11))
+    if move is not None:
+        move(m)
     m.train(training)
     full = moespec.load_spec(spec, overrides).spec
     spec_layer = dict((n, lay) for n, _, lay in full.layer_groups())[layer or "layer"]
@@ -51,10 +57,23 @@ def run_both(spec, overrides=(), x=None, *, training: bool, inputs=None, seed: i
     return m, params, (x1, y1, m.aux_loss), (x2, y2, aux2, stats2)
 
 
-def compare(spec, overrides=(), x=None, *, training: bool, inputs=None, atol=1e-5, rtol=1e-4, layer=None):
-    """Assert module == reference: output, aux loss, x's and every parameter's gradient."""
+def compare(
+    spec, overrides=(), x=None, *, training: bool, inputs=None, atol=1e-5, rtol=1e-4, layer=None, away=None
+):
+    """Assert module == reference: output, aux loss, x's and every parameter's gradient, at
+    the initial weights and then, if ``away`` is given (the fixture passes
+    ``move_away_from_init``), again after ``away(module)``: bugs that only show once the
+    weights have moved (a bias, a floor, a state buffer) do not hide behind the init.
+    Returns the init run's ``(module, stats)``."""
+    result = _compare_once(spec, overrides, x, training, inputs, atol, rtol, layer, None)
+    if away is not None:
+        _compare_once(spec, overrides, x, training, inputs, atol, rtol, layer, away)
+    return result
+
+
+def _compare_once(spec, overrides, x, training, inputs, atol, rtol, layer, move):
     m, params, (x1, y1, a1), (x2, y2, a2, stats) = run_both(
-        spec, overrides, x, training=training, inputs=inputs, layer=layer
+        spec, overrides, x, training=training, inputs=inputs, layer=layer, move=move
     )
     torch.testing.assert_close(y1, y2, atol=atol, rtol=rtol)
     torch.testing.assert_close(a1, a2, atol=atol, rtol=rtol)
@@ -73,8 +92,8 @@ def compare(spec, overrides=(), x=None, *, training: bool, inputs=None, atol=1e-
 
 
 @pytest.fixture(name="compare")
-def _compare():
-    return compare
+def _compare(move_away_from_init):
+    return functools.partial(compare, away=move_away_from_init)
 
 
 @pytest.fixture(name="run_both")

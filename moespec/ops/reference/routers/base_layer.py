@@ -4,7 +4,8 @@ Math (T tokens, D d_model, E experts, C = ``router.centroids`` [E, D]):
 
     a_TE  = x C^T                                   (router dtype)
     e_t   = balanced assignment of a (training):     argmax Σ_t a[t, e_t] subject to
-            |{t : e_t = e}| = c_e = T // E + [e < T mod E]   (exact; no gradient)
+            |{t : e_t = e}| = c_e = T // E + [e < T mod E]   (exact; no gradient; ties:
+            the lexicographically smallest e_0 … e_{T-1})
           = argmax_e a[t, e] (eval; ties to the lower index)
     α_t   = σ(a[t, e_t])                            (the gradient reaches C and x here)
     y_t   = α_t · f_{e_t}(x_t) + (1 − α_t) · x_t   (combine weight α, residual (1 − α)·x)
@@ -14,7 +15,8 @@ Choices where paper/code and this reference differ:
 - fairseq computes a under ``no_grad`` and α again from the routed features with grad; the
   value is the same a[t, e_t], and here too no gradient passes through the assignment;
 - fairseq's solver is an approximate auction (fixed epsilon, 100 rounds); this one is exact
-  (``moespec.ops.balanced_assignment``), and it handles E ∤ T (fairseq needs T/E integral);
+  (Hungarian on exact integers, ``moespec.ops.reference.solvers``: small T only), and it
+  handles E ∤ T (fairseq needs T/E integral);
 - fairseq's expert is a residual sublayer x + FFN(LN(x)); f_e here is the spec's expert FFN
   and ``mix_residual: false`` drops the (1 − α)·x term (see the spec docstring);
 - ``base_shuffle`` (token permutation across data-parallel workers) is not modelled.
@@ -29,8 +31,8 @@ from torch import Tensor
 from moespec.common.dtypes import TORCH_DTYPES
 from moespec.common.routing import RoutingResult
 from moespec.common.select import stable_topk
-from moespec.ops.balanced_assignment import solve_balanced_assignment
 from moespec.ops.reference.routers import RouteContext, reference_router
+from moespec.ops.reference.solvers import balanced_assignment
 from moespec.spec.routers.base_layer import BaseLayerRouter
 
 
@@ -42,10 +44,8 @@ def base_layer(
     dtype = TORCH_DTYPES[ctx.default_dtype]
     xr_TD = x_TD.to(dtype)
     a_TE = xr_TD @ params["router.centroids"].to(dtype).T
-    if ctx.training:
-        idx_TK = solve_balanced_assignment(a_TE.detach())[:, None]
-    else:
-        idx_TK = stable_topk(a_TE.detach(), 1)
+    # Training: the plain exact solver (ties: lexicographically smallest); eval: argmax.
+    idx_TK = balanced_assignment(a_TE.detach())[:, None] if ctx.training else stable_topk(a_TE.detach(), 1)
     alpha_TK = torch.sigmoid(a_TE.gather(1, idx_TK))
     residual_TD = (1.0 - alpha_TK) * xr_TD if spec.mix_residual else None
     return RoutingResult(

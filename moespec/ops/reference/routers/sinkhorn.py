@@ -16,8 +16,8 @@ megatron/core/transformer/moe/moe_utils.py and ``TopKRouter.sinkhorn_load_balanc
 selection from sinkhorn(logits) under no_grad, weights gathered from sigmoid (k = 1) or
 softmax (k > 1) of the logits. Differences from Megatron: the score function can be chosen
 (`score`), exp is taken of logits minus their global max (Megatron overflows above 88), and
-the loop is capped at `iterations` (see ``moespec.ops.sinkhorn``). The paper's own gate for
-S-BASE was not checked against its text; Megatron's is used.
+the loop is capped at `iterations` (``moespec.ops.reference.solvers.sinkhorn_plan``). The
+paper's own gate for S-BASE was not checked against its text; Megatron's is used.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from moespec.common.dtypes import TORCH_DTYPES
 from moespec.common.select import stable_topk
 from moespec.ops.reference.routers import RouteContext, reference_router
 from moespec.ops.reference.routing import RoutingResult, token_choice_routing
-from moespec.ops.sinkhorn import sinkhorn_plan
+from moespec.ops.reference.solvers import sinkhorn_plan
 from moespec.spec.routers.sinkhorn import SinkhornRouter
 
 
