@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from collections.abc import Callable
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,3 +41,38 @@ class KindRegistry:
         if len(members) == 1:
             return members[0]
         return Annotated[Union[members], Field(discriminator="kind")]  # noqa: UP007
+
+
+T = TypeVar("T")
+
+
+class KindTable(Generic[T]):
+    """What another layer of the compiler provides per kind of a :class:`KindRegistry`: the
+    reference function of each router kind, the FX lowering of each router kind.
+
+    ``@TABLE.register("kind")`` adds one; the kind must be one the spec registry knows and
+    may be registered once, so a misspelt or doubled kind fails at import. A test checks
+    that every table holds exactly the spec registry's kinds, so a half-added kind fails at
+    once.
+    """
+
+    def __init__(self, what: str, kinds: KindRegistry) -> None:
+        self.what, self.kinds = what, kinds
+        self.items: dict[str, T] = {}
+
+    def register(self, kind: str) -> Callable[[T], T]:
+        """Decorator: ``obj`` is the ``what`` of ``kind``."""
+
+        def deco(obj: T) -> T:
+            assert kind in self.kinds.kinds, f"{self.what} for unknown {self.kinds.family} kind {kind!r}"
+            assert kind not in self.items, f"duplicate {self.what} for {self.kinds.family} kind {kind!r}"
+            self.items[kind] = obj
+            return obj
+
+        return deco
+
+    def get(self, kind: str) -> T:
+        """The entry of ``kind``; NotImplementedError naming what is missing."""
+        if kind not in self.items:
+            raise NotImplementedError(f"{self.kinds.family} kind {kind!r} has no {self.what}")
+        return self.items[kind]

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.rng import need_generator, uniform
 from moespec.common.routing import RoutingResult
-from moespec.spec.base import Strict
+from moespec.spec.base import KindTable, Strict
+from moespec.spec.routers import ROUTERS, RouterSpec
 
 
 @dataclass(frozen=True)
@@ -53,28 +56,50 @@ class SoftRouting:
 
 
 RefRouter = Callable[[Tensor, dict[str, Tensor], Strict, RouteContext], "RoutingResult | SoftRouting"]
-REFERENCE_ROUTERS: dict[str, RefRouter] = {}
-
-
-def reference_router(kind: str) -> Callable[[RefRouter], RefRouter]:
-    """Register the reference function of router ``kind``."""
-
-    def deco(fn: RefRouter) -> RefRouter:
-        assert kind not in REFERENCE_ROUTERS, f"duplicate reference router {kind!r}"
-        REFERENCE_ROUTERS[kind] = fn
-        return fn
-
-    return deco
+REFERENCE_ROUTERS: KindTable[RefRouter] = KindTable("reference router", ROUTERS)
+"""``@REFERENCE_ROUTERS.register("kind")`` on a router kind's reference function."""
 
 
 def route(
     x_TD: Tensor, params: dict[str, Tensor], spec: Strict, ctx: RouteContext
 ) -> RoutingResult | SoftRouting:
     """Run the reference router of ``spec.kind``."""
-    kind = spec.kind  # type: ignore[attr-defined]
-    if kind not in REFERENCE_ROUTERS:
-        raise NotImplementedError(f"router kind {kind!r} has no reference implementation")
-    return REFERENCE_ROUTERS[kind](x_TD, params, spec, ctx)
+    return REFERENCE_ROUTERS.get(spec.kind)(x_TD, params, spec, ctx)  # type: ignore[attr-defined]
+
+
+def input_jitter(x_TD: Tensor, eps: float, *, training: bool, generator: torch.Generator | None) -> Tensor:
+    """Switch input jitter while training: x * U(1 - eps, 1 + eps), one draw per entry of x
+    from ``generator``; x unchanged in eval or with eps = 0."""
+    if not training or eps <= 0:
+        return x_TD
+    u_TD = uniform(tuple(x_TD.shape), need_generator(generator, "router jitter"), x_TD)
+    return x_TD * (1.0 - eps + 2.0 * eps * u_TD)
+
+
+def router_dtype(spec: RouterSpec, ctx: RouteContext) -> torch.dtype:
+    """The router's compute dtype: its own ``dtype`` field, else ``target.router_dtype``."""
+    return TORCH_DTYPES[spec.own_dtype or ctx.default_dtype]
+
+
+def linear_logits(
+    x_TD: Tensor,
+    params: dict[str, Tensor],
+    spec: RouterSpec,
+    ctx: RouteContext,
+    weight: str = "router.weight",
+    bias: str | None = None,
+    jitter: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """The opening most routers share: ``(x_r_TD, logits_TE)`` with x_r = x in the router
+    dtype, times U(1 - jitter, 1 + jitter) while training when ``jitter`` > 0 (Switch; one
+    draw per entry from ``ctx.generator``), and logits = x_r W^T (+ b), W = ``params[weight]``,
+    b = ``params[bias]`` when named, both cast to the router dtype."""
+    dtype = router_dtype(spec, ctx)
+    x_TD = input_jitter(x_TD.to(dtype), jitter, training=ctx.training, generator=ctx.generator)
+    logits_TE = x_TD @ params[weight].to(dtype).T
+    if bias is not None:
+        logits_TE = logits_TE + params[bias].to(dtype)
+    return x_TD, logits_TE
 
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):

@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.common.routing import RoutingResult
-from moespec.ops.reference.routers import RouteContext, reference_router
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.ops.reference.selection import select_all
 from moespec.spec.routers.adaptive_gating import AdaptiveGatingRouter
 
@@ -41,13 +40,12 @@ def adaptive_weights(p_TK: Tensor, use_second_T: Tensor, mode: str) -> Tensor:
     return p_TK / denom_T1
 
 
-@reference_router("adaptive_gating")
+@REFERENCE_ROUTERS.register("adaptive_gating")
 def adaptive_gating(
     x_TD: Tensor, params: dict[str, Tensor], spec: AdaptiveGatingRouter, ctx: RouteContext
 ) -> RoutingResult:
     """Top-2 gating with a top-1 fallback (see the module docstring)."""
-    dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
-    logits_TE = x_TD.to(dtype) @ params["router.weight"].to(dtype).T
+    _, logits_TE = linear_logits(x_TD, params, spec, ctx)
     probs_TE = logits_TE.softmax(-1)
     idx_TK = select_all(probs_TE, 2)
     p_TK = probs_TE.gather(1, idx_TK)

@@ -28,22 +28,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.common.routing import RoutingResult
 from moespec.common.select import stable_topk
-from moespec.ops.reference.routers import RouteContext, reference_router
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.ops.reference.solvers import balanced_assignment
 from moespec.spec.routers.base_layer import BaseLayerRouter
 
 
-@reference_router("base")
+@REFERENCE_ROUTERS.register("base")
 def base_layer(
     x_TD: Tensor, params: dict[str, Tensor], spec: BaseLayerRouter, ctx: RouteContext
 ) -> RoutingResult:
     """BASE routing: balanced assignment (training) or argmax (eval), sigmoid gate α."""
-    dtype = TORCH_DTYPES[ctx.default_dtype]
-    xr_TD = x_TD.to(dtype)
-    a_TE = xr_TD @ params["router.centroids"].to(dtype).T
+    xr_TD, a_TE = linear_logits(x_TD, params, spec, ctx, weight="router.centroids")
     # Training: the plain exact solver (ties: lexicographically smallest); eval: argmax.
     idx_TK = balanced_assignment(a_TE.detach())[:, None] if ctx.training else stable_topk(a_TE.detach(), 1)
     alpha_TK = torch.sigmoid(a_TE.gather(1, idx_TK))

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.routing import RoutingResult, token_choice_routing
 from moespec.common.select import stable_topk
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, token_choice_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
 from moespec.spec.routers.cosine import MIN_TEMPERATURE, CosineRouter
 
 EPS = 1e-4
@@ -44,12 +43,12 @@ def cosine_logits(x_TD: Tensor, params: dict[str, Tensor], spec: CosineRouter, d
     return s_TE / spec.temperature
 
 
-@reference_router("cosine")
+@REFERENCE_ROUTERS.register("cosine")
 def cosine_route(
     x_TD: Tensor, params: dict[str, Tensor], spec: CosineRouter, ctx: RouteContext
 ) -> RoutingResult:
     """Cosine-score top-k routing (see the module docstring)."""
-    dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
+    dtype = router_dtype(spec, ctx)
     logits_TE = cosine_logits(x_TD, params, spec, dtype)
     probs_TE = logits_TE.softmax(-1)
     idx_TK = stable_topk(probs_TE, spec.k)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, dense_routing, token_choice_routing
+from moespec.common.routing import RoutingResult, dense_routing, token_choice_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext
 from moespec.spec.routers.custom import CustomRouter, call_custom
 
 
-@reference_router("custom")
+@REFERENCE_ROUTERS.register("custom")
 def custom(x_TD: Tensor, params: dict[str, Tensor], spec: CustomRouter, ctx: RouteContext) -> RoutingResult:
     """Call ``spec.function(x_TD, router.weight, **spec.options)``."""
     out = call_custom(x_TD, params["router.weight"], spec.function, spec.output, spec.k, spec.options)

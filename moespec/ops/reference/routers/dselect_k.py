@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, dense_routing
+from moespec.common.routing import RoutingResult, dense_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
 from moespec.spec.routers.dselect_k import DSelectKRouter, n_binary
 
 ENTROPY_EPS = 1e-6  # the code's EPSILON inside the log
@@ -50,12 +49,12 @@ def selector_outputs(s_TLM: Tensor, n_experts: int) -> Tensor:
     return r_TLE
 
 
-@reference_router("dselect_k")
+@REFERENCE_ROUTERS.register("dselect_k")
 def dselect_k_route(
     x_TD: Tensor, params: dict[str, Tensor], spec: DSelectKRouter, ctx: RouteContext
 ) -> RoutingResult:
     """DSelect-k expert weights in the dense form (see the module docstring)."""
-    dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
+    dtype = router_dtype(spec, ctx)
     n, k = ctx.n_experts, spec.k
     m = n_binary(n)
     x_TD = x_TD.to(dtype)

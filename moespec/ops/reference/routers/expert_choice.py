@@ -31,9 +31,8 @@ import torch
 from torch import Tensor
 
 from moespec.common.capacity import expert_choice_capacity
-from moespec.common.dtypes import TORCH_DTYPES
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, dense_routing
+from moespec.common.routing import RoutingResult, dense_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.spec.routers.expert_choice import ExpertChoiceRouter
 
 
@@ -62,15 +61,13 @@ def expert_choice_selection(
     return selected_TE
 
 
-@reference_router("expert_choice")
+@REFERENCE_ROUTERS.register("expert_choice")
 def expert_choice(
     x_TD: Tensor, params: dict[str, Tensor], spec: ExpertChoiceRouter, ctx: RouteContext
 ) -> RoutingResult:
     """Expert-choice routing in the dense form (see the module docstring)."""
-    dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
-    logits_TE = x_TD.to(dtype) @ params["router.weight"].to(dtype).T
-    if "router.bias" in params:
-        logits_TE = logits_TE + params["router.bias"].to(dtype)
+    bias = "router.bias" if "router.bias" in params else None
+    _, logits_TE = linear_logits(x_TD, params, spec, ctx, bias=bias)
     probs_TE = logits_TE.softmax(-1)
     cf = spec.factor(ctx.training)
     # The choice itself is not differentiable; gradients reach the router through S[t, e].

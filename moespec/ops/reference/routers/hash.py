@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, token_choice_routing
+from moespec.common.routing import RoutingResult, token_choice_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
 from moespec.spec.routers.hash import HashRouter
 
 
@@ -35,14 +34,14 @@ def input_ids(ctx: RouteContext, t_count: int) -> Tensor:
     return ids_T
 
 
-@reference_router("hash")
+@REFERENCE_ROUTERS.register("hash")
 def hash_route(x_TD: Tensor, params: dict[str, Tensor], spec: HashRouter, ctx: RouteContext) -> RoutingResult:
     """Route each token to the experts its id hashes to (see the module docstring)."""
     t_count = x_TD.shape[0]
     ids_T = input_ids(ctx, t_count)
     table_VK = params["router.table"]
     idx_TK = table_VK.index_select(0, ids_T.to(torch.int64))
-    dtype = TORCH_DTYPES[ctx.default_dtype]
+    dtype = router_dtype(spec, ctx)
     weight_TK = torch.full(idx_TK.shape, 1.0 / spec.k, dtype=dtype, device=x_TD.device)
     logits_TE = torch.zeros(t_count, ctx.n_experts, dtype=dtype, device=x_TD.device)
     probs_TE = logits_TE.scatter_add(1, idx_TK, weight_TK)

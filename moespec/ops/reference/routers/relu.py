@@ -30,9 +30,8 @@ import torch
 from torch import Tensor
 
 from moespec.common.controllers import update_l1_coeff
-from moespec.common.dtypes import TORCH_DTYPES
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, dense_routing, input_jitter
+from moespec.common.routing import RoutingResult, dense_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.spec.routers.relu import ReLURouter
 
 __all__ = ["l1_balance_loss", "relu", "update_l1_coeff"]
@@ -48,14 +47,11 @@ def l1_balance_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
     return l1_coeff.to(r_TE.dtype) * n_experts * torch.sum(mean_r_E * n_E / (t_count * k))
 
 
-@reference_router("relu")
+@REFERENCE_ROUTERS.register("relu")
 def relu(x_TD: Tensor, params: dict[str, Tensor], spec: ReLURouter, ctx: RouteContext) -> RoutingResult:
     """ReLU routing in the dense form (see the module docstring). Draws U [T, D] for the
     jitter (training, jitter > 0) from ``ctx.generator``."""
-    dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
-    x_TD = x_TD.to(dtype)
-    x_TD = input_jitter(x_TD, spec.jitter, training=ctx.training, generator=ctx.generator)
-    logits_TE = x_TD @ params["router.weight"].to(dtype).T
+    _, logits_TE = linear_logits(x_TD, params, spec, ctx, jitter=spec.jitter)
     r_TE = torch.relu(logits_TE)
     selected_TE = r_TE > 0
     extra = l1_balance_loss(r_TE, params["router.l1_coeff"], spec.k)

@@ -24,21 +24,19 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
+from moespec.common.routing import RoutingResult, token_choice_routing
 from moespec.common.select import stable_topk
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, token_choice_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.ops.reference.solvers import sinkhorn_plan
 from moespec.spec.routers.sinkhorn import SinkhornRouter
 
 
-@reference_router("sinkhorn")
+@REFERENCE_ROUTERS.register("sinkhorn")
 def sinkhorn(
     x_TD: Tensor, params: dict[str, Tensor], spec: SinkhornRouter, ctx: RouteContext
 ) -> RoutingResult:
     """S-BASE routing: top-k of the Sinkhorn plan (training) or of the scores (eval)."""
-    dtype = TORCH_DTYPES[ctx.default_dtype]
-    logits_TE = x_TD.to(dtype) @ params["router.weight"].to(dtype).T
+    _, logits_TE = linear_logits(x_TD, params, spec, ctx)
     probs_TE = logits_TE.softmax(-1) if spec.score_fn == "softmax" else logits_TE.sigmoid()
     if ctx.training:
         idx_TK = stable_topk(sinkhorn_plan(logits_TE, spec.iterations, spec.tol), spec.k)

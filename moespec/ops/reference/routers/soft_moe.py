@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
-from moespec.ops.reference.routers import RouteContext, SoftRouting, reference_router
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, SoftRouting, router_dtype
 from moespec.spec.routers.soft_moe import SoftMoERouter
 
 EPS = 1e-6
@@ -49,10 +48,10 @@ def group_softmax(logits_TS: Tensor, seq_len: int | None) -> Tensor:
     return logits_TS.reshape(-1, group, s).softmax(1).reshape(t, s)
 
 
-@reference_router("soft_moe")
+@REFERENCE_ROUTERS.register("soft_moe")
 def soft_moe(x_TD: Tensor, params: dict[str, Tensor], spec: SoftMoERouter, ctx: RouteContext) -> SoftRouting:
     """Soft MoE routing in the router dtype (see the module docstring)."""
-    dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
+    dtype = router_dtype(spec, ctx)
     phi_SD = params["router.weight"].to(dtype)
     scale = params["router.scale"].to(dtype) if spec.normalize else None
     logits_TS = soft_logits(x_TD.to(dtype), phi_SD, scale)

@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.common.dtypes import TORCH_DTYPES
-from moespec.ops.reference.routers import RouteContext, reference_router
-from moespec.ops.reference.routing import RoutingResult, dense_routing
+from moespec.common.routing import RoutingResult, dense_routing
+from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.spec.routers.top_p import TopPRouter
 
 
@@ -54,11 +53,10 @@ def mean_entropy(logits_TE: Tensor) -> Tensor:
     return -(logp_TE.exp() * logp_TE).sum(-1).mean()
 
 
-@reference_router("top_p")
+@REFERENCE_ROUTERS.register("top_p")
 def top_p(x_TD: Tensor, params: dict[str, Tensor], spec: TopPRouter, ctx: RouteContext) -> RoutingResult:
     """Dynamic top-p routing in the dense form (see the module docstring)."""
-    dtype = TORCH_DTYPES[spec.dtype or ctx.default_dtype]
-    logits_TE = x_TD.to(dtype) @ params["router.weight"].to(dtype).T
+    _, logits_TE = linear_logits(x_TD, params, spec, ctx)
     probs_TE = logits_TE.softmax(-1)
     selected_TE = top_p_mask(probs_TE, spec.threshold, spec.max_k)
     gates_TE = torch.where(selected_TE, probs_TE, torch.zeros_like(probs_TE))
