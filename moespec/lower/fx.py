@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
+from moespec.common.capacity import capacity_factor
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers, soft
 from moespec.lower.builder import Builder, RandomInput
@@ -95,13 +96,17 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")
     weight, idx, active = rt.weight_TK, rt.idx_TK, rt.active_TK
     empty_r = b.empty_like(rt.logits_TE)
+    if active is None:  # every slot active
+        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=layer.router.origin)
+    noisy = rt.noisy_TE if rt.noisy_TE is not None else rt.logits_TE  # no noise: the clean logits
+    std = rt.std_TE if rt.std_TE is not None else empty_r
 
     # Dispatch: capacity, sort by expert (dense routings: compact the selected pairs).
     cap, n_exp = layer.dispatch.capacity, layer.experts.n_experts
     keep = active
     if cap.kind == "factor":
         u = rand.get("drop_u_TK", empty_r)
-        cap_factor = cap.train_factor if training else cap.eval_factor
+        cap_factor = capacity_factor(cap, training)
         keep = b.fn(
             OPS.capacity_keep,
             idx,
@@ -141,7 +146,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         y = b.fn(operator.add, y, rt.residual_TD, origin=layer.router.origin)
 
     extra = rt.extra_loss if rt.extra_loss is not None else empty_r
-    aux_args = (rt.logits_TE, rt.noisy_TE, rt.std_TE, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
+    aux_args = (rt.logits_TE, noisy, std, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
     aux_kwargs = {} if rt.k_active is None else {"k_active": rt.k_active}
     aux = g.call_module("aux", aux_args, aux_kwargs)
     named = enumerate(OUTPUTS[2:])

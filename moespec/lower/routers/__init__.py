@@ -20,34 +20,41 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 
+import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
 from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder, RandomInput
+from moespec.spec.base import KindTable
+from moespec.spec.routers import ROUTERS
 
 if TYPE_CHECKING:
     from torch import nn
+
+OPS = torch.ops.moespec
 
 
 @dataclass
 class RouteNodes:
     """The router's graph values (see the package docstring). ``logits_TE`` are the clean
-    logits (the layer's ``router_logits``, the z-loss input); ``noisy_TE``/``std_TE`` the
-    noisy logits and noise std (``std_TE`` a 0-element tensor without noise); ``probs_TE``
-    the scores the balance losses and entropy read; ``extra_loss`` a router-specific
-    weighted loss added to ``aux_loss``; ``residual_TD`` a [T, D] term added to the layer's
-    output (BASE's (1 - α)·x mix), or None; ``k_active`` a 0-dim tensor k when a schedule
-    masks the compiled K down (the balance losses then normalise by it). (The k balance
-    losses normalise by in the dense form is the spec's :meth:`RouterSpec.nominal_k`.)"""
+    logits (the layer's ``router_logits``, the z-loss input); ``probs_TE`` the scores the
+    balance losses and entropy read; ``weight_TK``/``idx_TK``/``active_TK`` the routing
+    (``active_TK`` None: every slot active); ``noisy_TE``/``std_TE`` the noisy logits and
+    noise std (None: no noise, the clean logits); ``extra_loss`` a router-specific weighted
+    loss added to ``aux_loss``; ``residual_TD`` a [T, D] term added to the layer's output
+    (BASE's (1 - α)·x mix), or None; ``k_active`` a 0-dim tensor k when a schedule masks
+    the compiled K down (the balance losses then normalise by it). (The k balance losses
+    normalise by in the dense form is the spec's :meth:`RouterSpec.nominal_k`.)"""
 
     logits_TE: fx.Node
-    noisy_TE: fx.Node
-    std_TE: fx.Node
     probs_TE: fx.Node
     weight_TK: fx.Node
     idx_TK: fx.Node
-    active_TK: fx.Node
+    active_TK: fx.Node | None = None
+    noisy_TE: fx.Node | None = None
+    std_TE: fx.Node | None = None
     dense: bool = False
     extra_loss: fx.Node | None = None
     residual_TD: fx.Node | None = None
@@ -68,8 +75,6 @@ class SoftNodes:
 
 class RouterLowering:
     """Base class: override ``lower``; the hooks have no-op defaults."""
-
-    kind: str = ""
 
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         """Random tensors the graph takes as inputs, in the reference's draw order."""
@@ -92,6 +97,37 @@ JITTER = RandomInput("jitter_u_TD", "uniform", "TD", True)
 """The Switch input-jitter draw U [T, D] (training only), shared by routers with ``jitter``."""
 
 
+def router_param(b: Builder, layer: MoELayerNode, name: str) -> fx.Node:
+    """The router tensor ``name`` cast to the router dtype (selective precision)."""
+    return b.to(b.get(name), TORCH_DTYPES[layer.router.dtype])
+
+
+def linear_logits(
+    b: Builder,
+    layer: MoELayerNode,
+    x_TD: fx.Node,
+    inputs: dict[str, fx.Node],
+    weight: str = "router.weight",
+    bias: str | None = None,
+) -> tuple[fx.Node, fx.Node]:
+    """The opening most routers share: ``(xr_TD, logits_TE)``, xr = :func:`router_input`
+    and logits = linear(xr, ``weight``, ``bias``), the tensors in the router dtype."""
+    xr = router_input(b, layer, x_TD, inputs)
+    w = router_param(b, layer, weight)
+    logits = b.fn(F.linear, xr, w, router_param(b, layer, bias) if bias else None, origin=layer.router.origin)
+    return xr, logits
+
+
+def plain_topk(b: Builder, layer: MoELayerNode, logits_TE: fx.Node, k: int, renormalize: bool) -> fx.Node:
+    """``moespec.topk_route`` as a plain softmax-then-top-k router: no expert bias, noise,
+    groups or scaling; returns the op's node (weight_TK, idx_TK, probs_TE)."""
+    empty = b.empty_like(logits_TE)
+    return b.fn(
+        OPS.topk_route, logits_TE, empty, empty, k, "softmax", "softmax_then_topk", renormalize, 1.0, 0, 0,
+        "max", origin=layer.router.origin,
+    )  # fmt: skip
+
+
 def router_input(b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node]) -> fx.Node:
     """x in the router dtype (selective precision), times U(1 - eps, 1 + eps) while training
     when the router has input jitter (Switch; the draw is ``inputs["jitter_u_TD"]``)."""
@@ -109,22 +145,13 @@ def dense_slots(selected_TE: Tensor) -> Tensor:
     return torch.arange(e, device=selected_TE.device).expand(t, e)
 
 
-LOWERINGS: dict[str, RouterLowering] = {}
-
-
-def register(cls: type[RouterLowering]) -> type[RouterLowering]:
-    """Class decorator: register the lowering of router kind ``cls.kind``."""
-    assert cls.kind and cls.kind not in LOWERINGS, f"bad or duplicate router lowering {cls.kind!r}"
-    LOWERINGS[cls.kind] = cls()
-    return cls
+LOWERINGS: KindTable[type[RouterLowering]] = KindTable("FX lowering", ROUTERS)
+"""``@LOWERINGS.register("kind")`` on a router kind's :class:`RouterLowering` subclass."""
 
 
 def lowering(layer: MoELayerNode) -> RouterLowering:
-    """The lowering of ``layer``'s router kind."""
-    kind = layer.router.kind
-    if kind not in LOWERINGS:
-        raise NotImplementedError(f"router kind {kind!r} has no FX lowering")
-    return LOWERINGS[kind]
+    """The lowering of ``layer``'s router kind (lowerings keep no state: a fresh instance)."""
+    return LOWERINGS.get(layer.router.kind)()
 
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):

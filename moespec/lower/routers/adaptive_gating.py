@@ -8,13 +8,11 @@ weight_TK, active_TK = adaptive_top2(p_TK, threshold, weights)        (second us
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, linear_logits, plain_topk
 
 OPS = torch.ops.moespec
 
@@ -32,33 +30,15 @@ def adaptive_top2(p_TK: Tensor, threshold: float, mode: str) -> tuple[Tensor, Te
     return p_TK / (p_TK * active_TK.to(p_TK.dtype)).sum(-1, keepdim=True), active_TK
 
 
-@register
+@LOWERINGS.register("adaptive_gating")
 class AdaptiveGatingLowering(RouterLowering):
-    kind = "adaptive_gating"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
-        logits = b.fn(F.linear, b.to(x_TD, rdtype), b.to(b.get("router.weight"), rdtype), origin=at)
-        empty = b.empty_like(logits)
-        route = b.fn(
-            OPS.topk_route,
-            logits,
-            empty,
-            empty,
-            2,
-            "softmax",
-            "softmax_then_topk",
-            False,
-            1.0,
-            0,
-            0,
-            "max",
-            origin=at,
-        )
+        _, logits = linear_logits(b, layer, x_TD, inputs)
+        route = plain_topk(b, layer, logits, 2, False)
         p, idx, probs = (b.item(route, i, at, n) for i, n in enumerate(("p_TK", "idx_TK", "probs_TE")))
         out = b.fn(adaptive_top2, p, r.threshold, r.weights, origin=at)
         weight, active = b.item(out, 0, at, "weight_TK"), b.item(out, 1, at, "active_TK")
-        return RouteNodes(logits, logits, empty, probs, weight, idx, active)
+        return RouteNodes(logits, probs, weight, idx, active)

@@ -10,14 +10,12 @@ residual  = (1 - α)·x                                         (added to the la
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.common.select import stable_topk
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, linear_logits
 
 OPS = torch.ops.moespec
 
@@ -37,22 +35,18 @@ def base_residual(alpha_TK: Tensor, x_TD: Tensor) -> Tensor:
     return ((1.0 - alpha_TK) * x_TD.to(alpha_TK.dtype)).to(x_TD.dtype)
 
 
-@register
+@LOWERINGS.register("base")
 class BaseLayerLowering(RouterLowering):
-    kind = "base"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
-        a = b.fn(F.linear, b.to(x_TD, rdtype), b.to(b.get("router.centroids"), rdtype), origin=at)
+        _, a = linear_logits(b, layer, x_TD, inputs, weight="router.centroids")
         if training:
             idx = b.fn(base_assign, a, origin=at)
         else:
             idx = b.fn(stable_topk, b.fn(torch.detach, a, origin=at), 1, origin=at)
         alpha = b.fn(base_gate, a, idx, origin=at)
         probs = b.fn(torch.softmax, a, -1, origin=at)
-        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
         residual = b.fn(base_residual, alpha, x_TD, origin=at) if r.mix_residual else None
-        return RouteNodes(a, a, b.empty_like(a), probs, alpha, idx, active, residual_TD=residual)
+        return RouteNodes(a, probs, alpha, idx, residual_TD=residual)

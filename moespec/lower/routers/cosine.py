@@ -14,10 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import (
+    LOWERINGS,
+    RouteNodes,
+    RouterLowering,
+    plain_topk,
+    router_input,
+    router_param,
+)
 from moespec.spec.routers.cosine import MIN_TEMPERATURE
 
 OPS = torch.ops.moespec
@@ -43,39 +49,20 @@ def cosine_scores(
     return s_TE / temperature
 
 
-@register
+@LOWERINGS.register("cosine")
 class CosineLowering(RouterLowering):
-    kind = "cosine"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
-        xr = b.to(x_TD, rdtype)
-        proj, emb = b.to(b.get("router.proj"), rdtype), b.to(b.get("router.expert_emb"), rdtype)
-        log_tau = (
-            b.to(b.get("router.log_temperature"), rdtype) if r.learnable_temperature else b.empty_like(xr)
-        )
+        xr = router_input(b, layer, x_TD, inputs)
+        proj, emb = router_param(b, layer, "router.proj"), router_param(b, layer, "router.expert_emb")
+        log_tau = b.empty_like(xr)
+        if r.learnable_temperature:
+            log_tau = router_param(b, layer, "router.log_temperature")
         logits = b.fn(cosine_scores, xr, proj, emb, log_tau, r.temperature, r.normalize_tokens, origin=at)
-        empty = b.empty_like(logits)
-        route = b.fn(
-            OPS.topk_route,
-            logits,
-            empty,
-            empty,
-            r.k,
-            "softmax",
-            "softmax_then_topk",
-            r.renormalize,
-            1.0,
-            0,
-            0,
-            "max",
-            origin=at,
-        )
+        route = plain_topk(b, layer, logits, r.k, r.renormalize)
         weight, idx, probs = (
             b.item(route, i, at, n) for i, n in enumerate(("weight_TK", "idx_TK", "probs_TE"))
         )
-        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
-        return RouteNodes(logits, logits, empty, probs, weight, idx, active)
+        return RouteNodes(logits, probs, weight, idx)

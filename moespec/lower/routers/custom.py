@@ -13,14 +13,12 @@ from torch import fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, dense_slots
 from moespec.spec.routers.custom import check_custom, resolve_function
 
 
-@register
+@LOWERINGS.register("custom")
 class CustomLowering(RouterLowering):
-    kind = "custom"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
@@ -32,12 +30,10 @@ class CustomLowering(RouterLowering):
         out = b.fn(check_custom, raw, x_TD, w, r.function, r.output, r.k, origin=at)
         logits = b.item(out, 0, at, "logits_TE")
         probs = b.fn(torch.softmax, logits, -1, origin=at)
-        no_noise = b.empty_like(logits)
         if r.output == "dense":
             gates = b.item(out, 1, at, "gates_TE")
             sel = b.fn(operator.ne, gates, 0, origin=at)  # nonzero gates select
             idx = b.fn(dense_slots, sel, origin=at)
-            return RouteNodes(logits, logits, no_noise, probs, gates, idx, sel, dense=True)
+            return RouteNodes(logits, probs, gates, idx, sel, dense=True)
         weight, idx = b.item(out, 1, at, "weight_TK"), b.item(out, 2, at, "idx_TK")
-        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
-        return RouteNodes(logits, logits, no_noise, probs, weight, idx, active)
+        return RouteNodes(logits, probs, weight, idx)

@@ -15,10 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
+from moespec.lower.routers import (
+    LOWERINGS,
+    RouteNodes,
+    RouterLowering,
+    dense_slots,
+    router_input,
+    router_param,
+)
 from moespec.spec.routers.dselect_k import n_binary
 
 ENTROPY_EPS = 1e-6  # the released code's EPSILON inside the entropy's log
@@ -58,27 +64,20 @@ def dselect_k_weights(
     return w_TE, dense_slots(w_TE), w_TE > 0, extra
 
 
-@register
+@LOWERINGS.register("dselect_k")
 class DSelectKLowering(RouterLowering):
-    kind = "dselect_k"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
         n = layer.experts.n_experts
-        xr = b.to(x_TD, rdtype)
-        w = [
-            b.to(b.get(f"router.{name}"), rdtype)
-            for name in ("z_weight", "z_bias", "alpha_weight", "alpha_bias")
-        ]
+        xr = router_input(b, layer, x_TD, inputs)
+        names = ("z_weight", "z_bias", "alpha_weight", "alpha_bias")
+        w = [router_param(b, layer, f"router.{name}") for name in names]
         power_of_2 = n == 2 ** n_binary(n)
         ent_w = r.entropy_weight if training else 0.0
         reach_w = r.reachability_weight if training and not power_of_2 else 0.0
         out = b.fn(dselect_k_weights, xr, *w, r.k, n, r.gamma, ent_w, reach_w, origin=at)
         gates, idx, sel = (b.item(out, i, at, nm) for i, nm in enumerate(("w_TE", "idx_TE", "selected_TE")))
         extra = b.fn(operator.getitem, out, 3, origin=at) if ent_w > 0 or reach_w > 0 else None
-        return RouteNodes(
-            gates, gates, b.empty_like(gates), gates, gates, idx, sel, dense=True, extra_loss=extra
-        )
+        return RouteNodes(gates, gates, gates, idx, sel, dense=True, extra_loss=extra)

@@ -12,13 +12,11 @@ The generic layer compacts the selected (token, expert) pairs with ``moespec::so
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, dense_slots, linear_logits
 
 OPS = torch.ops.moespec
 
@@ -30,18 +28,13 @@ def expert_choice_slots(probs_TE: Tensor, selected_TE: Tensor) -> tuple[Tensor, 
     return gates_TE, dense_slots(selected_TE)
 
 
-@register
+@LOWERINGS.register("expert_choice")
 class ExpertChoiceLowering(RouterLowering):
-    kind = "expert_choice"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
-        w_r = b.to(b.get("router.weight"), rdtype)
-        bias = b.to(b.get("router.bias"), rdtype) if r.bias else None
-        logits = b.fn(F.linear, b.to(x_TD, rdtype), w_r, bias, origin=at)
+        _, logits = linear_logits(b, layer, x_TD, inputs, bias="router.bias" if r.bias else None)
         probs = b.fn(torch.softmax, logits, -1, origin=at)
         scores = b.g.call_method("detach", (probs,))
         selected = b.fn(
@@ -49,5 +42,4 @@ class ExpertChoiceLowering(RouterLowering):
         )
         slots = b.fn(expert_choice_slots, probs, selected, origin=at)
         gates, idx = b.item(slots, 0, at, "gates_TE"), b.item(slots, 1, at, "idx_TE")
-        no_noise = b.empty_like(logits)
-        return RouteNodes(logits, logits, no_noise, probs, gates, idx, selected, dense=True)
+        return RouteNodes(logits, probs, gates, idx, selected, dense=True)

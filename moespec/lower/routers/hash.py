@@ -13,7 +13,7 @@ from torch import Tensor, fx
 from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering
 
 
 def hash_lookup(
@@ -30,10 +30,8 @@ def hash_lookup(
     return logits_TE, logits_TE.scatter_add(1, idx_TK, weight_TK), weight_TK, idx_TK
 
 
-@register
+@LOWERINGS.register("hash")
 class HashLowering(RouterLowering):
-    kind = "hash"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
@@ -43,5 +41,4 @@ class HashLowering(RouterLowering):
         logits, probs, weight, idx = (
             b.item(out, i, at, n) for i, n in enumerate(("logits_TE", "probs_TE", "weight_TK", "idx_TK"))
         )
-        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
-        return RouteNodes(logits, logits, b.empty_like(logits), probs, weight, idx, active)
+        return RouteNodes(logits, probs, weight, idx)

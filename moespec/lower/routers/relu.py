@@ -11,14 +11,12 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from moespec.common.controllers import update_l1_coeff
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.routers import JITTER, RouteNodes, RouterLowering, dense_slots, register, router_input
+from moespec.lower.routers import JITTER, LOWERINGS, RouteNodes, RouterLowering, dense_slots, linear_logits
 
 
 def remoe_l1_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
@@ -29,10 +27,8 @@ def remoe_l1_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
     return l1_coeff.to(r_TE.dtype) * scale * (r_TE.sum(0) * n_E).sum()
 
 
-@register
+@LOWERINGS.register("relu")
 class ReLULowering(RouterLowering):
-    kind = "relu"
-
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         if training and layer.router.config.jitter > 0:
             return [JITTER]
@@ -42,9 +38,7 @@ class ReLULowering(RouterLowering):
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
-        xr = router_input(b, layer, x_TD, inputs)
-        logits = b.fn(F.linear, xr, b.to(b.get("router.weight"), rdtype), origin=at)
+        _, logits = linear_logits(b, layer, x_TD, inputs)
         gates = b.fn(torch.relu, logits, origin=at)
         selected = b.fn(operator.gt, gates, 0, origin=at)
         idx = b.fn(dense_slots, selected, origin=at)
@@ -52,9 +46,7 @@ class ReLULowering(RouterLowering):
         # A copy of λ: after_forward updates the buffer in place before backward runs.
         lam = b.fn(torch.clone, b.get("router.l1_coeff"), origin=at)
         extra = b.fn(remoe_l1_loss, gates, lam, r.k, origin=at)
-        return RouteNodes(
-            logits, logits, b.empty_like(logits), probs, gates, idx, selected, dense=True, extra_loss=extra
-        )
+        return RouteNodes(logits, probs, gates, idx, selected, dense=True, extra_loss=extra)
 
     def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
         # ReMoE's controller, per layer and per training forward, on device (no host sync):

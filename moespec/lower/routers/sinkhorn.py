@@ -10,14 +10,12 @@ weight_TK = probs.gather(1, idx_TK)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.common.select import stable_topk
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, register
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, linear_logits
 
 OPS = torch.ops.moespec
 
@@ -27,16 +25,13 @@ def sinkhorn_select(logits_TE: Tensor, k: int, iterations: int, tol: float) -> T
     return OPS.sinkhorn_topk(logits_TE.detach(), k, iterations, tol)
 
 
-@register
+@LOWERINGS.register("sinkhorn")
 class SinkhornLowering(RouterLowering):
-    kind = "sinkhorn"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
-        logits = b.fn(F.linear, b.to(x_TD, rdtype), b.to(b.get("router.weight"), rdtype), origin=at)
+        _, logits = linear_logits(b, layer, x_TD, inputs)
         if r.score_fn == "softmax":
             probs = b.fn(torch.softmax, logits, -1, origin=at)
         else:
@@ -46,5 +41,4 @@ class SinkhornLowering(RouterLowering):
         else:
             idx = b.fn(stable_topk, b.fn(torch.detach, probs, origin=at), r.k, origin=at)
         weight = b.fn(torch.gather, probs, 1, idx, origin=at)
-        active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
-        return RouteNodes(logits, logits, b.empty_like(logits), probs, weight, idx, active)
+        return RouteNodes(logits, probs, weight, idx)

@@ -16,7 +16,7 @@ from torch import Tensor, fx
 from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouterLowering, SoftNodes, register
+from moespec.lower.routers import LOWERINGS, RouterLowering, SoftNodes
 
 
 def soft_logits(x_TD: Tensor, phi_SD: Tensor, scale: Tensor | None) -> Tensor:
@@ -37,10 +37,8 @@ def group_token_softmax(logits_TS: Tensor, seq_len: int) -> Tensor:
     return logits_TS.softmax(0)
 
 
-@register
+@LOWERINGS.register("soft_moe")
 class SoftMoELowering(RouterLowering):
-    kind = "soft_moe"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> SoftNodes:

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import RouteNodes, RouterLowering, dense_slots, register
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, dense_slots, linear_logits
 
 
 def top_p_selected(probs_TE: Tensor, threshold: float, max_k: int) -> Tensor:
@@ -49,22 +48,16 @@ def weighted_entropy(logits_TE: Tensor, weight: float) -> Tensor:
     return weight * h_T.sum() / max(h_T.shape[0], 1)
 
 
-@register
+@LOWERINGS.register("top_p")
 class TopPLowering(RouterLowering):
-    kind = "top_p"
-
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
-        rdtype = TORCH_DTYPES[layer.router.dtype]
-        xr = b.to(x_TD, rdtype)
-        logits = b.fn(F.linear, xr, b.to(b.get("router.weight"), rdtype), origin=at)
+        _, logits = linear_logits(b, layer, x_TD, inputs)
         probs = b.fn(torch.softmax, logits, -1, origin=at)
         selected = b.fn(top_p_selected, probs, r.threshold, r.max_k or 0, origin=at)
         gates = b.fn(masked_gates, probs, selected, r.renormalize, origin=at)
         idx = b.fn(dense_slots, selected, origin=at)
         extra = b.fn(weighted_entropy, logits, r.entropy_weight, origin=at) if r.entropy_weight > 0 else None
-        return RouteNodes(
-            logits, logits, b.empty_like(logits), probs, gates, idx, selected, dense=True, extra_loss=extra
-        )
+        return RouteNodes(logits, probs, gates, idx, selected, dense=True, extra_loss=extra)

@@ -17,7 +17,7 @@ from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.routers import JITTER, RouteNodes, RouterLowering, register, router_input
+from moespec.lower.routers import JITTER, LOWERINGS, RouteNodes, RouterLowering, linear_logits, router_param
 
 OPS = torch.ops.moespec
 
@@ -49,10 +49,8 @@ def limit_k(
     return weight_TK, active_TK & keep_1K
 
 
-@register
+@LOWERINGS.register("topk")
 class TopKLowering(RouterLowering):
-    kind = "topk"
-
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         r, out = layer.router.config, []
         if training and r.jitter > 0:
@@ -71,13 +69,10 @@ class TopKLowering(RouterLowering):
         r, at = layer.router.config, layer.router.origin
         rdtype = TORCH_DTYPES[layer.router.dtype]
         # Router in the router dtype (selective precision), jitter/noise while training.
-        xr = router_input(b, layer, x_TD, inputs)
-        w_r = b.to(b.get("router.weight"), rdtype)
-        bias = b.to(b.get("router.bias"), rdtype) if r.bias else None
-        logits = b.fn(F.linear, xr, w_r, bias, origin=at)
+        xr, logits = linear_logits(b, layer, x_TD, inputs, bias="router.bias" if r.bias else None)
         if r.gating_residual:  # MoE++: + z_prev W_res^T (z_prev zeros for a stack's first layer)
             z_prev = b.to(inputs["prev_router_logits"], rdtype)
-            res = b.fn(F.linear, z_prev, b.to(b.get("router.residual_weight"), rdtype), origin=at)
+            res = b.fn(F.linear, z_prev, router_param(b, layer, "router.residual_weight"), origin=at)
             logits = b.fn(operator.add, logits, res, origin=at)
         if "router.temperature" in inputs:  # scheduled: a 0-dim tensor (keeps the logits' dtype)
             logits = b.fn(operator.truediv, logits, inputs["router.temperature"], origin=at)
@@ -86,7 +81,7 @@ class TopKLowering(RouterLowering):
         noisy, std = logits, b.empty_like(logits)
         if "noise_TE" in inputs:
             if r.noise.kind == "learned":
-                w_n = b.to(b.get("router.noise_weight"), rdtype)
+                w_n = router_param(b, layer, "router.noise_weight")
                 sp = b.fn(F.softplus, b.fn(F.linear, xr, w_n, origin=at), origin=at)
                 std = b.fn(operator.add, sp, r.noise.epsilon, origin=at)
             else:
@@ -126,7 +121,7 @@ class TopKLowering(RouterLowering):
             limited = b.fn(limit_k, weight, idx, noisy, probs, active, k_t, r.order, r.renormalize,
                            r.scaling_factor, origin=at)  # fmt: skip
             weight, active = b.item(limited, 0, at, "weight_TK"), b.item(limited, 1, at, "active_TK")
-        return RouteNodes(logits, noisy, std, probs, weight, idx, active, k_active=k_t)
+        return RouteNodes(logits, probs, weight, idx, active, noisy_TE=noisy, std_TE=std, k_active=k_t)
 
     def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
         cfg = module.ir.router.config.expert_bias
