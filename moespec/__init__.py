@@ -1,34 +1,75 @@
-"""moespec: a declarative model-spec compiler for Mixture-of-Experts layers in PyTorch."""
+"""moespec: a declarative model-spec compiler for Mixture-of-Experts layers in PyTorch.
 
-from moespec.errors import Diagnostic, MoespecError, Origin, SpecError
+The public API is ``__all__``: ``build`` a layer from a spec, ``load`` an artifact directory,
+``build_artifact`` to write one, ``aux_losses`` / ``set_step`` over a model's moespec layers,
+``release_buffers`` to free the CPU kernels' scratch memory, ``MoELayer``, the spec models and
+the error types. The torch-heavy names are imported on first use, so ``import moespec`` (and
+``moespec validate``) stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from moespec.errors import (
+    ArtifactError,
+    BuildError,
+    Diagnostic,
+    IRError,
+    MoespecError,
+    Origin,
+    SpecError,
+    TargetError,
+)
 from moespec.spec import LoadedSpec, Spec, load_spec
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from moespec.api import aux_losses, build, set_step
+    from moespec.export.artifact import build_artifact
+    from moespec.ops import release_buffers
+    from moespec.runtime.layer import MoELayer
+    from moespec.runtime.load import load
+
+# name -> module that defines it (imported lazily: each pulls in torch).
+_LAZY = {
+    "build": "moespec.api",
+    "aux_losses": "moespec.api",
+    "set_step": "moespec.api",
+    "load": "moespec.runtime.load",
+    "build_artifact": "moespec.export.artifact",
+    "MoELayer": "moespec.runtime.layer",
+    "release_buffers": "moespec.ops",
+}
+
 
 def __getattr__(name: str):
-    if name in ("build", "aux_losses", "set_step", "BuildError"):
-        from moespec import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
-    if name == "load":
-        from moespec.runtime.load import load
-
-        return load
-    if name in ("build_artifact", "ArtifactError"):
-        from moespec.export import artifact
-
-        return getattr(artifact, name)
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moespec' has no attribute {name!r}")
 
 
 __all__ = [
+    "ArtifactError",
+    "BuildError",
     "Diagnostic",
+    "IRError",
     "LoadedSpec",
+    "MoELayer",
     "MoespecError",
     "Origin",
     "Spec",
     "SpecError",
+    "TargetError",
     "__version__",
+    "aux_losses",
+    "build",
+    "build_artifact",
+    "load",
     "load_spec",
+    "release_buffers",
+    "set_step",
 ]

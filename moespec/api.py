@@ -8,11 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from moespec.errors import BuildError
-from moespec.ir.build import build_program
+from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
-from moespec.runtime.target import check_runnable
 from moespec.spec.load import LoadedSpec, load_spec
 from moespec.spec.schema import Spec
+
+__all__ = ["BuildError", "aux_losses", "build", "set_step"]
 
 
 def build(
@@ -32,17 +33,7 @@ def build(
     when None; :class:`~moespec.errors.TargetError` if this machine cannot run the target.
     """
     loaded = load_spec(spec, overrides)
-    program = build_program(loaded.spec)
-    dev = check_runnable(program, device)
-    names = [lay.name for lay in program.layers]
-    if layer is None and len(names) > 1:
-        raise BuildError(f"the spec has layer groups {names}; pass layer=<name>")
-    name = layer or names[0]
-    if name not in names:
-        raise BuildError(f"no layer group {name!r}; the spec has {names}")
-    ir = program.layers[names.index(name)]
-    # Weights are drawn on the CPU whatever the device, so every device gets the same ones.
-    return MoELayer(ir, seed=seed, generator=generator).to(dev)
+    return build_layer(loaded.spec, layer=layer, seed=seed, generator=generator, device=device)
 
 
 def set_step(model: nn.Module, step: int) -> None:

@@ -159,7 +159,7 @@ def layer_for_bench(
 ) -> tuple[MoELayer, str, str]:
     """``(module, spec name, device)`` for a spec file or an artifact directory; the module is
     built on ``device`` (``target.device`` if None, checked against this machine)."""
-    from moespec.export.layout import MANIFEST, read_manifest
+    from moespec.runtime.layout import MANIFEST, read_manifest
     from moespec.runtime.load import load
     from moespec.spec.load import load_spec
 

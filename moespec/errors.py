@@ -114,3 +114,12 @@ class TargetError(BuildError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         super().__init__(f"{path}: {message}")
+
+
+class ArtifactError(MoespecError):
+    """An artifact directory cannot be written (target exists) or read (missing, corrupted,
+    edited, or built for a different spec/layer)."""
+
+
+class IRError(MoespecError):
+    """An IR invariant does not hold (an internal error; please report it)."""

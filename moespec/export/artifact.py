@@ -28,12 +28,12 @@ import yaml
 from safetensors.torch import save_file
 
 from moespec import __version__
-from moespec.api import build
-from moespec.export import layout as L
-from moespec.export.layout import ArtifactError
+from moespec.errors import ArtifactError
 from moespec.export.render import render_module
 from moespec.export.report import report_data, report_text, used_op_set
 from moespec.ir.build import spec_hash
+from moespec.runtime import layout as L
+from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
 from moespec.spec.load import LoadedSpec, load_spec
 from moespec.spec.schema import Spec
@@ -188,7 +188,7 @@ def build_artifact(
     _check_target(out, force)
     loaded = load_spec(spec, overrides)
     # Weights are made on the CPU: an artifact for a CUDA target can be written on a laptop.
-    module = build(loaded, layer=layer, seed=seed, device="cpu")
+    module = build_layer(loaded.spec, layer=layer, seed=seed, device="cpu")
     sha = spec_hash(loaded.spec)
     source = {
         "spec": str(spec) if isinstance(spec, (str, Path)) else None,

@@ -11,8 +11,8 @@ from typing import Any
 
 import jinja2
 
-from moespec.export.layout import LOCK, MODULE_TEMPLATE, WEIGHTS
 from moespec.resources import data_dir
+from moespec.runtime.layout import LOCK, MODULE_TEMPLATE, WEIGHTS
 
 
 def environment() -> jinja2.Environment:

@@ -12,21 +12,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from moespec.explain import explain_data, human
 from moespec.ir.build import build_program
 from moespec.ir.printer import print_layer, print_program
+from moespec.ir.summary import explain_data, human
+from moespec.ops import registered_op_set
 from moespec.runtime.layer import MoELayer
 from moespec.spec.load import LoadedSpec
 
 DTYPE_NAMES = {v: str(v).removeprefix("torch.") for v in (torch.float32, torch.float16, torch.bfloat16)}
 NUMBERS_TITLE = "derived numbers (one MoE layer; FLOPs = forward matmul FLOPs, 2 per MAC)"
-
-
-def registered_op_set() -> list[str]:
-    """Names of every registered ``torch.ops.moespec`` custom op (``moespec::name``)."""
-    import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
-
-    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("moespec::"))
 
 
 def used_op_set(custom_ops: list[str]) -> list[str]:
@@ -88,7 +82,7 @@ def ir_text(loaded: LoadedSpec, module: MoELayer) -> str:
 
 
 def report_data(loaded: LoadedSpec, module: MoELayer, spec_sha256: str, versions: dict[str, str]) -> dict:
-    """Everything ``report.json`` holds (see the module docstring of ``moespec.export.layout``)."""
+    """Everything ``report.json`` holds (see the module docstring of ``moespec.runtime.layout``)."""
     explained = explain_data(loaded)
     ops = graph_ops(module)
     return {

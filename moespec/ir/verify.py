@@ -1,13 +1,12 @@
-"""IR invariants, checked after every pass. A failure here is a compiler bug, not user error."""
+"""IR invariants, checked once the IR is built (``build_program``). A failure here is a compiler
+bug, not user error."""
 
 from __future__ import annotations
 
-from moespec.errors import MoespecError
+from moespec.errors import IRError
 from moespec.ir.nodes import MoELayerNode, Program
 
-
-class IRError(MoespecError):
-    """An IR invariant does not hold (an internal error; please report it)."""
+__all__ = ["IRError", "verify", "verify_layer"]
 
 
 def _check(cond: bool, where: str, msg: str) -> None:

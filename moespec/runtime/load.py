@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from moespec import __version__
-from moespec.export.layout import LAYOUT, LOCK, WEIGHTS, ArtifactError, read_manifest
 from moespec.ir.build import spec_hash
 from moespec.runtime.layer import MoELayer
+from moespec.runtime.layout import LAYOUT, LOCK, WEIGHTS, ArtifactError, read_manifest
 from moespec.spec.schema import Spec
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer
     loads ``model.safetensors`` after an exact key/shape/dtype check, and returns it in
     training mode like ``moespec.build``. Raises :class:`ArtifactError` on any mismatch.
     """
-    import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
-    from moespec.api import build
-    from moespec.export.report import registered_op_set
+    from moespec.ops import registered_op_set  # (registers torch.ops.moespec.*)
+    from moespec.runtime.build import build_layer
     from moespec.spec.load import load_spec
 
     root = Path(path)
@@ -122,7 +121,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer
     loaded = load_spec(root / LOCK)
     check_spec_hash(loaded.spec, manifest["spec_sha256"], root / LOCK)
     # On `device`, or target.device when None (TargetError if this machine has no such device).
-    module = build(loaded, layer=manifest["layer"], seed=int(manifest.get("seed", 0)), device=device)
+    seed = int(manifest.get("seed", 0))
+    module = build_layer(loaded.spec, layer=manifest["layer"], seed=seed, device=device)
     state = read_weights(root / WEIGHTS, spec_sha256=manifest["spec_sha256"], layer=manifest["layer"])
     check_state_dict(module, state, root / WEIGHTS)
     module.load_state_dict(state, strict=True)

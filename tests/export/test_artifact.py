@@ -16,8 +16,8 @@ import moespec
 from moespec.explain import explain_data
 from moespec.export import artifact
 from moespec.export.artifact import build_artifact
-from moespec.export.layout import ArtifactError
 from moespec.ir.build import spec_hash
+from moespec.runtime.layout import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import moespec
 from moespec.errors import SpecError
 from moespec.export.artifact import build_artifact
-from moespec.export.layout import ArtifactError
+from moespec.runtime.layout import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "specs" / "debug-tiny.yaml"

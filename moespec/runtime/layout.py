@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moespec.errors import MoespecError
+from moespec.errors import ArtifactError
 
 FORMAT = "moespec-artifact"
 FORMAT_VERSION = 1
@@ -37,11 +37,6 @@ REPORT_TXT = "report.txt"
 IR_TXT = "ir.txt"
 GRAPH_TXT = "graph.txt"
 REQUIRED = (MANIFEST, LOCK, WEIGHTS)  # what ``moespec.load`` needs; the rest is for people
-
-
-class ArtifactError(MoespecError):
-    """An artifact directory cannot be written (target exists) or read (missing, corrupted,
-    edited, or built for a different spec/layer)."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

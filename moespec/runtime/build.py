@@ -1,0 +1,37 @@
+"""A live layer from a validated spec: resolve the IR, check the machine can run the target,
+draw the weights. ``moespec.build`` (the API), ``moespec.load`` and the artifact writer all
+build layers here, so none of them imports the API."""
+
+from __future__ import annotations
+
+import torch
+
+from moespec.errors import BuildError
+from moespec.ir.build import build_program
+from moespec.runtime.layer import MoELayer
+from moespec.runtime.target import check_runnable
+from moespec.spec.schema import Spec
+
+
+def build_layer(
+    spec: Spec,
+    *,
+    layer: str | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
+) -> MoELayer:
+    """The layer group ``layer`` of ``spec`` (the only one when None) with weights drawn from
+    ``seed``, on ``device`` (``target.device`` when None; :class:`TargetError` if this machine
+    cannot run the target; :class:`BuildError` for an unknown or missing group name)."""
+    program = build_program(spec)
+    dev = check_runnable(program, device)
+    names = [lay.name for lay in program.layers]
+    if layer is None and len(names) > 1:
+        raise BuildError(f"the spec has layer groups {names}; pass layer=<name>")
+    name = layer or names[0]
+    if name not in names:
+        raise BuildError(f"no layer group {name!r}; the spec has {names}")
+    ir = program.layers[names.index(name)]
+    # Weights are drawn on the CPU whatever the device, so every device gets the same ones.
+    return MoELayer(ir, seed=seed, generator=generator).to(dev)
