@@ -187,7 +187,7 @@ def observed():
     rows = []
     for label, data, group in builds():
         loaded = moespec.load_spec(data)
-        layer_spec = dict((n, lay) for n, _, lay in loaded.spec.layer_groups())[group or "layer"]
+        layer_spec = loaded.spec.layer_named(group)
         module = moespec.build(data, seed=0, layer=group)
         buffers = {name for name, _ in module.named_buffers()}
         for key, t in module.state_dict().items():

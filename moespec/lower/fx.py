@@ -106,7 +106,8 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     keep = active
     if cap.kind == "factor":
         u = rand.get("drop_u_TK", empty_r)
-        cap_factor = capacity_factor(cap, training)
+        # The op's `factor` is the spec's train_factor while training, eval_factor in eval.
+        factor = capacity_factor(cap, training)
         keep = b.fn(
             OPS.capacity_keep,
             idx,
@@ -114,7 +115,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
             active,
             u,
             n_exp,
-            cap_factor,
+            factor,
             cap.min_capacity,
             cap.drop_policy,
             origin=at_d,

@@ -142,3 +142,12 @@ class Spec(Strict):
         if not self.groups:
             return [("layer", 1, self.layer)]
         return [(g.name, g.count, g.layer) for g in self.groups]
+
+    def layer_named(self, name: str | None = None) -> LayerSpec:
+        """The layer of group ``name`` (the base ``layer`` when None or ``"layer"`` and there
+        are no groups); KeyError naming the groups otherwise."""
+        groups = {n: lay for n, _, lay in self.layer_groups()}
+        key = name or "layer"
+        if key not in groups:
+            raise KeyError(f"no layer group {key!r}; the spec has {sorted(groups)}")
+        return groups[key]

@@ -63,7 +63,7 @@ def _run_both(path, overrides, x, training, move=None):
         move(m)  # weights away from their initial values (see tests/conftest.py)
     m.train(training)
     loaded = moespec.load_spec(str(SPECS / path), overrides)
-    spec_layer = dict((n, lay) for n, _, lay in loaded.spec.layer_groups())[layer_name or "layer"]
+    spec_layer = loaded.spec.layer_named(layer_name)
     params = {
         k: v.detach().clone().requires_grad_(v.is_floating_point() and "expert_bias" not in k)
         for k, v in m.state_dict().items()

@@ -36,7 +36,7 @@ def run_both(
         move(m)
     m.train(training)
     full = moespec.load_spec(spec, overrides).spec
-    spec_layer = dict((n, lay) for n, _, lay in full.layer_groups())[layer or "layer"]
+    spec_layer = full.layer_named(layer)
     buffers = buffer_names(spec_layer, full.d_model)
     params = {
         k: v.detach().clone().requires_grad_(v.is_floating_point() and k not in buffers)

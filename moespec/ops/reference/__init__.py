@@ -1,14 +1,17 @@
 """Plain-PyTorch reference semantics of everything a moespec layer spec can say.
 
 This is the oracle the fast paths (fused custom ops, generated Triton) are tested against:
-written from the formulas, loops where they make the math obvious, no performance goals.
-Every semantic choice where sources disagree is stated in the docstring of the module that
-makes it (routing, selection, capacity, losses, experts).
+written from the formulas, loops where they make the math obvious, no performance goals. It
+is a leaf: it imports only the spec models and the shared helpers (``moespec.common``: dtype
+table, explicit random draws, stable top-k and group masks, capacity formulas, the routing
+result, loss formulas, parameter init), and only tests and comparisons import it. Every
+semantic choice where sources disagree is stated in the docstring of the module that makes it.
 
-Modules: ``routing`` (top-k router, expert-bias update), ``selection`` (group-limited and
-GShard second-expert selection), ``sorted_routing`` (the central (token, expert, weight)
-rows sorted by expert), ``capacity``, ``experts`` (FFN/GLU, shared, zero-compute),
-``params`` (names, shapes, init), ``losses``, ``stats``, ``layer`` (the composition).
+Modules: ``routers`` (one reference function per router kind, ``REFERENCE_ROUTERS``),
+``selection`` (GShard second-expert selection), ``capacity``, ``experts`` (FFN/GLU, shared,
+zero-compute), ``solvers`` (plain exact balanced assignment and Sinkhorn), ``stats``,
+``params`` and ``routing`` (the names above under the reference's signatures), ``layer``
+(the composition).
 """
 
 from moespec.common.losses import (
