@@ -1,6 +1,6 @@
 """Each check of ``moespec.load`` alone: break exactly one thing in a fresh artifact and
 expect that check's exact message (``moespec/runtime/load.py`` and the manifest reader in
-``moespec/export/layout.py``).
+``moespec/runtime/layout.py``).
 
 A test that breaks two things at once and matches the first message lets the second check
 go missing unnoticed; here every artifact differs from a good one in a single respect.
@@ -85,7 +85,7 @@ def test_intact_artifact_loads(art: Path) -> None:
     assert moespec.load(art).d_model == 8
 
 
-# --- the manifest (moespec/export/layout.py: read_manifest) ---------------------------------
+# --- the manifest (moespec/runtime/layout.py: read_manifest) ---------------------------------
 
 
 def test_not_a_directory(tmp_path: Path) -> None:

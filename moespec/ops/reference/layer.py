@@ -39,7 +39,7 @@ def moe_layer_reference(
 
     A 3-D input [B, S, D] is B sequences of S tokens (for ``scope: sequence`` losses);
     any other shape is one sequence of T = numel / D tokens. ``params`` follows
-    :mod:`moespec.ops.reference.params`; ``router_dtype`` is ``target.router_dtype`` (the
+    :mod:`moespec.ir.params`; ``router_dtype`` is ``target.router_dtype`` (the
     router's own ``dtype`` wins). Randomness (jitter, noise, GShard policies, random drops)
     comes from ``generator`` only. ``inputs`` are extra router inputs (``input_ids``), each
     flattened to [T] like x.
