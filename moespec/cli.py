@@ -83,11 +83,21 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_one(args: argparse.Namespace) -> LoadedSpec:
+def _one_spec(args: argparse.Namespace, what: str = "spec file") -> tuple[str, list[str]] | int:
+    """``(spec, overrides)`` when ``args.items`` name exactly one ``what``; otherwise the usage
+    error is printed and its exit code returned."""
     specs, overrides = _split_args(args.items)
     if len(specs) != 1:
-        raise SystemExit(_usage(f"moespec {args.command}: give exactly one spec file (got {len(specs)})"))
-    return load_spec(specs[0], overrides)
+        return _usage(f"moespec {args.command}: give exactly one {what} (got {len(specs)})")
+    return specs[0], overrides
+
+
+def _load_one(args: argparse.Namespace) -> LoadedSpec:
+    """The one spec of ``args.items``, loaded; a usage error leaves with SystemExit(2)."""
+    one = _one_spec(args)
+    if isinstance(one, int):
+        raise SystemExit(one)
+    return load_spec(*one)
 
 
 def _usage(message: str) -> int:
@@ -131,10 +141,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from moespec.export.artifact import build_artifact
     from moespec.export.report import summary_text
 
-    specs, overrides = _split_args(args.items)
-    if len(specs) != 1:
-        return _usage(f"moespec build: give exactly one spec file (got {len(specs)})")
-    art = build_artifact(specs[0], args.output, overrides, layer=args.layer, seed=args.seed, force=args.force)
+    one = _one_spec(args)
+    if isinstance(one, int):
+        return one
+    spec, overrides = one
+    art = build_artifact(spec, args.output, overrides, layer=args.layer, seed=args.seed, force=args.force)
     print(f"wrote {art.path}/: {', '.join(sorted(p.name for p in art.path.iterdir()))}")
     sys.stdout.write(summary_text(art.report))
     return 0
@@ -162,13 +173,14 @@ def _bench_progress(enabled: bool):
 def cmd_bench(args: argparse.Namespace) -> int:
     from moespec.bench import bench_layer, layer_for_bench, result_table
 
-    specs, overrides = _split_args(args.items)
-    if len(specs) != 1:
-        return _usage(f"moespec bench: give exactly one spec file or artifact directory (got {len(specs)})")
+    one = _one_spec(args, "spec file or artifact directory")
+    if isinstance(one, int):
+        return one
+    spec, overrides = one
     if args.tokens < 1 or args.repeat < 1 or args.warmup < 0:
         return _usage("moespec bench: --tokens and --repeat must be >= 1, --warmup >= 0")
     module, name, device = layer_for_bench(
-        specs[0], overrides, layer=args.layer, seed=args.seed, device=args.device
+        spec, overrides, layer=args.layer, seed=args.seed, device=args.device
     )
     with _bench_progress(not args.json and sys.stderr.isatty()) as bar:
         tasks: dict[str, object] = {}

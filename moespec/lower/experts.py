@@ -13,26 +13,20 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from moespec.ir.nodes import MoELayerNode
+from moespec.ir.nodes import ExpertGroupNode, MoELayerNode, SharedNode
 from moespec.lower.builder import Builder
 
 OPS = torch.ops.moespec
 
 
-def _group_args(b: Builder, layer: MoELayerNode, gi: int, empty_x: fx.Node) -> tuple:
-    """Expert group ``gi``'s parameters and activation, as the expert ops take them."""
-    grp = layer.experts.groups[gi]
-    p = lambda name: b.get(f"experts.{gi}.{name}")  # noqa: E731
-    glu, bias_on = grp.kind == "glu", grp.bias
-    return (
-        p("w_up"),
-        p("w_gate") if glu else empty_x,
-        p("w_down"),
-        p("b_up") if bias_on else empty_x,
-        p("b_gate") if glu and bias_on else empty_x,
-        p("b_down") if bias_on else empty_x,
-        grp.activation,
-    )
+def ffn_args(b: Builder, prefix: str, ffn: ExpertGroupNode | SharedNode, empty_x: fx.Node) -> tuple:
+    """The parameters ``{prefix}.w_up`` ... of an expert group or the shared experts, in
+    ``ExpertWeights`` order (``moespec.ops._expert_weights``; an absent one as ``empty_x``),
+    and the activation: the expert ops' trailing arguments."""
+    glu, bias = ffn.kind == "glu", ffn.bias
+    p = lambda name, present=True: b.get(f"{prefix}.{name}") if present else empty_x  # noqa: E731
+    w = p("w_up"), p("w_gate", glu), p("w_down")
+    return (*w, p("b_up", bias), p("b_gate", glu and bias), p("b_down", bias), ffn.activation)
 
 
 def _sum_groups(
@@ -50,7 +44,8 @@ def _sum_groups(
     empty_x = b.empty_like(x)
     total = None
     for gi, grp in enumerate(layer.experts.groups):
-        out = b.fn(op, *args(grp.first), *_group_args(b, layer, gi, empty_x), origin=f"{at_e}.routed.{gi}")
+        weights = ffn_args(b, f"experts.{gi}", grp, empty_x)
+        out = b.fn(op, *args(grp.first), *weights, origin=f"{at_e}.routed.{gi}")
         stem, shape = name.split("_")
         part = b.item(out, 0, at_e, f"{stem}{gi}_{shape}")
         total = part if total is None else b.fn(operator.add, total, part, origin=at_e)

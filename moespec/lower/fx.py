@@ -27,7 +27,7 @@ from moespec.common.capacity import capacity_factor
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers, soft
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.experts import combined_experts
+from moespec.lower.experts import combined_experts, ffn_args
 from moespec.lower.routers import SoftNodes, lowering
 from moespec.spec.routers.base import ExtraInput
 
@@ -182,22 +182,7 @@ def _shared(b: Builder, layer: MoELayerNode, x: fx.Node) -> fx.Node:
     p = lambda name: b.get(f"shared.{name}")  # noqa: E731
     rows = b.fn(helpers.shared_rows, x, p("w_up"), origin=at)
     tok, offs = b.item(rows, 0, at), b.item(rows, 1, at)
-    glu, empty_x = s.kind == "glu", b.empty_like(x)
-    out = b.fn(
-        OPS.expert_ffn,
-        x,
-        tok,
-        offs,
-        0,
-        p("w_up"),
-        p("w_gate") if glu else empty_x,
-        p("w_down"),
-        p("b_up") if s.bias else empty_x,
-        p("b_gate") if glu and s.bias else empty_x,
-        p("b_down") if s.bias else empty_x,
-        s.activation,
-        origin=at,
-    )
+    out = b.fn(OPS.expert_ffn, x, tok, offs, 0, *ffn_args(b, "shared", s, b.empty_like(x)), origin=at)
     y = b.fn(helpers.sum_shared, b.item(out, 0, at), b.fn(len, p("w_up"), origin=at), origin=at)
     if s.gate:
         y = b.fn(helpers.gate_shared, y, x, p("gate"), origin=at)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moespec.ops import _buffers, _parallel
+from moespec.ops._expert_weights import ExpertGrads, ExpertWeights
 from moespec.ops.activations import act, act_backward_
 from moespec.ops.gemm import expert_blocks
 
@@ -168,19 +169,14 @@ def forward(
     token_idx_N: Tensor,
     offsets_E1: Tensor,
     first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EF: Tensor,
-    b_gate_EF: Tensor,
-    b_down_ED: Tensor,
+    w: ExpertWeights,
     activation: str,
     weight_N: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, up_NF, gate_NF)``: y is the expert rows [N, D] (zero outside the group), or with
     ``weight_N`` their weighted sum per token [T, D]."""
-    d, (n_exp, f) = x_TD.shape[1], w_up_EFD.shape[:2]
-    glu, bias, combine = w_gate_EFD.numel() > 0, b_up_EF.numel() > 0, weight_N is not None
+    d, (n_exp, f) = x_TD.shape[1], w.w_up_EFD.shape[:2]
+    glu, bias, combine = w.glu, w.has_bias, weight_N is not None
     grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
     new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
     up_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi)
@@ -188,10 +184,11 @@ def forward(
     # The expert rows; with weight_N a temporary (only the group's rows are read).
     y_ND = new(grp.n_rows, d) if combine else _zero_outside(new(grp.n_rows, d), grp.lo, grp.hi)
     up_b, gate_b, y_b = grp.split(up_NF), grp.split(gate_NF) if glu else None, grp.split(y_ND)
-    w_up = w_up_EFD.transpose(1, 2).unbind(0)  # [D, F] per expert
-    w_gate = w_gate_EFD.transpose(1, 2).unbind(0) if glu else None
-    w_down = w_down_EDF.transpose(1, 2).unbind(0)  # [F, D]
-    b_up, b_gate, b_down = _views(b_up_EF, bias), _views(b_gate_EF, bias and glu), _views(b_down_ED, bias)
+    w_up = w.w_up_EFD.transpose(1, 2).unbind(0)  # [D, F] per expert
+    w_gate = w.w_gate_EFD.transpose(1, 2).unbind(0) if glu else None
+    w_down = w.w_down_EDF.transpose(1, 2).unbind(0)  # [F, D]
+    b_up, b_gate = _views(w.b_up_EF, bias), _views(w.b_gate_EF, bias and glu)
+    b_down = _views(w.b_down_ED, bias)
 
     def block(i: int, _tmp: Tensor | None) -> None:
         e = grp.experts[i]
@@ -216,26 +213,23 @@ def backward(
     token_idx_N: Tensor,
     offsets_E1: Tensor,
     first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    b_down_ED: Tensor,
+    w: ExpertWeights,
     up_NF: Tensor,
     gate_NF: Tensor,
     has_bias: bool,
     activation: str,
     weight_N: Tensor | None,
-) -> list[Tensor]:
-    """Gradients ``[x, w_up, w_gate, w_down, b_up, b_gate, b_down, weight_N]`` of :func:`forward`
-    (empty tensors for absent ones; weight_N's only with ``weight_N``). ``grad_y`` is [N, D],
-    or [T, D] with ``weight_N``; ``b_down_ED`` is needed (non-empty) only then, with bias."""
-    n_exp, f, d = w_up_EFD.shape
-    glu, combine = w_gate_EFD.numel() > 0, weight_N is not None
+) -> ExpertGrads:
+    """Gradients of :func:`forward` (empty tensors for absent weights; weight_N's only with
+    ``weight_N``). ``grad_y`` is [N, D], or [T, D] with ``weight_N``; of the biases only
+    ``w.b_down_ED`` is read, and only then, with bias (``has_bias``)."""
+    n_exp, f, d = w.w_up_EFD.shape
+    glu, combine = w.glu, weight_N is not None
     grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
     grad_x_ND = _buffers.empty((grp.n_rows, d), x_TD.dtype, x_TD.device)  # the group's rows, summed per token
-    grad_w_up = _buffers.empty_like(w_up_EFD)
-    grad_w_gate = _buffers.empty_like(w_gate_EFD) if glu else x_TD.new_empty(0)
-    grad_w_down = _buffers.empty_like(w_down_EDF)
+    grad_w_up = _buffers.empty_like(w.w_up_EFD)
+    grad_w_gate = _buffers.empty_like(w.w_gate_EFD) if glu else x_TD.new_empty(0)
+    grad_w_down = _buffers.empty_like(w.w_down_EDF)
     grads_b = [x_TD.new_empty(0) for _ in range(3)]  # distinct: outputs must not alias
     if has_bias:
         grads_b = [x_TD.new_zeros(n_exp, f), x_TD.new_zeros(n_exp, f) if glu else x_TD.new_empty(0),
@@ -249,9 +243,9 @@ def backward(
     g_b = None if combine else grp.split(grad_y)
     w_b = grp.split(weight_N.to(x_TD.dtype).unsqueeze(1)) if combine else None
     grad_w_b = grp.split(grad_w_N) if combine else None
-    w_up, w_down = w_up_EFD.unbind(0), w_down_EDF.unbind(0)  # [F, D], [D, F]
-    w_gate = _views(w_gate_EFD, glu)
-    b_down = _views(b_down_ED, combine and has_bias)
+    w_up, w_down = w.w_up_EFD.unbind(0), w.w_down_EDF.unbind(0)  # [F, D], [D, F]
+    w_gate = _views(w.w_gate_EFD, glu)
+    b_down = _views(w.b_down_ED, combine and has_bias)
     gw_up, gw_down = grad_w_up.unbind(0), grad_w_down.unbind(0)
     gw_gate = _views(grad_w_gate, glu)
     seen = [False] * n_exp  # expert e's weight gradients hold a first block already
@@ -301,10 +295,11 @@ def backward(
                 grads_b[1][e].add_(gg_BF.sum(0))
 
     _run(grp, block, grp.workers(d, f), (d, x_TD) if combine else None)
-    out = [_token_sum(grp, grad_x_ND, x_TD.shape[0], None), grad_w_up, grad_w_gate, grad_w_down, *grads_b]
-    if combine:
-        out.append(grad_w_N.to(weight_N.dtype))
-    return out
+    return ExpertGrads(
+        _token_sum(grp, grad_x_ND, x_TD.shape[0], None),
+        ExpertWeights(grad_w_up, grad_w_gate, grad_w_down, *grads_b),
+        grad_w_N.to(weight_N.dtype) if combine else None,
+    )
 
 
 def _wgrad(g_BM: Tensor, x_BK: Tensor, out_MK: Tensor, accumulate: bool) -> None:

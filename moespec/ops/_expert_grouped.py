@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moespec.ops._expert_weights import ExpertGrads, ExpertWeights
 from moespec.ops.activations import act, act_backward_
 from moespec.ops.gemm import gmm, gmm_wgrad
 
@@ -86,34 +87,28 @@ def forward(
     token_idx_N: Tensor,
     offsets_E1: Tensor,
     first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EF: Tensor,
-    b_gate_EF: Tensor,
-    b_down_ED: Tensor,
+    w: ExpertWeights,
     activation: str,
     weight_N: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same results as ``_expert_cpu.forward``."""
-    n_rows, n_exp = token_idx_N.shape[0], w_up_EFD.shape[0]
-    glu = w_gate_EFD.numel() > 0
+    n_rows, n_exp, glu = token_idx_N.shape[0], w.w_up_EFD.shape[0], w.glu
     rows = _Rows.of(token_idx_N, offsets_E1, first, n_exp)
     x_RD = x_TD.index_select(0, rows.idx_R)
-    up_RF = gmm(x_RD, w_up_EFD, rows.local_E1, n_valid=rows.n_valid)
-    if b_up_EF.numel() > 0:
-        up_RF.add_(rows.per_row(b_up_EF))
+    up_RF = gmm(x_RD, w.w_up_EFD, rows.local_E1, n_valid=rows.n_valid)
+    if w.has_bias:
+        up_RF.add_(rows.per_row(w.b_up_EF))
     gate_RF = None
     if glu:
-        gate_RF = gmm(x_RD, w_gate_EFD, rows.local_E1, n_valid=rows.n_valid)
-        if b_gate_EF.numel() > 0:
-            gate_RF.add_(rows.per_row(b_gate_EF))
+        gate_RF = gmm(x_RD, w.w_gate_EFD, rows.local_E1, n_valid=rows.n_valid)
+        if w.has_bias:
+            gate_RF.add_(rows.per_row(w.b_gate_EF))
         h_RF = act(activation, gate_RF).mul_(up_RF)
     else:
         h_RF = act(activation, up_RF)
-    y_RD = gmm(h_RF, w_down_EDF, rows.local_E1, n_valid=rows.n_valid)
-    if b_down_ED.numel() > 0:
-        y_RD.add_(rows.per_row(b_down_ED))
+    y_RD = gmm(h_RF, w.w_down_EDF, rows.local_E1, n_valid=rows.n_valid)
+    if w.has_bias:
+        y_RD.add_(rows.per_row(w.b_down_ED))
     gate_NF = rows.to_all(gate_RF, n_rows) if glu else x_TD.new_empty(0)
     if weight_N is None:
         return rows.to_all(y_RD, n_rows), rows.to_all(up_RF, n_rows), gate_NF
@@ -131,19 +126,15 @@ def backward(
     token_idx_N: Tensor,
     offsets_E1: Tensor,
     first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    b_down_ED: Tensor,
+    w: ExpertWeights,
     up_NF: Tensor,
     gate_NF: Tensor,
     has_bias: bool,
     activation: str,
     weight_N: Tensor | None,
-) -> list[Tensor]:
+) -> ExpertGrads:
     """Same results as ``_expert_cpu.backward``."""
-    n_exp = w_up_EFD.shape[0]
-    glu, combine = w_gate_EFD.numel() > 0, weight_N is not None
+    n_exp, glu, combine = w.w_up_EFD.shape[0], w.glu, weight_N is not None
     rows = _Rows.of(token_idx_N, offsets_E1, first, n_exp)
     local_E1, n_valid, lo = rows.local_E1, rows.n_valid, rows.lo
     x_RD = x_TD.index_select(0, rows.idx_R)
@@ -158,17 +149,17 @@ def backward(
     grad_w_N = None
     if combine:
         g0_RD = rows.mask(grad_y.index_select(0, rows.idx_R))  # unweighted
-        grad_h_RF = gmm(g0_RD, w_down_EDF.transpose(1, 2), local_E1, n_valid=n_valid)
+        grad_h_RF = gmm(g0_RD, w.w_down_EDF.transpose(1, 2), local_E1, n_valid=n_valid)
         # d w[n] = <h[n], g[n] W_down> (+ <b_down, g[n]>); the rows' gradient is w[n] g[n].
         grad_w_R = torch.linalg.vecdot(h_RF, grad_h_RF)
         if has_bias:
-            grad_w_R += torch.linalg.vecdot(g0_RD, rows.per_row(b_down_ED))
+            grad_w_R += torch.linalg.vecdot(g0_RD, rows.per_row(w.b_down_ED))
         grad_w_N = rows.to_all(grad_w_R.unsqueeze(1), token_idx_N.shape[0]).squeeze(1)
         w_R1 = weight_N[lo : lo + r].to(x_TD.dtype).unsqueeze(1)
         g_RD, grad_h_RF = g0_RD * w_R1, grad_h_RF.mul_(w_R1)
     else:
         g_RD = rows.mask(grad_y[lo : lo + r])
-        grad_h_RF = gmm(g_RD, w_down_EDF.transpose(1, 2), local_E1, n_valid=n_valid)  # g @ W_down[e]
+        grad_h_RF = gmm(g_RD, w.w_down_EDF.transpose(1, 2), local_E1, n_valid=n_valid)  # g @ W_down[e]
     grad_w_down = gmm_wgrad(g_RD, h_RF, local_E1, n_exp)  # [E, D, F]
     if glu:
         grad_up_RF = a_RF.mul_(grad_h_RF)
@@ -177,17 +168,15 @@ def backward(
         grad_up_RF = act_backward_(activation, grad_h_RF, up_RF)
         grad_gate_RF = None
     grad_w_up = gmm_wgrad(grad_up_RF, x_RD, local_E1, n_exp)
-    grad_x_RD = gmm(grad_up_RF, w_up_EFD.transpose(1, 2), local_E1, n_valid=n_valid)
+    grad_x_RD = gmm(grad_up_RF, w.w_up_EFD.transpose(1, 2), local_E1, n_valid=n_valid)
     grad_w_gate = x_TD.new_empty(0)
     if grad_gate_RF is not None:
         grad_w_gate = gmm_wgrad(grad_gate_RF, x_RD, local_E1, n_exp)
-        grad_x_RD.add_(gmm(grad_gate_RF, w_gate_EFD.transpose(1, 2), local_E1, n_valid=n_valid))
+        grad_x_RD.add_(gmm(grad_gate_RF, w.w_gate_EFD.transpose(1, 2), local_E1, n_valid=n_valid))
     grad_x_TD = torch.zeros_like(x_TD).index_add_(0, rows.idx_R, grad_x_RD)
     grads_b = [x_TD.new_empty(0) for _ in range(3)]  # distinct: outputs must not alias
     if has_bias:
         seg = lambda t: rows.per_expert_sum(t, n_exp)  # noqa: E731
         grads_b = [seg(grad_up_RF), seg(grad_gate_RF) if glu else x_TD.new_empty(0), seg(g_RD)]
-    out = [grad_x_TD, grad_w_up, grad_w_gate, grad_w_down, *grads_b]
-    if combine:
-        out.append(grad_w_N.to(weight_N.dtype))
-    return out
+    grad_w = ExpertWeights(grad_w_up, grad_w_gate, grad_w_down, *grads_b)
+    return ExpertGrads(grad_x_TD, grad_w, grad_w_N.to(weight_N.dtype) if combine else None)

@@ -18,211 +18,171 @@ of the three GEMMs. Absent optional tensors are passed as empty tensors
 (custom ops have no Optional outputs).
 
 Kernels: blocked per expert row block on the CPU (``moespec.ops._expert_cpu``), whole-group
-grouped GEMMs elsewhere (``moespec.ops._expert_grouped``).
+grouped GEMMs elsewhere (``moespec.ops._expert_grouped``); both take the weights as one
+``ExpertWeights`` (``moespec.ops._expert_weights``), packed here from the ops' flat arguments.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from moespec.ops import _expert_cpu, _expert_grouped
+from moespec.ops._expert_weights import ExpertGrads, ExpertWeights
 
 # CPU: the blocked kernels. False runs the grouped kernels on the CPU too (tests use it).
 _BLOCKED_CPU = True
 
+Kernels = Callable[[Tensor], Any]  # x_TD -> the kernels (forward, backward) that run on it
 
-def _kernels(x_TD: Tensor) -> ModuleType:
+
+def _kernels(x_TD: Tensor) -> Any:
     return _expert_cpu if x_TD.device.type == "cpu" and _BLOCKED_CPU else _expert_grouped
 
 
-def _check_biases(w_gate_EFD: Tensor, b_up_EF: Tensor, b_gate_EF: Tensor, b_down_ED: Tensor) -> None:
-    """The biases come all or none (the kernels and the backward decide on b_up alone)."""
-    glu = w_gate_EFD.numel() > 0
-    present = [b.numel() > 0 for b in ((b_up_EF, b_gate_EF, b_down_ED) if glu else (b_up_EF, b_down_ED))]
-    if any(present) and not all(present):
-        raise ValueError("expert biases come all or none: b_up, b_down" + (" and b_gate" if glu else ""))
+class _FakeKernels:
+    """The kernels' output shapes only: run by the ops' fake implementations."""
+
+    @staticmethod
+    def forward(x_TD: Tensor, token_idx_N: Tensor, offsets_E1: Tensor, first: int, w: ExpertWeights,
+                activation: str, weight_N: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        n_rows, f = token_idx_N.shape[0], w.w_up_EFD.shape[1]
+        y_rows = n_rows if weight_N is None else x_TD.shape[0]
+        gate = x_TD.new_empty(n_rows, f) if w.glu else x_TD.new_empty(0)
+        return x_TD.new_empty(y_rows, x_TD.shape[1]), x_TD.new_empty(n_rows, f), gate
+
+    @staticmethod
+    def backward(grad_y: Tensor, x_TD: Tensor, token_idx_N: Tensor, offsets_E1: Tensor, first: int,
+                 w: ExpertWeights, up_NF: Tensor, gate_NF: Tensor, has_bias: bool, activation: str,
+                 weight_N: Tensor | None) -> ExpertGrads:  # fmt: skip
+        (e, f, d), glu = w.w_up_EFD.shape, w.glu
+        b = [x_TD.new_empty(e, f), x_TD.new_empty(e, f) if glu else x_TD.new_empty(0), x_TD.new_empty(e, d)]
+        grad_w = ExpertWeights(
+            torch.empty_like(w.w_up_EFD),
+            torch.empty_like(w.w_gate_EFD) if glu else x_TD.new_empty(0),
+            torch.empty_like(w.w_down_EDF),
+            *(b if has_bias else [x_TD.new_empty(0) for _ in range(3)]),
+        )
+        grad_weight_N = None if weight_N is None else torch.empty_like(weight_N)
+        return ExpertGrads(torch.empty_like(x_TD), grad_w, grad_weight_N)
 
 
-@torch.library.custom_op("moespec::expert_ffn", mutates_args=())
-def expert_ffn(
-    x_TD: Tensor,
-    token_idx_N: Tensor,
-    offsets_E1: Tensor,
-    first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EF: Tensor,
-    b_gate_EF: Tensor,
-    b_down_ED: Tensor,
-    activation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Grouped expert FFN over expert-sorted rows (see the module docstring)."""
-    _check_biases(w_gate_EFD, b_up_EF, b_gate_EF, b_down_ED)
-    return _kernels(x_TD).forward(
-        x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
-        b_down_ED, activation, None,
-    )  # fmt: skip
+# Each op's flat signature (its schema) is written once, in a factory over the kernels: the
+# real implementation runs the device's kernels, the fake one _FakeKernels.
 
 
-@torch.library.custom_op("moespec::expert_ffn_combine", mutates_args=())
-def expert_ffn_combine(
-    x_TD: Tensor,
-    token_idx_N: Tensor,
-    weight_N: Tensor,
-    offsets_E1: Tensor,
-    first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EF: Tensor,
-    b_gate_EF: Tensor,
-    b_down_ED: Tensor,
-    activation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Grouped expert FFN with the weighted combine into tokens (see the module docstring)."""
-    _check_biases(w_gate_EFD, b_up_EF, b_gate_EF, b_down_ED)
-    return _kernels(x_TD).forward(
-        x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF,
-        b_down_ED, activation, weight_N,
-    )  # fmt: skip
+def _expert_ffn(kernels: Kernels):
+    def expert_ffn(x_TD: Tensor, token_idx_N: Tensor, offsets_E1: Tensor, first: int, w_up_EFD: Tensor,
+                   w_gate_EFD: Tensor, w_down_EDF: Tensor, b_up_EF: Tensor, b_gate_EF: Tensor,
+                   b_down_ED: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Grouped expert FFN over expert-sorted rows (see the module docstring)."""
+        w = ExpertWeights(w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF, b_down_ED).checked()
+        return kernels(x_TD).forward(x_TD, token_idx_N, offsets_E1, first, w, activation, None)
+
+    return expert_ffn
 
 
-def _fake_forward(x_TD: Tensor, token_idx_N: Tensor, w_up_EFD: Tensor, w_gate_EFD: Tensor, y_rows: int):
-    n_rows, f = token_idx_N.shape[0], w_up_EFD.shape[1]
-    gate = x_TD.new_empty(n_rows, f) if w_gate_EFD.numel() > 0 else x_TD.new_empty(0)
-    return x_TD.new_empty(y_rows, x_TD.shape[1]), x_TD.new_empty(n_rows, f), gate
+def _expert_ffn_combine(kernels: Kernels):
+    def expert_ffn_combine(x_TD: Tensor, token_idx_N: Tensor, weight_N: Tensor, offsets_E1: Tensor,
+                           first: int, w_up_EFD: Tensor, w_gate_EFD: Tensor, w_down_EDF: Tensor,
+                           b_up_EF: Tensor, b_gate_EF: Tensor, b_down_ED: Tensor,
+                           activation: str) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Grouped expert FFN with the weighted combine into tokens (see the module docstring)."""
+        w = ExpertWeights(w_up_EFD, w_gate_EFD, w_down_EDF, b_up_EF, b_gate_EF, b_down_ED).checked()
+        return kernels(x_TD).forward(x_TD, token_idx_N, offsets_E1, first, w, activation, weight_N)
+
+    return expert_ffn_combine
 
 
-@expert_ffn.register_fake
-def _(x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, *_rest):
-    return _fake_forward(x_TD, token_idx_N, w_up_EFD, w_gate_EFD, token_idx_N.shape[0])
+def _expert_ffn_backward(kernels: Kernels):
+    def expert_ffn_backward(grad_y_ND: Tensor, x_TD: Tensor, token_idx_N: Tensor, offsets_E1: Tensor,
+                            first: int, w_up_EFD: Tensor, w_gate_EFD: Tensor, w_down_EDF: Tensor,
+                            up_NF: Tensor, gate_NF: Tensor, has_bias: bool,
+                            activation: str) -> list[Tensor]:  # fmt: skip
+        """Gradients of :func:`expert_ffn`: [x, w_up, w_gate, w_down, b_up, b_gate, b_down]
+        (empty tensors for absent ones)."""
+        w = _backward_weights(x_TD, w_up_EFD, w_gate_EFD, w_down_EDF, x_TD.new_empty(0))
+        grads = kernels(x_TD).backward(
+            grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w, up_NF, gate_NF, has_bias, activation, None
+        )
+        return grads.flat()
+
+    return expert_ffn_backward
 
 
-@expert_ffn_combine.register_fake
-def _(x_TD, token_idx_N, weight_N, offsets_E1, first, w_up_EFD, w_gate_EFD, *_rest):
-    return _fake_forward(x_TD, token_idx_N, w_up_EFD, w_gate_EFD, x_TD.shape[0])
+def _expert_ffn_combine_backward(kernels: Kernels):
+    def expert_ffn_combine_backward(grad_y_TD: Tensor, x_TD: Tensor, token_idx_N: Tensor, weight_N: Tensor,
+                                    offsets_E1: Tensor, first: int, w_up_EFD: Tensor, w_gate_EFD: Tensor,
+                                    w_down_EDF: Tensor, b_down_ED: Tensor, up_NF: Tensor, gate_NF: Tensor,
+                                    has_bias: bool, activation: str) -> list[Tensor]:  # fmt: skip
+        """Gradients of :func:`expert_ffn_combine`: [x, w_up, w_gate, w_down, b_up, b_gate,
+        b_down, weight_N] (empty tensors for absent ones)."""
+        w = _backward_weights(x_TD, w_up_EFD, w_gate_EFD, w_down_EDF, b_down_ED)
+        grads = kernels(x_TD).backward(
+            grad_y_TD, x_TD, token_idx_N, offsets_E1, first, w, up_NF, gate_NF, has_bias, activation, weight_N
+        )
+        return grads.flat()
+
+    return expert_ffn_combine_backward
 
 
-@torch.library.custom_op("moespec::expert_ffn_backward", mutates_args=())
-def expert_ffn_backward(
-    grad_y_ND: Tensor,
-    x_TD: Tensor,
-    token_idx_N: Tensor,
-    offsets_E1: Tensor,
-    first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    up_NF: Tensor,
-    gate_NF: Tensor,
-    has_bias: bool,
-    activation: str,
-) -> list[Tensor]:
-    """Gradients of :func:`expert_ffn`: [x, w_up, w_gate, w_down, b_up, b_gate, b_down]
-    (empty tensors for absent ones)."""
-    return _kernels(x_TD).backward(
-        grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF,
-        x_TD.new_empty(0), up_NF, gate_NF, has_bias, activation, None,
-    )  # fmt: skip
+def _backward_weights(x_TD: Tensor, w_up_EFD: Tensor, w_gate_EFD: Tensor, w_down_EDF: Tensor,
+                      b_down_ED: Tensor) -> ExpertWeights:  # fmt: skip
+    """The weights the backward reads: b_down only with the combine (b_up and b_gate, never
+    read, are absent; the backward ops' ``has_bias`` says whether the group has biases)."""
+    return ExpertWeights(w_up_EFD, w_gate_EFD, w_down_EDF, x_TD.new_empty(0), x_TD.new_empty(0), b_down_ED)
 
 
-@torch.library.custom_op("moespec::expert_ffn_combine_backward", mutates_args=())
-def expert_ffn_combine_backward(
-    grad_y_TD: Tensor,
-    x_TD: Tensor,
-    token_idx_N: Tensor,
-    weight_N: Tensor,
-    offsets_E1: Tensor,
-    first: int,
-    w_up_EFD: Tensor,
-    w_gate_EFD: Tensor,
-    w_down_EDF: Tensor,
-    b_down_ED: Tensor,
-    up_NF: Tensor,
-    gate_NF: Tensor,
-    has_bias: bool,
-    activation: str,
-) -> list[Tensor]:
-    """Gradients of :func:`expert_ffn_combine`: [x, w_up, w_gate, w_down, b_up, b_gate,
-    b_down, weight_N] (empty tensors for absent ones)."""
-    return _kernels(x_TD).backward(
-        grad_y_TD, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_down_ED,
-        up_NF, gate_NF, has_bias, activation, weight_N,
-    )  # fmt: skip
+def _define(name: str, factory: Callable[[Kernels], Callable]) -> torch.library.CustomOpDef:
+    op = torch.library.custom_op(f"moespec::{name}", factory(_kernels), mutates_args=())
+    op.register_fake(factory(lambda _x_TD: _FakeKernels))
+    return op
 
 
-def _fake_grads(x_TD: Tensor, w_up_EFD: Tensor, w_gate_EFD: Tensor, w_down_EDF: Tensor, has_bias: bool):
-    e, f, d = w_up_EFD.shape
-    glu = w_gate_EFD.numel() > 0
-    b = [x_TD.new_empty(e, f), x_TD.new_empty(e, f) if glu else x_TD.new_empty(0), x_TD.new_empty(e, d)]
-    return [
-        torch.empty_like(x_TD),
-        torch.empty_like(w_up_EFD),
-        torch.empty_like(w_gate_EFD) if glu else x_TD.new_empty(0),
-        torch.empty_like(w_down_EDF),
-        *(b if has_bias else [x_TD.new_empty(0) for _ in range(3)]),
-    ]
+expert_ffn = _define("expert_ffn", _expert_ffn)
+expert_ffn_combine = _define("expert_ffn_combine", _expert_ffn_combine)
+expert_ffn_backward = _define("expert_ffn_backward", _expert_ffn_backward)
+expert_ffn_combine_backward = _define("expert_ffn_combine_backward", _expert_ffn_combine_backward)
 
 
-@expert_ffn_backward.register_fake
-def _(grad_y_ND, x_TD, token_idx_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, up_NF, gate_NF,
-      has_bias, activation):  # fmt: skip
-    return _fake_grads(x_TD, w_up_EFD, w_gate_EFD, w_down_EDF, has_bias)
-
-
-@expert_ffn_combine_backward.register_fake
-def _(grad_y_TD, x_TD, token_idx_N, weight_N, offsets_E1, first, w_up_EFD, w_gate_EFD, w_down_EDF, b_down_ED,
-      up_NF, gate_NF, has_bias, activation):  # fmt: skip
-    return [*_fake_grads(x_TD, w_up_EFD, w_gate_EFD, w_down_EDF, has_bias), torch.empty_like(weight_N)]
-
-
-def _opt(t: Tensor) -> Tensor | None:
-    return t if t.numel() > 0 else None
-
-
-def _setup(ctx, inputs, output) -> None:
-    x, token_idx, offsets, first, w_up, w_gate, w_down, b_up, _b_gate, _b_down, activation = inputs
-    _, up, gate = output
-    ctx.save_for_backward(x, token_idx, offsets, w_up, w_gate, w_down, up, gate)
-    ctx.first, ctx.activation, ctx.has_bias = first, activation, b_up.numel() > 0
+def _setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor, Tensor], combine: bool) -> None:
+    """Save what the backward reads from the op's flat inputs (``weight_N``: the combine's)."""
+    x, token_idx, *rest = inputs
+    weight_N = rest.pop(0) if combine else None
+    offsets, first, *weights, activation = rest
+    w, (_, up, gate) = ExpertWeights(*weights), output
+    ctx.save_for_backward(
+        x, token_idx, weight_N, offsets, w.w_up_EFD, w.w_gate_EFD, w.w_down_EDF, w.b_down_ED, up, gate
+    )
+    ctx.first, ctx.activation, ctx.has_bias, ctx.n_inputs = first, activation, w.has_bias, len(inputs)
     # up/gate are outputs only to be saved: their (unused) gradients stay None instead of
     # being materialised as [N, F] zeros on every backward.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_y, _grad_up, _grad_gate):
+def _backward(ctx, grad_y: Tensor | None, _grad_up: Tensor | None, _grad_gate: Tensor | None) -> tuple:
+    """The gradients of the op's inputs, in their order (None: not differentiable or absent)."""
     if grad_y is None:
-        return (None,) * 11
-    x, token_idx, offsets, w_up, w_gate, w_down, up, gate = ctx.saved_tensors
-    gx, gwu, gwg, gwd, gbu, gbg, gbd = torch.ops.moespec.expert_ffn_backward(
-        grad_y.contiguous(), x, token_idx, offsets, ctx.first, w_up, w_gate, w_down, up, gate,
-        ctx.has_bias, ctx.activation,
-    )  # fmt: skip
-    return gx, None, None, None, gwu, _opt(gwg), gwd, _opt(gbu), _opt(gbg), _opt(gbd), None
+        return (None,) * ctx.n_inputs
+    x, token_idx, weight_N, offsets, w_up, w_gate, w_down, b_down, up, gate = ctx.saved_tensors
+    if weight_N is None:
+        flat = torch.ops.moespec.expert_ffn_backward(
+            grad_y.contiguous(), x, token_idx, offsets, ctx.first, w_up, w_gate, w_down, up, gate,
+            ctx.has_bias, ctx.activation,
+        )  # fmt: skip
+    else:
+        flat = torch.ops.moespec.expert_ffn_combine_backward(
+            grad_y.contiguous(), x, token_idx, weight_N, offsets, ctx.first, w_up, w_gate, w_down, b_down, up,
+            gate, ctx.has_bias, ctx.activation,
+        )  # fmt: skip
+    grads = ExpertGrads.of(flat, weight_N is not None)
+    grad_weight = () if weight_N is None else (grads.weight_N,)
+    return grads.x_TD, None, *grad_weight, None, None, *grads.w.present(), None
 
 
-def _setup_combine(ctx, inputs, output) -> None:
-    x, token_idx, weight, offsets, first, w_up, w_gate, w_down, b_up, _b_gate, b_down, activation = inputs
-    _, up, gate = output
-    ctx.save_for_backward(x, token_idx, weight, offsets, w_up, w_gate, w_down, b_down, up, gate)
-    ctx.first, ctx.activation, ctx.has_bias = first, activation, b_up.numel() > 0
-    ctx.set_materialize_grads(False)
-
-
-def _backward_combine(ctx, grad_y, _grad_up, _grad_gate):
-    if grad_y is None:
-        return (None,) * 12
-    x, token_idx, weight, offsets, w_up, w_gate, w_down, b_down, up, gate = ctx.saved_tensors
-    gx, gwu, gwg, gwd, gbu, gbg, gbd, gw = torch.ops.moespec.expert_ffn_combine_backward(
-        grad_y.contiguous(), x, token_idx, weight, offsets, ctx.first, w_up, w_gate, w_down, b_down, up,
-        gate, ctx.has_bias, ctx.activation,
-    )  # fmt: skip
-    return gx, None, gw, None, None, gwu, _opt(gwg), gwd, _opt(gbu), _opt(gbg), _opt(gbd), None
-
-
-expert_ffn.register_autograd(_backward, setup_context=_setup)
-expert_ffn_combine.register_autograd(_backward_combine, setup_context=_setup_combine)
+for _op, _combine in ((expert_ffn, False), (expert_ffn_combine, True)):
+    _op.register_autograd(_backward, setup_context=functools.partial(_setup, combine=_combine))
