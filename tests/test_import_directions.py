@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "moespec"
 
 # Layer of a module by its dotted name: the first matching prefix wins.
 LAYERS = (
-    ("moespec.ops.reference", "reference"),
+    ("moespec.reference", "reference"),
     ("moespec.spec", "spec"),
     ("moespec.ir", "ir"),
     ("moespec.common", "common"),
@@ -105,7 +105,20 @@ def test_spec_and_ir_load_without_torch() -> None:
 
 
 def test_layer_of() -> None:
-    assert layer_of("moespec.ops.reference.routers.topk") == "reference"
+    assert layer_of("moespec.reference.routers.topk") == "reference"
     assert layer_of("moespec.ops.expert_ffn") == "ops"
     assert layer_of("moespec.api") == "top"
     assert layer_of("moespec.errors") == "base"
+
+
+def test_the_reference_is_a_leaf() -> None:
+    # Importing the oracle must not register (or even import) the fast path it checks.
+    code = (
+        "import sys\n"
+        "import moespec.reference, moespec.reference.layer\n"
+        "fast = ('moespec.ops', 'moespec.lower', 'moespec.runtime')\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(fast))\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moespec.lower.routers import LOWERINGS
-from moespec.ops.reference.routers import REFERENCE_ROUTERS
+from moespec.reference.routers import REFERENCE_ROUTERS
 from moespec.spec.base import KindRegistry, KindTable
 from moespec.spec.routers import ROUTERS, RouterSpec
 

@@ -4,7 +4,7 @@ What the two sides must agree on by construction lives here once: the dtype tabl
 (:mod:`.dtypes`), explicit random draws (:mod:`.rng`), stable top-k and selection masks
 (:mod:`.select`), the capacity formulas (:mod:`.capacity`), the routing result and the loss
 formulas (:mod:`.routing`, :mod:`.losses`) and parameter initialisation (:mod:`.params`).
-Nothing here imports the reference (``moespec.ops.reference``) or the fast path
+Nothing here imports the reference (``moespec.reference``) or the fast path
 (``moespec.ops``, ``moespec.lower``): this package sits below both. Tests check these helpers
 against hand-computed values, never through either side.
 """

@@ -1,7 +1,7 @@
-"""Operators of built MoE layers.
+"""Operators of built MoE layers (the fast path).
 
-``reference/`` holds the plain-PyTorch semantics (the oracle every fast path is tested
-against). Importing this package registers the fused custom ops ``torch.ops.moespec.*``
+Each op is checked against ``moespec.reference``, the plain-PyTorch oracle (a separate leaf
+package). Importing this package registers the fused custom ops ``torch.ops.moespec.*``
 (topk_route, capacity_keep, sort_by_expert, sort_selected, expert_ffn_combine, expert_ffn and
 their backward ops, ...);
 artifacts and exported programs import it before running. Every module of this package is
@@ -28,5 +28,4 @@ def release_buffers() -> None:
 
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _mod != "reference":
-        importlib.import_module(f"{__name__}.{_mod}")
+    importlib.import_module(f"{__name__}.{_mod}")

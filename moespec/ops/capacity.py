@@ -4,7 +4,7 @@ Legend: T tokens, K slots per token, E experts.
 
 C = max(ceil(factor · T · K / E), min_capacity). Slots are served in priority order and an
 expert keeps its first C active slots. Priorities follow the reference
-(moespec.ops.reference.capacity; C is moespec.common.capacity's formula): ``position``
+(moespec.reference.capacity; C is moespec.common.capacity's formula): ``position``
 serves all first choices before any second choice, earliest token first; ``score`` serves
 the highest weight first (position order on ties); ``random`` serves in the order of
 ``u_TK`` (uniform draws given as input, so the op is pure). Vectorised: no per-expert

@@ -6,7 +6,7 @@ Input are the router scores S = softmax(logits) [T, E]; the output is the bool [
 "expert e took token t": per group of ``group_size`` consecutive tokens (0: one group of all
 T; the last group may be shorter), expert e takes the C tokens with the largest S[:, e],
 C = min(max(round(cf · S / E), min_capacity), S), ties to the lower token index — exactly
-:func:`moespec.ops.reference.routers.expert_choice.expert_choice_selection`.
+:func:`moespec.reference.routers.expert_choice.expert_choice_selection`.
 
 Instead of sorting every expert's column, one ``torch.topk`` over the [G, E, S] transpose
 gives each expert's C-th largest score v; the expert takes every token above v and, of the

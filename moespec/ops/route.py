@@ -9,9 +9,9 @@ Input are the (already jittered, temperature-scaled, noised) router logits; the 
     idx   = top-k of crit (ties to the lower index), or for GShard `sampling` the best plus
             argmax(logits + gumbel) among the other kept experts
     weight = scale * (probs[idx], renormalised if asked | softmax(logits[idx]))
-exactly as the reference router does (moespec.ops.reference.routing), which it reuses for
-the index computation. Gradients flow from ``weight`` and ``probs`` to ``logits`` through an
-analytic backward; ``idx`` has none. Randomness (Gumbel noise) is an input, so the op is pure.
+exactly as the reference router does (moespec.reference.routers.topk); both take stable top-k
+and the group masks from moespec.common.select. Gradients flow from ``weight`` and ``probs``
+to ``logits`` through an analytic backward; ``idx`` has none. Randomness (Gumbel noise) is an input, so the op is pure.
 """
 
 from __future__ import annotations

@@ -85,14 +85,16 @@ class MoELayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # `.to(dtype)` / `.half()` cast every floating buffer; a running controller's state
-        # (the expert bias, ReMoE's λ) stays fp32, since its small steps vanish in bf16.
+        # (the expert bias, ReMoE's λ) stays fp32, since its small steps vanish in bf16. It is
+        # restored from the tensor before the cast (casting back after would keep the rounding).
+        before = {name: self.get_buffer(name) for name in self._controllers}
         super()._apply(fn, recurse)
-        for name in self._controllers:
+        for name, old in before.items():
             mod_name, _, leaf = name.rpartition(".")
             mod = self.get_submodule(mod_name)
-            buf = mod._buffers[leaf]
-            if buf is not None and buf.dtype != torch.float32:
-                mod._buffers[leaf] = buf.float()
+            new = mod._buffers[leaf]
+            if new is not None and new.dtype != torch.float32:
+                mod._buffers[leaf] = old.to(device=new.device, dtype=torch.float32)
         return self
 
     def _lower(self) -> None:

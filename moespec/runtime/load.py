@@ -44,6 +44,7 @@ def _listing(title: str, items: list[str]) -> str:
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, Tensor], where: Path) -> None:
     """Raise unless ``state`` has exactly the module's keys, shapes and dtypes (never a warning)."""
     expected = module.state_dict()
+    controllers = set(getattr(module, "_controllers", ()))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes, dtypes = [], []
@@ -54,7 +55,12 @@ def check_state_dict(module: torch.nn.Module, state: Mapping[str, Tensor], where
         if tuple(got.shape) != tuple(want.shape):
             shapes.append(f"{k}: file has {list(got.shape)}, the spec needs {list(want.shape)}")
         elif got.dtype != want.dtype:
-            dtypes.append(f"{k}: file has {got.dtype}, the spec needs {want.dtype}")
+            why = ""
+            if k in controllers:
+                # Artifacts written before controller state was kept in fp32 hold it in the
+                # layer's dtype (already rounded): refuse rather than upcast a rounded value.
+                why = " (a running controller's state, kept in fp32: rebuild the artifact)"
+            dtypes.append(f"{k}: file has {got.dtype}, the spec needs {want.dtype}{why}")
     if missing or unexpected or shapes or dtypes:
         blocks = [f"{where}: the weights do not match the layer the spec builds"]
         for title, items in (

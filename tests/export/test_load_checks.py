@@ -283,3 +283,30 @@ def test_dtype_mismatch(art: Path) -> None:
         art,
         "  dtype mismatches (1):\n    router.weight: file has torch.float64, the spec needs torch.float32",
     )
+
+
+def test_controller_state_not_in_fp32(tmp_path: Path) -> None:
+    # An artifact written before controller state was kept in fp32 (a bf16 layer stored
+    # ReMoE's λ in bf16, rounded): refused with the reason, never upcast silently.
+    spec = {
+        "moespec": 1,
+        "name": "controller",
+        "d_model": 8,
+        "layer": {
+            "experts": {"routed": [{"count": 4, "kind": "mlp", "activation": "relu", "d_ff": 4}]},
+            "router": {"kind": "relu", "k": 2},
+        },
+        "target": {"dtype": "bf16", "router_dtype": "bf16"},
+    }
+    art = tmp_path / "art"
+    moespec.build_artifact(spec, art)
+
+    def to_bf16(state: dict[str, torch.Tensor], _meta: dict[str, str]) -> None:
+        state["router.l1_coeff"] = state["router.l1_coeff"].to(torch.bfloat16)
+
+    rewrite_weights(art, to_bf16)
+    assert load_error(art) == (
+        f"{art / 'model.safetensors'}: the weights do not match the layer the spec builds\n"
+        "  dtype mismatches (1):\n    router.l1_coeff: file has torch.bfloat16, the spec needs "
+        "torch.float32 (a running controller's state, kept in fp32: rebuild the artifact)"
+    )

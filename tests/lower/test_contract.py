@@ -2,7 +2,7 @@
 
 The state_dict keys, their order and shapes are written out literally below: a checkpoint
 saved by one moespec version must load into the next, so a change here is a deliberate,
-reviewed change of the contract (see moespec.ops.reference.params for the naming rules).
+reviewed change of the contract (see moespec.reference.params for the naming rules).
 Also: buffers vs parameters, load_state_dict round trips, seeded init, the parameter count
 `moespec explain` reports, and that every parameter is trained (gets a gradient).
 

@@ -274,7 +274,7 @@ def test_global_rng_is_used_without_generator(case: str) -> None:
 @pytest.mark.parametrize("case", ["jitter+position-capacity", "learned-noise"])
 def test_eval_is_deterministic(case: str) -> None:
     """Jitter and noise are training-only (GShard policies and random drops draw in eval
-    too, by design; see moespec.ops.reference.routing)."""
+    too, by design; see moespec.reference.routing)."""
     m = _build_random(case, 7).eval()
     x = x_of(4, 16, D)
     assert torch.equal(m(x), m(x))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moespec
-from moespec.ops.reference import moe_layer_reference
+from moespec.reference import moe_layer_reference
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 TINY = str(SPECS / "debug-tiny.yaml")

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import moespec
 from moespec.errors import SpecError
-from moespec.ops.reference import moe_layer_reference, update_expert_bias
+from moespec.reference import moe_layer_reference, update_expert_bias
 from moespec.runtime.layer import MoELayer
 
 EXAMPLES = int(os.environ.get("MOESPEC_PROP_EXAMPLES", "40"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moespec.ops.route  # noqa: F401  (registers torch.ops.moespec.topk_route)
-from moespec.ops.reference.routing import route_topk
+from moespec.reference.routing import route_topk
 from moespec.spec.routers import TopKRouter
 
 CONFIGS = [

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from moespec.ops.reference import RoutingResult, apply_capacity, expert_capacity, route_topk
+from moespec.reference import RoutingResult, apply_capacity, expert_capacity, route_topk
 from moespec.spec.routers import TopKRouter
 from moespec.spec.sparsity import CapacityFactor, Dropless
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moespec.ir.numbers import layer_numbers
-from moespec.ops.reference import (
+from moespec.reference import (
     ACTIVATIONS,
     BUFFERS,
     expert_forward,

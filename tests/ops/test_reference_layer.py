@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moespec.ops.reference import BUFFERS, init_reference_params, moe_layer_reference
+from moespec.reference import BUFFERS, init_reference_params, moe_layer_reference
 from moespec.spec.experts import FFNSpec
 from moespec.spec.schema import LayerSpec
 

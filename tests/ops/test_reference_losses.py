@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moespec.common.losses import normal_cdf
-from moespec.ops.reference import (
+from moespec.reference import (
     RoutingResult,
     aux_losses,
     cv_squared,

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from moespec.ops.reference import route_topk, update_expert_bias
+from moespec.reference import route_topk, update_expert_bias
 from moespec.spec.routers import TopKRouter
 
 

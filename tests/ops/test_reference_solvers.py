@@ -1,4 +1,4 @@
-"""The reference's plain solvers (moespec.ops.reference.solvers) against brute force and
+"""The reference's plain solvers (moespec.reference.solvers) against brute force and
 against the fast path's solvers (moespec.ops.balanced_assignment, moespec.ops.sinkhorn).
 
 Balanced assignment: the reference is checked to be the lexicographically smallest optimum by
@@ -16,8 +16,8 @@ import torch
 
 from moespec.common.select import stable_topk
 from moespec.ops.balanced_assignment import solve_balanced_assignment
-from moespec.ops.reference.solvers import balanced_assignment, expert_capacities, hungarian, sinkhorn_plan
 from moespec.ops.sinkhorn import sinkhorn_plan as fast_sinkhorn_plan
+from moespec.reference.solvers import balanced_assignment, expert_capacities, hungarian, sinkhorn_plan
 
 
 def brute_force_lexmin(a_TE: torch.Tensor) -> list[int]:

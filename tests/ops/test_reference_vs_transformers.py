@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 transformers = pytest.importorskip("transformers")
 
-from moespec.ops.reference import moe_layer_reference, switch_loss  # noqa: E402
+from moespec.reference import moe_layer_reference, switch_loss  # noqa: E402
 from moespec.spec.schema import LayerSpec  # noqa: E402
 
 ATOL = 1e-5

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import moespec
-from moespec.ops.reference import moe_layer_reference
-from moespec.ops.reference.params import buffer_names
+from moespec.reference import moe_layer_reference
+from moespec.reference.params import buffer_names
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 

@@ -11,8 +11,8 @@ import torch
 import moespec
 from moespec.explain import explain_data
 from moespec.lower.routers.adaptive_gating import adaptive_top2
-from moespec.ops.reference.routers import RouteContext, route
-from moespec.ops.reference.routers.adaptive_gating import adaptive_weights
+from moespec.reference.routers import RouteContext, route
+from moespec.reference.routers.adaptive_gating import adaptive_weights
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 ADAPTIVE = str(SPECS / "adaptive-gating.yaml")
@@ -108,7 +108,7 @@ def test_threshold_extremes_give_top1_and_top2():
 
 
 def test_all_tokens_on_one_expert_and_empty_expert():
-    from moespec.ops.reference import moe_layer_reference
+    from moespec.reference import moe_layer_reference
 
     spec = tiny(threshold=0.1)
     m = moespec.build(spec, seed=0)

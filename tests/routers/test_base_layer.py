@@ -11,9 +11,9 @@ import torch
 
 import moespec
 from moespec.ops.balanced_assignment import expert_capacities, solve_balanced_assignment
-from moespec.ops.reference import moe_layer_reference
-from moespec.ops.reference.experts import expert_forward
-from moespec.ops.reference.routers import RouteContext, route
+from moespec.reference import moe_layer_reference
+from moespec.reference.experts import expert_forward
+from moespec.reference.routers import RouteContext, route
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import torch
 
 import moespec
 from moespec import SpecError
-from moespec.ops.reference.routers import RouteContext, route
+from moespec.reference.routers import RouteContext, route
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ import torch
 import moespec
 from moespec import SpecError
 from moespec.lower.routers.dselect_k import dselect_k_weights
-from moespec.ops.reference import moe_layer_reference
-from moespec.ops.reference.routers import RouteContext, route
-from moespec.ops.reference.routers.dselect_k import selector_outputs, smooth_step
+from moespec.reference import moe_layer_reference
+from moespec.reference.routers import RouteContext, route
+from moespec.reference.routers.dselect_k import selector_outputs, smooth_step
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import torch
 
 import moespec
 from moespec.ops.expert_choice import expert_choice_select
-from moespec.ops.reference import moe_layer_reference
-from moespec.ops.reference.routers import RouteContext, route
-from moespec.ops.reference.routers.expert_choice import (
+from moespec.reference import moe_layer_reference
+from moespec.reference.routers import RouteContext, route
+from moespec.reference.routers.expert_choice import (
     expert_choice_capacity,
     expert_choice_selection,
 )

@@ -10,7 +10,7 @@ import torch
 import moespec
 from moespec import SpecError
 from moespec.export.artifact import build_artifact
-from moespec.ops.reference.routers import RouteContext, route
+from moespec.reference.routers import RouteContext, route
 from moespec.spec.routers.hash import hash_table
 
 ROOT = Path(__file__).resolve().parents[2]

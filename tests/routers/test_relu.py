@@ -12,8 +12,8 @@ import torch
 
 import moespec
 from moespec.explain import explain_data
-from moespec.ops.reference.routers import RouteContext, route
-from moespec.ops.reference.routers.relu import l1_balance_loss, update_l1_coeff
+from moespec.reference.routers import RouteContext, route
+from moespec.reference.routers.relu import l1_balance_loss, update_l1_coeff
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 REMOE = str(SPECS / "remoe.yaml")
@@ -79,7 +79,7 @@ def test_empty_expert_and_all_tokens_on_one_expert():
 
 def test_all_tokens_on_one_expert_vs_reference():
     """Module == reference with a router that sends everything to expert 0."""
-    from moespec.ops.reference import moe_layer_reference
+    from moespec.reference import moe_layer_reference
 
     spec = tiny(l1_coeff_init=0.1)
     layer, d = _spec(spec)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moespec
-from moespec.ops.reference import moe_layer_reference
+from moespec.reference import moe_layer_reference
 from moespec.runtime.schedules import evaluate
 from moespec.spec.schedules import CosineSchedule, ExponentialSchedule, LinearSchedule, MultiStepSchedule
 

@@ -10,8 +10,8 @@ import torch
 
 import moespec
 from moespec.common.select import stable_topk
-from moespec.ops.reference.routers import RouteContext, route
 from moespec.ops.sinkhorn import EPS, sinkhorn_plan
+from moespec.reference.routers import RouteContext, route
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import moespec
-from moespec.ops.reference import moe_layer_reference
-from moespec.ops.reference.routers import RouteContext, SoftRouting, route
+from moespec.reference import moe_layer_reference
+from moespec.reference.routers import RouteContext, SoftRouting, route
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "specs" / "soft-moe.yaml"

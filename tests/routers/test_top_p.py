@@ -13,8 +13,8 @@ import torch
 import moespec
 from moespec.explain import explain_data
 from moespec.lower.routers.top_p import top_p_selected
-from moespec.ops.reference.routers import RouteContext, route
-from moespec.ops.reference.routers.top_p import mean_entropy, top_p_mask
+from moespec.reference.routers import RouteContext, route
+from moespec.reference.routers.top_p import mean_entropy, top_p_mask
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 TOP_P = str(SPECS / "top-p-dynamic.yaml")
@@ -130,7 +130,7 @@ def test_entropy_is_finite_when_probabilities_underflow():
 
 def _module_vs_reference(m, spec, x, training):
     """Forward and aux loss of a module whose weights a test has set, against the reference."""
-    from moespec.ops.reference import moe_layer_reference
+    from moespec.reference import moe_layer_reference
 
     full = moespec.load_spec(spec).spec
     params = {k: v.detach().clone() for k, v in m.state_dict().items()}

@@ -54,7 +54,12 @@ def test_controller_state_stays_fp32(spec: str, name: str, start: float) -> None
     state = layer.get_buffer(name)
     assert state.dtype == torch.float32 and torch.all(state == torch.tensor(start, dtype=torch.float32))
     assert layer.experts_dtype == torch.bfloat16  # the rest follows target.dtype
-    for cast in (lambda m: m.float(), lambda m: m.to(torch.float16), lambda m: m.double()):
+    # A value bf16 and fp16 cannot hold (1e-8 underflows fp16) survives every cast.
+    with torch.no_grad():
+        state.fill_(1.0001e-8)
+    exact = torch.tensor(1.0001e-8, dtype=torch.float32)
+    for cast in (lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.float(), lambda m: m.double()):
         cast(layer)
         assert layer.get_buffer(name).dtype == torch.float32
+        assert torch.all(layer.get_buffer(name) == exact)
     assert layer.experts_dtype == torch.float64

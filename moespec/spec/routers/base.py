@@ -16,7 +16,7 @@ A router kind is one :class:`RouterSpec` subclass with a ``kind`` Literal, regis
 
 Validation, the IR, the lowering, the reference and the runtime all read this contract; none
 of them asks for a router by kind. The reference function and the FX lowering of a kind
-live in ``moespec.ops.reference.routers.<kind>`` and ``moespec.lower.routers.<kind>``,
+live in ``moespec.reference.routers.<kind>`` and ``moespec.lower.routers.<kind>``,
 registered under the same kind (``REFERENCE_ROUTERS.register("kind")``,
 ``LOWERINGS.register("kind")``); a test checks that the three registries agree.
 """

@@ -16,7 +16,7 @@ megatron/core/transformer/moe/moe_utils.py and ``TopKRouter.sinkhorn_load_balanc
 selection from sinkhorn(logits) under no_grad, weights gathered from sigmoid (k = 1) or
 softmax (k > 1) of the logits. Differences from Megatron: the score function can be chosen
 (`score`), exp is taken of logits minus their global max (Megatron overflows above 88), and
-the loop is capped at `iterations` (``moespec.ops.reference.solvers.sinkhorn_plan``). The
+the loop is capped at `iterations` (``moespec.reference.solvers.sinkhorn_plan``). The
 paper's own gate for S-BASE was not checked against its text; Megatron's is used.
 """
 
@@ -26,8 +26,8 @@ from torch import Tensor
 
 from moespec.common.routing import RoutingResult, token_choice_routing
 from moespec.common.select import stable_topk
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
-from moespec.ops.reference.solvers import sinkhorn_plan
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
+from moespec.reference.solvers import sinkhorn_plan
 from moespec.spec.routers.sinkhorn import SinkhornRouter
 
 

@@ -3,7 +3,7 @@
 A reference router is ``fn(x_TD, params, spec, ctx) -> RoutingResult``: it reads its
 parameters from ``params`` (names from the spec's :meth:`RouterSpec.params`), draws any
 randomness from ``ctx.generator`` only, and returns the token-choice form (``K`` slots per
-token) or the dense form K = E (:func:`~moespec.ops.reference.routing.dense_routing`) for
+token) or the dense form K = E (:func:`~moespec.reference.routing.dense_routing`) for
 routers whose number of experts per token varies. Routers that mix tokens instead of
 selecting them (Soft MoE) return a :class:`SoftRouting`.
 """

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from moespec.common.routing import RoutingResult
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
-from moespec.ops.reference.selection import select_all
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
+from moespec.reference.selection import select_all
 from moespec.spec.routers.adaptive_gating import AdaptiveGatingRouter
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, SoftRouting, router_dtype
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, SoftRouting, router_dtype
 from moespec.spec.routers.soft_moe import SoftMoERouter
 
 EPS = 1e-6

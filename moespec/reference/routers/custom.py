@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moespec.common.routing import RoutingResult, dense_routing, token_choice_routing
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext
 from moespec.spec.routers.custom import CustomRouter, call_custom
 
 

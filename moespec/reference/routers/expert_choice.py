@@ -32,7 +32,7 @@ from torch import Tensor
 
 from moespec.common.capacity import expert_choice_capacity
 from moespec.common.routing import RoutingResult, dense_routing
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.spec.routers.expert_choice import ExpertChoiceRouter
 
 

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from moespec.common.losses import aux_losses, relative_sizes_E
 from moespec.common.sorted_routing import SortedRouting
-from moespec.ops.reference.capacity import CapacityResult, apply_capacity
-from moespec.ops.reference.experts import expert_forward, shared_forward
-from moespec.ops.reference.routers import RouteContext, SoftRouting, route
-from moespec.ops.reference.stats import LayerStats, layer_stats, load_ratio, router_entropy
+from moespec.reference.capacity import CapacityResult, apply_capacity
+from moespec.reference.experts import expert_forward, shared_forward
+from moespec.reference.routers import RouteContext, SoftRouting, route
+from moespec.reference.stats import LayerStats, layer_stats, load_ratio, router_entropy
 from moespec.spec.schema import LayerSpec
 
 

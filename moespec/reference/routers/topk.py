@@ -26,8 +26,8 @@ from torch import Tensor
 from moespec.common.dtypes import TORCH_DTYPES
 from moespec.common.rng import need_generator, normal, uniform
 from moespec.common.routing import RoutingResult
-from moespec.ops.reference import selection
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, input_jitter
+from moespec.reference import selection
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, input_jitter
 from moespec.spec.routers import TopKRouter
 
 

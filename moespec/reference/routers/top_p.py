@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from moespec.common.routing import RoutingResult, dense_routing
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.spec.routers.top_p import TopPRouter
 
 

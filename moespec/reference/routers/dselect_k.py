@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from moespec.common.routing import RoutingResult, dense_routing
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
 from moespec.spec.routers.dselect_k import DSelectKRouter, n_binary
 
 ENTROPY_EPS = 1e-6  # the code's EPSILON inside the log

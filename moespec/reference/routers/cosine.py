@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moespec.common.routing import RoutingResult, token_choice_routing
 from moespec.common.select import stable_topk
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
 from moespec.spec.routers.cosine import MIN_TEMPERATURE, CosineRouter
 
 EPS = 1e-4

@@ -23,12 +23,12 @@ from moespec.common.losses import (
     z_loss,
 )
 from moespec.common.sorted_routing import SortedRouting, sort_by_expert
-from moespec.ops.reference.capacity import CapacityResult, apply_capacity, expert_capacity
-from moespec.ops.reference.experts import ACTIVATIONS, expert_forward, expert_table, ffn, shared_forward
-from moespec.ops.reference.layer import moe_layer_reference
-from moespec.ops.reference.params import BUFFERS, init_reference_params, param_shapes
-from moespec.ops.reference.routing import RoutingResult, route_topk, update_expert_bias
-from moespec.ops.reference.stats import LayerStats, load_ratio, router_entropy
+from moespec.reference.capacity import CapacityResult, apply_capacity, expert_capacity
+from moespec.reference.experts import ACTIVATIONS, expert_forward, expert_table, ffn, shared_forward
+from moespec.reference.layer import moe_layer_reference
+from moespec.reference.params import BUFFERS, init_reference_params, param_shapes
+from moespec.reference.routing import RoutingResult, route_topk, update_expert_bias
+from moespec.reference.stats import LayerStats, load_ratio, router_entropy
 
 __all__ = [
     "ACTIVATIONS",

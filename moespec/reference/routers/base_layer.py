@@ -15,7 +15,7 @@ Choices where paper/code and this reference differ:
 - fairseq computes a under ``no_grad`` and α again from the routed features with grad; the
   value is the same a[t, e_t], and here too no gradient passes through the assignment;
 - fairseq's solver is an approximate auction (fixed epsilon, 100 rounds); this one is exact
-  (Hungarian on exact integers, ``moespec.ops.reference.solvers``: small T only), and it
+  (Hungarian on exact integers, ``moespec.reference.solvers``: small T only), and it
   handles E ∤ T (fairseq needs T/E integral);
 - fairseq's expert is a residual sublayer x + FFN(LN(x)); f_e here is the spec's expert FFN
   and ``mix_residual: false`` drops the (1 − α)·x term (see the spec docstring);
@@ -30,8 +30,8 @@ from torch import Tensor
 
 from moespec.common.routing import RoutingResult
 from moespec.common.select import stable_topk
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
-from moespec.ops.reference.solvers import balanced_assignment
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
+from moespec.reference.solvers import balanced_assignment
 from moespec.spec.routers.base_layer import BaseLayerRouter
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from moespec.common.controllers import update_l1_coeff
 from moespec.common.routing import RoutingResult, dense_routing
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, linear_logits
 from moespec.spec.routers.relu import ReLURouter
 
 __all__ = ["l1_balance_loss", "relu", "update_l1_coeff"]

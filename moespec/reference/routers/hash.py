@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from moespec.common.routing import RoutingResult, token_choice_routing
-from moespec.ops.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
+from moespec.reference.routers import REFERENCE_ROUTERS, RouteContext, router_dtype
 from moespec.spec.routers.hash import HashRouter
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from moespec.common.losses import score_distribution
 from moespec.common.routing import RoutingResult
 from moespec.common.sorted_routing import SortedRouting
-from moespec.ops.reference.capacity import CapacityResult
+from moespec.reference.capacity import CapacityResult
 
 
 def router_entropy(p_TE: Tensor) -> float:
