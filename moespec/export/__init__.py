@@ -2,5 +2,6 @@
 
 The files' names and the manifest reader live in ``moespec.runtime.layout`` (readers need
 them too); here ``artifact`` writes the directory atomically, ``report`` derives the
-numbers/IR/graph report and ``render`` renders the standalone ``module.py``. Timing a built layer is ``moespec.bench``, not part of export.
+numbers/IR/graph report and ``render`` renders the standalone ``module.py``. Timing a built
+layer is ``moespec.bench``, not part of export.
 """

@@ -11,7 +11,8 @@ Input are the (already jittered, temperature-scaled, noised) router logits; the 
     weight = scale * (probs[idx], renormalised if asked | softmax(logits[idx]))
 exactly as the reference router does (moespec.reference.routers.topk); both take stable top-k
 and the group masks from moespec.common.select. Gradients flow from ``weight`` and ``probs``
-to ``logits`` through an analytic backward; ``idx`` has none. Randomness (Gumbel noise) is an input, so the op is pure.
+to ``logits`` through an analytic backward; ``idx`` has none. Randomness (Gumbel noise) is an
+input, so the op is pure.
 """
 
 from __future__ import annotations
