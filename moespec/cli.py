@@ -17,15 +17,24 @@ from moespec import __version__
 from moespec.errors import MoespecError, SpecError
 from moespec.spec.load import LoadedSpec, load_spec
 
+_BARE_KEY = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_0-9]+)+$")  # a.b.c, no "=", no "/"
+_SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 _OVERRIDE = re.compile(r"^(?:[+~][A-Za-z_0-9]|[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_0-9]+)*=)")
 
 
 def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
-    """Separate spec paths from ``a.b=v`` / ``+a.b=v`` / ``~a.b`` overrides."""
+    """Separate spec paths from ``a.b=v`` / ``+a.b=v`` / ``~a.b`` overrides. A dotted key
+    that is no file (``layer.router.k``) is an override missing its ``=value``: exit 2 with
+    that hint, not "file not found" after the real spec printed "ok"."""
     specs, overrides = [], []
     for item in items:
         looks_like = bool(_OVERRIDE.match(item)) or "=" in item or item[:1] in ("+", "~")
         (overrides if looks_like and not _is_file(item) else specs).append(item)
+    for item in specs:
+        if _BARE_KEY.match(item) and not item.endswith(_SPEC_SUFFIXES) and not _is_file(item):
+            raise SystemExit(
+                _usage(f"moespec: {item!r} looks like an override without a value: write {item}=VALUE")
+            )
     return specs, overrides
 
 

@@ -95,3 +95,26 @@ def test_python_m_entry_point_and_no_traceback(tmp_path: Path):
     )
     assert r.returncode == 1 and r.stdout == ""
     assert "Traceback" not in r.stderr and "bad.yaml:1:1:" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "explain", "build"])
+def test_override_without_value_is_named(capsys, tmp_path: Path, command: str) -> None:
+    # `layer.router.k` (the `=` forgotten) is neither a file nor read as one.
+    extra = ["-o", str(tmp_path / "out")] if command == "build" else []
+    with pytest.raises(SystemExit) as ei:
+        main([command, MIXTRAL, "layer.router.k", *extra])
+    assert ei.value.code == 2
+    err = capsys.readouterr()
+    assert "'layer.router.k' looks like an override without a value: write layer.router.k=VALUE" in err.err
+    assert "ok (" not in err.out
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_spec_file_is_still_not_found(capsys, tmp_path: Path) -> None:
+    assert main(["validate", str(tmp_path / "gone.yaml")]) == 1
+    assert "gone.yaml:1:1: file not found" in capsys.readouterr().err
+
+
+def test_multi_group_build_names_the_flag(capsys, tmp_path: Path) -> None:
+    assert main(["build", str(ROOT / "specs" / "debug-groups.yaml"), "-o", str(tmp_path / "o")]) == 1
+    assert "`--layer NAME` on the command line" in capsys.readouterr().err

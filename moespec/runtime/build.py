@@ -28,7 +28,10 @@ def build_layer(
     dev = check_runnable(program, device)
     names = [lay.name for lay in program.layers]
     if layer is None and len(names) > 1:
-        raise BuildError(f"the spec has layer groups {names}; pass layer=<name>")
+        raise BuildError(
+            f"the spec has layer groups {names}; pick one with layer=<name> (`--layer NAME` on the "
+            "command line)"
+        )
     name = layer or names[0]
     if name not in names:
         raise BuildError(f"no layer group {name!r}; the spec has {names}")
