@@ -104,7 +104,7 @@ def apply_override(tree: Sourced, token: str) -> None:
                 )
             if isinstance(node.value, list):
                 raise spec_error(key_origin, key_text, _index_error(part, node))
-            if op != "+":
+            if op != "+" and not _defaulted_section(path[: i + 1]):
                 raise spec_error(key_origin, key_text, _missing_hint(path[: i + 1]))
             child = Sourced({}, key_origin, key_origin)
             _set_child(node, part, child, key_origin)
@@ -127,6 +127,26 @@ def apply_override(tree: Sourced, token: str) -> None:
 
 def _dot(path: list[str | int]) -> str:
     return ".".join(map(str, path))
+
+
+def _defaulted_section(path: list[str | int]) -> bool:
+    """True when ``path`` names a section of the language that has defaults (``target``,
+    ``placement``, ``layer.losses``): ``target.dtype=bf16`` then works on a spec without a
+    ``target:`` block, as ``explain`` lists it. A misspelt or kind-dependent parent (a union,
+    a list) is still refused, so typos are caught at the override."""
+    from pydantic import BaseModel
+
+    from moespec.spec.schema import Spec  # the language's shape (no cycle: schema needs no compose)
+
+    model: type[BaseModel] = Spec
+    field = None
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        model = ann
+    return field is not None and not field.is_required()
 
 
 def _missing_hint(path: list[str | int]) -> str:

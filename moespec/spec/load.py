@@ -99,6 +99,14 @@ def _got(value: Any) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _message(e: dict[str, Any]) -> str:
     kind, msg, value = e["type"], e["msg"], e.get("input")
     loc = e["loc"]
@@ -113,7 +121,10 @@ def _message(e: dict[str, Any]) -> str:
     if kind == "literal_error" and tuple(loc) == ("moespec",):
         return f"unsupported spec language version {value!r} (this moespec reads version 1)"
     if kind in ("int_type", "float_type") and isinstance(value, str):
-        return f"{msg}, got a string; remove the quotes if you meant a number [{kind}]"
+        # Only a quoted number reaches here as a numeric-looking string (YAML 1.2 reads 8 as 8).
+        if _numeric(value):
+            return f"{msg}, got a string; remove the quotes if you meant a number [{kind}]"
+        return f"{msg}, got the string {value!r} [{kind}]"
     if (
         kind == "bool_type"
         and isinstance(value, str)

@@ -62,8 +62,20 @@ class _Loader(
         yaml.composer.Composer.__init__(self)
         _Resolver.__init__(self)
         self.file = file
+        self.nodes = 0
 
     def compose_node(self, parent, index):
+        # Count nodes as they are composed, so a huge document stops here, early, instead of
+        # after composing all of it (400k keys took 21 s and 650 MB before the build's check).
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            event = self.peek_event()
+            raise spec_error(
+                _origin(event.start_mark, self.file),
+                "",
+                f"the document has more than {MAX_NODES} YAML values (a spec has a few hundred); "
+                "is this the right file?",
+            )
         # Explicit tags (`!!int "x"`, `!!python/object:...`, `!custom`) are not part of the
         # spec language: reject them instead of letting them coerce or be ignored.
         if self.check_event(yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent):
@@ -141,7 +153,7 @@ def _scalar(node: yaml.ScalarNode, file: str) -> Any:
     raise spec_error(_origin(node.start_mark, file), "", f"unsupported YAML tag {tag!r}")
 
 
-MAX_NODES = 100_000  # alias expansion bound ("billion laughs")
+MAX_NODES = 100_000  # values in a document, as written and after alias expansion ("billion laughs")
 
 
 class _Builder:
@@ -158,7 +170,9 @@ class _Builder:
         self.count += 1
         if self.count > MAX_NODES:
             raise spec_error(
-                origin, _dotted(path), f"the document expands to more than {MAX_NODES} values (alias bomb?)"
+                origin,
+                _dotted(path),
+                f"aliases expand the document to more than {MAX_NODES} values (an alias bomb?)",
             )
         if id(node) in self.active:
             raise spec_error(origin, _dotted(path), "recursive alias (a value that contains itself)")
