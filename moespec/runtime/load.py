@@ -22,7 +22,7 @@ from moespec import __version__
 from moespec.ir.build import spec_hash
 from moespec.runtime.layer import MoELayer
 from moespec.runtime.layout import LAYOUT, LOCK, MANIFEST, WEIGHTS, ArtifactError
-from moespec.runtime.manifest import read_manifest, verify_files
+from moespec.runtime.manifest import check_unchanged, read_manifest, verify_files
 from moespec.spec.schema import Spec
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,8 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify: 
             f"{', '.join(missing_ops)} (built by moespec {manifest.moespec_version}); rebuild it "
             "from its spec.lock.yaml with `moespec build`"
         )
-    if verify:
-        verify_files(root, manifest, (LOCK, WEIGHTS))
-    else:
+    prints = verify_files(root, manifest, (LOCK, WEIGHTS)) if verify else {}
+    if not verify:
         log.warning(
             "%s: verify=False: not comparing the sizes and sha256 of %s and %s with %s; "
             "they load as they are (every other check still runs)",
@@ -143,6 +142,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify: 
     # On `device`, or target.device when None (TargetError if this machine has no such device).
     module = build_layer(loaded.spec, layer=manifest.layer, seed=manifest.seed, device=device)
     state = read_weights(root / WEIGHTS, spec_sha256=manifest.spec_sha256, layer=manifest.layer)
+    check_unchanged(root, prints)  # hash, then read: nothing was swapped in between
     check_state_dict(module, state, root / WEIGHTS)
     module.load_state_dict(state, strict=True)
     return module

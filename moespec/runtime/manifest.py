@@ -15,7 +15,9 @@ The compatibility rule (:func:`check_versions`, and the README):
   kernels.
 
 :func:`verify_files` compares the size and SHA-256 of the files ``load`` reads with those the
-manifest records (hash, then read: one streaming pass over each file before it is parsed).
+manifest records (hash, then read: one streaming pass over each file before it is parsed);
+:func:`check_unchanged` then makes sure no file was replaced or rewritten between its hash and
+its read (same device, inode, size and modification time).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from moespec.runtime.layout import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED, s
 
 _SHA256 = r"^[0-9a-f]{64}$"
 _RELEASE = re.compile(r"^(\d+)\.(\d+)(?:\.|$)")  # MAJOR.MINOR of a version string
+_PATTERNS = {_SHA256: "64 lowercase hex digits", _RELEASE.pattern: "a version MAJOR.MINOR[.PATCH...]"}
 
 
 class FileEntry(BaseModel):
@@ -70,6 +73,8 @@ def _field_problem(e: Any) -> str:
         return f"{where}: missing"
     value = repr(e.get("input"))
     value = value if len(value) <= 40 else value[:37] + "..."
+    if e["type"] == "string_pattern_mismatch":
+        return f"{where}: expected {_PATTERNS[e['ctx']['pattern']]}, got {value}"
     return f"{where}: {e['msg'][0].lower()}{e['msg'][1:]}, got {value}"
 
 
@@ -130,22 +135,33 @@ def release(version: str) -> str:
     return f"{m[1]}.{m[2]}" if m else version
 
 
-def verify_files(root: Path, manifest: Manifest, names: tuple[str, ...]) -> None:
+Fingerprint = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """What changes when a file is replaced or rewritten (a symlink is followed)."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def verify_files(root: Path, manifest: Manifest, names: tuple[str, ...]) -> dict[str, Fingerprint]:
     """Raise unless each file ``names`` of ``root`` has the size and SHA-256 the manifest records.
 
     Every file is checked and every mismatch listed at once. The size is compared first, so a
     truncated or swapped file of another size costs no hashing; otherwise the file is hashed
     in one streaming pass (:func:`~moespec.runtime.layout.sha256_file`). A symlink is followed:
-    what counts is the bytes ``load`` would read.
+    what counts is the bytes ``load`` would read. Returns each file's :func:`fingerprint`
+    taken before it was hashed, for :func:`check_unchanged` after it was read.
     """
-    problems = []
+    problems, prints = [], {}
     for name in names:
         entry = manifest.files.get(name)
         if entry is None:
             problems.append(f"{name}: no size and sha256 recorded in {MANIFEST}")
             continue
         path = root / name
-        size = path.stat().st_size
+        prints[name] = fingerprint(path)
+        size = prints[name][2]
         if size != entry.bytes:
             problems.append(f"{name}: {size} bytes, the manifest records {entry.bytes}")
             continue
@@ -158,4 +174,15 @@ def verify_files(root: Path, manifest: Manifest, names: tuple[str, ...]) -> None
             + "\n".join(f"  {p}" for p in problems)
             + "\nRebuild the artifact with `moespec build`; to load files edited on purpose, pass "
             "verify=False to moespec.load"
+        )
+    return prints
+
+
+def check_unchanged(root: Path, prints: dict[str, Fingerprint]) -> None:
+    """Raise if a file verified by :func:`verify_files` was replaced or rewritten since."""
+    changed = [name for name, before in prints.items() if fingerprint(root / name) != before]
+    if changed:
+        raise ArtifactError(
+            f"{root}: {', '.join(changed)} changed while the artifact was being loaded (after its "
+            "sha256 was checked); load it again once nothing writes to it"
         )

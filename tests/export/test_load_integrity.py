@@ -133,6 +133,26 @@ def test_no_record_of_a_file(art: Path) -> None:
     assert load_error(art) == mismatch(art, f"{WEIGHTS}: no size and sha256 recorded in manifest.json")
 
 
+def test_weights_replaced_between_hash_and_read(
+    art: Path, built: dict[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hash, then read: a file swapped in after its hash was checked is caught after the read.
+    from moespec.runtime import load as load_module
+
+    read_weights = load_module.read_weights
+
+    def swap_then_read(path: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
+        shutil.copyfile(built[1] / WEIGHTS, art / "new")
+        (art / "new").replace(path)
+        return read_weights(path, **kwargs)
+
+    monkeypatch.setattr(load_module, "read_weights", swap_then_read)
+    assert load_error(art) == (
+        f"{art}: model.safetensors changed while the artifact was being loaded (after its sha256 "
+        "was checked); load it again once nothing writes to it"
+    )
+
+
 # --- the opt-out -------------------------------------------------------------------------------
 
 
