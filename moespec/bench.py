@@ -159,8 +159,9 @@ def layer_for_bench(
 ) -> tuple[MoELayer, str, str]:
     """``(module, spec name, device)`` for a spec file or an artifact directory; the module is
     built on ``device`` (``target.device`` if None, checked against this machine)."""
-    from moespec.runtime.layout import MANIFEST, read_manifest
+    from moespec.runtime.layout import MANIFEST
     from moespec.runtime.load import load
+    from moespec.runtime.manifest import read_manifest
     from moespec.spec.load import load_spec
 
     path = Path(target)
@@ -169,7 +170,7 @@ def layer_for_bench(
             raise BuildError(f"{path}: an artifact directory takes no overrides or --layer")
         manifest = read_manifest(path)
         module = load(path, device=device)
-        return module, manifest["spec_name"], device or manifest.get("target", {}).get("device", "cpu")
+        return module, manifest.spec_name, device or manifest.target.get("device", "cpu")
     loaded = load_spec(path, overrides)
     module = build(loaded, layer=layer, seed=seed, device=device)
     return module, loaded.spec.name, device or loaded.spec.target.device

@@ -11,7 +11,8 @@ An artifact directory holds::
     report.txt          the same for humans
     ir.txt, graph.txt   the IR and the FX graph code, for review and diffs
 
-This module imports nothing heavy, so readers (``moespec.load``) and writers share it cheaply.
+This module imports nothing heavy, so readers (``moespec.load``) and writers share it cheaply;
+reading and checking a manifest is ``moespec.runtime.manifest``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from moespec.errors import ArtifactError
+
+__all__ = ["ArtifactError"]  # re-exported: readers and writers raise it
 
 FORMAT = "moespec-artifact"
 FORMAT_VERSION = 1
@@ -55,31 +57,3 @@ def is_artifact_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT
-
-
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of artifact ``root``; :class:`ArtifactError` if it is missing or malformed."""
-    if not root.is_dir():
-        raise ArtifactError(f"{root}: not an artifact directory (it does not exist or is not a directory)")
-    missing = [name for name in REQUIRED if not (root / name).is_file()]
-    if missing:
-        raise ArtifactError(
-            f"{root}: incomplete artifact, missing {', '.join(missing)} (rebuild it with `moespec build`)"
-        )
-    path = root / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a moespec artifact manifest (expected format {FORMAT!r})")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: artifact format version {version!r} is newer than this moespec reads "
-            f"({FORMAT_VERSION}); upgrade moespec"
-        )
-    for key in ("spec_sha256", "layer", "op_set"):
-        if key not in data:
-            raise ArtifactError(f"{path}: manifest has no {key!r} entry")
-    return data

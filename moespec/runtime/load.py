@@ -1,9 +1,12 @@
 """``moespec.load(DIR)``: rebuild a layer from an artifact directory and load its weights.
 
-Every check is loud: a missing file, a manifest from a newer moespec, an edited
-``spec.lock.yaml`` (its hash no longer matches the manifest), weights written for another
+Every check is loud: a missing file, a malformed manifest or one of another format version or
+moespec release series (``moespec/runtime/manifest.py``), a ``spec.lock.yaml`` or
+``model.safetensors`` whose size or SHA-256 differs from the manifest's record (tampered,
+corrupted, or replaced by another artifact's), an edited lock file, weights written for another
 spec or layer, and any missing, unexpected or reshaped tensor raise :class:`ArtifactError`
-listing what is wrong. Nothing is ever silently skipped or only warned about.
+listing what is wrong. The one opt-out, ``verify=False`` for files edited on purpose, skips only
+the size and SHA-256 comparison, and says so in a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from torch import Tensor
 from moespec import __version__
 from moespec.ir.build import spec_hash
 from moespec.runtime.layer import MoELayer
-from moespec.runtime.layout import LAYOUT, LOCK, WEIGHTS, ArtifactError, read_manifest
+from moespec.runtime.layout import LAYOUT, LOCK, MANIFEST, WEIGHTS, ArtifactError
+from moespec.runtime.manifest import check_unchanged, read_manifest, verify_files
 from moespec.spec.schema import Spec
 
 log = logging.getLogger(__name__)
@@ -96,13 +100,19 @@ def read_weights(path: Path, *, spec_sha256: str, layer: str) -> dict[str, Tenso
     return state
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer:
+def load(path: str | Path, device: str | torch.device | None = None, *, verify: bool = True) -> MoELayer:
     """The layer of the artifact directory ``path``, with its weights, on ``device`` (the spec's
     ``target.device`` if None; :class:`~moespec.errors.TargetError` if this machine lacks it).
 
-    Rebuilds the module from ``spec.lock.yaml`` (checked against the manifest's spec hash),
-    loads ``model.safetensors`` after an exact key/shape/dtype check, and returns it in
-    training mode like ``moespec.build``. Raises :class:`ArtifactError` on any mismatch.
+    Validates the manifest and its versions, checks that ``spec.lock.yaml`` and
+    ``model.safetensors`` have the size and SHA-256 it records (each hashed in one streaming
+    pass before it is read), rebuilds the module from the lock file (checked against the
+    manifest's spec hash), loads the weights after an exact key/shape/dtype check, and returns
+    it in training mode like ``moespec.build``. Raises :class:`ArtifactError` on any mismatch.
+
+    ``verify=False`` skips only the size and SHA-256 comparison, for files edited on purpose
+    (fine-tuned weights saved over ``model.safetensors``); it logs a warning saying so. Every
+    other check still runs.
     """
     from moespec.ops import registered_op_set  # (registers torch.ops.moespec.*)
     from moespec.runtime.build import build_layer
@@ -110,26 +120,29 @@ def load(path: str | Path, device: str | torch.device | None = None) -> MoELayer
 
     root = Path(path)
     manifest = read_manifest(root)
-    missing_ops = sorted(set(manifest["op_set"]) - set(registered_op_set()))
+    missing_ops = sorted(set(manifest.op_set) - set(registered_op_set()))
     if missing_ops:
         raise ArtifactError(
             f"{root}: the artifact uses ops this moespec {__version__} does not provide: "
-            f"{', '.join(missing_ops)} (built by moespec {manifest.get('moespec_version')}); rebuild it "
+            f"{', '.join(missing_ops)} (built by moespec {manifest.moespec_version}); rebuild it "
             "from its spec.lock.yaml with `moespec build`"
         )
-    if manifest.get("moespec_version") != __version__:
+    prints = verify_files(root, manifest, (LOCK, WEIGHTS)) if verify else {}
+    if not verify:
         log.warning(
-            "%s was built by moespec %s; loading with moespec %s",
+            "%s: verify=False: not comparing the sizes and sha256 of %s and %s with %s; "
+            "they load as they are (every other check still runs)",
             root,
-            manifest.get("moespec_version"),
-            __version__,
+            LOCK,
+            WEIGHTS,
+            MANIFEST,
         )
     loaded = load_spec(root / LOCK)
-    check_spec_hash(loaded.spec, manifest["spec_sha256"], root / LOCK)
+    check_spec_hash(loaded.spec, manifest.spec_sha256, root / LOCK)
     # On `device`, or target.device when None (TargetError if this machine has no such device).
-    seed = int(manifest.get("seed", 0))
-    module = build_layer(loaded.spec, layer=manifest["layer"], seed=seed, device=device)
-    state = read_weights(root / WEIGHTS, spec_sha256=manifest["spec_sha256"], layer=manifest["layer"])
+    module = build_layer(loaded.spec, layer=manifest.layer, seed=manifest.seed, device=device)
+    state = read_weights(root / WEIGHTS, spec_sha256=manifest.spec_sha256, layer=manifest.layer)
+    check_unchanged(root, prints)  # hash, then read: nothing was swapped in between
     check_state_dict(module, state, root / WEIGHTS)
     module.load_state_dict(state, strict=True)
     return module

@@ -3,7 +3,10 @@ expect that check's exact message (``moespec/runtime/load.py`` and the manifest 
 ``moespec/runtime/layout.py``).
 
 A test that breaks two things at once and matches the first message lets the second check
-go missing unnoticed; here every artifact differs from a good one in a single respect.
+go missing unnoticed; here every artifact differs from a good one in a single respect. A test
+that edits ``spec.lock.yaml`` or ``model.safetensors`` to reach a later check records the edited
+file's new size and sha256 in the manifest (:func:`record`), as a consistent forgery would, so
+the hash check (``tests/export/test_load_integrity.py``) does not answer first.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import moespec
+from moespec.runtime.layout import sha256_file
 
 # Two groups of identical shapes: the weights of one fit the other but for their metadata.
 SPEC: dict[str, Any] = {
@@ -65,14 +69,23 @@ def write_manifest(art: Path, data: Any) -> None:
     (art / "manifest.json").write_text(json.dumps(data), encoding="utf-8")
 
 
+def record(art: Path, name: str) -> None:
+    """Record file ``name``'s current size and sha256 in the manifest (a consistent edit)."""
+    m = manifest(art)
+    m["files"][name] = {"bytes": (art / name).stat().st_size, "sha256": sha256_file(art / name)}
+    write_manifest(art, m)
+
+
 def rewrite_weights(art: Path, edit: Edit) -> None:
-    """Rewrite model.safetensors after ``edit(tensors, metadata)`` changed them in place."""
+    """Rewrite model.safetensors after ``edit(tensors, metadata)`` changed them in place, and
+    record its new hash."""
     path = art / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     state = load_file(path)
     edit(state, meta)
     save_file(state, str(path), metadata=meta)
+    record(art, "model.safetensors")
 
 
 def load_error(art: Path) -> str:
@@ -145,19 +158,120 @@ def test_not_a_manifest(art: Path, edit: Callable[[dict], Any]) -> None:
     assert load_error(art) == expected
 
 
-@pytest.mark.parametrize("version", [2, "1", None])
-def test_format_version(art: Path, version: Any) -> None:
-    write_manifest(art, {**manifest(art), "format_version": version})
-    assert load_error(art) == (
-        f"{art / 'manifest.json'}: artifact format version {version!r} is newer than this moespec "
-        "reads (1); upgrade moespec"
+def _invalid(art: Path, *problems: str) -> str:
+    n = len(problems)
+    return (
+        f"{art / 'manifest.json'}: invalid manifest ({n} problem{'s' if n > 1 else ''}; rebuild the "
+        "artifact with `moespec build`)\n" + "\n".join(f"  {p}" for p in problems)
     )
 
 
-@pytest.mark.parametrize("key", ["spec_sha256", "layer", "op_set"])
+def test_newer_format_version(art: Path) -> None:
+    write_manifest(art, {**manifest(art), "format_version": 2})
+    assert load_error(art) == (
+        f"{art / 'manifest.json'}: artifact format version 2 is newer than this moespec reads (1); "
+        "upgrade moespec"
+    )
+
+
+def test_older_format_version(art: Path) -> None:
+    write_manifest(art, {**manifest(art), "format_version": 0})
+    assert load_error(art) == (
+        f"{art / 'manifest.json'}: artifact format version 0 is older than this moespec reads (1); "
+        "rebuild it from its spec.lock.yaml with `moespec build`"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("format_version", "1", "input should be a valid integer, got '1'"),
+        ("format_version", "x", "input should be a valid integer, got 'x'"),
+        ("format_version", None, "input should be a valid integer, got None"),
+        ("format_version", True, "input should be a valid integer, got True"),
+        ("format_version", 1.0, "input should be a valid integer, got 1.0"),
+        ("seed", "abc", "input should be a valid integer, got 'abc'"),
+        ("seed", -1, "input should be greater than or equal to 0, got -1"),
+        ("layer", "", "string should have at least 1 character, got ''"),
+        ("layer", 3, "input should be a valid string, got 3"),
+        ("op_set", "moespec::x", "input should be a valid list, got 'moespec::x'"),
+        ("spec_sha256", "ABC", "expected 64 lowercase hex digits, got 'ABC'"),
+        ("moespec_version", "new", "expected a version MAJOR.MINOR[.PATCH...], got 'new'"),
+        ("files", ["model.safetensors"], "input should be a valid dictionary, got ['model.safetensors']"),
+        ("target", "cpu", "input should be a valid dictionary, got 'cpu'"),
+    ],
+)
+def test_manifest_field_of_the_wrong_type(art: Path, key: str, value: Any, problem: str) -> None:
+    write_manifest(art, {**manifest(art), key: value})
+    assert load_error(art) == _invalid(art, f"{key}: {problem}")
+
+
+def test_manifest_file_entry_of_the_wrong_type(art: Path) -> None:
+    m = manifest(art)
+    m["files"]["model.safetensors"] = {"bytes": "12", "sha256": "0" * 64, "mtime": 0}
+    write_manifest(art, m)
+    assert load_error(art) == _invalid(
+        art,
+        "files.model.safetensors.bytes: input should be a valid integer, got '12'",
+        "files.model.safetensors.mtime: extra inputs are not permitted, got 0",
+    )
+
+
+def test_every_wrong_field_is_listed(art: Path) -> None:
+    write_manifest(art, {**manifest(art), "seed": "abc", "format_version": "x"})
+    assert load_error(art) == _invalid(
+        art,
+        "format_version: input should be a valid integer, got 'x'",
+        "seed: input should be a valid integer, got 'abc'",
+    )
+
+
+def test_unknown_manifest_fields_are_kept(art: Path) -> None:
+    write_manifest(art, {**manifest(art), "note": "fine-tuned on my data"})
+    assert moespec.load(art).d_model == 8
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["format_version", "moespec_version", "spec_name", "spec_sha256", "layer", "op_set", "seed", "files"],
+)
 def test_manifest_entry_missing(art: Path, key: str) -> None:
     write_manifest(art, {k: v for k, v in manifest(art).items() if k != key})
-    assert load_error(art) == f"{art / 'manifest.json'}: manifest has no {key!r} entry"
+    assert load_error(art) == _invalid(art, f"{key}: missing")
+
+
+# --- versions (moespec/runtime/manifest.py: check_versions) ----------------------------------
+
+
+@pytest.mark.parametrize("version", ["0.0.1", "0.2.0", "1.1.0"])
+def test_other_release_series_is_refused(art: Path, version: str) -> None:
+    # Until 0.1 the rule was "log and load"; the README promises an error instead (issue 19).
+    write_manifest(art, {**manifest(art), "moespec_version": version})
+    theirs = ".".join(version.split(".")[:2])
+    assert load_error(art) == (
+        f"{art / 'manifest.json'}: built by moespec {version}, a release series ({theirs}) other than "
+        f"this moespec {moespec.__version__} (0.1); rebuild it from its spec.lock.yaml with "
+        "`moespec build`, or load it with that moespec"
+    )
+
+
+@pytest.mark.parametrize("version", ["0.1.0", "0.1.99", "0.1.1.dev3"])
+def test_same_release_series_loads_without_a_warning(
+    art: Path, version: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert moespec.__version__.startswith("0.1.")
+    write_manifest(art, {**manifest(art), "moespec_version": version})
+    with caplog.at_level(logging.WARNING):
+        assert moespec.load(art).d_model == 8
+    assert caplog.messages == []
+
+
+def test_other_torch_version_is_provenance_only(art: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = manifest(art)
+    write_manifest(art, {**m, "versions": {**m["versions"], "torch": "1.0.0", "safetensors": "0.0.1"}})
+    with caplog.at_level(logging.WARNING):
+        assert moespec.load(art).d_model == 8
+    assert caplog.messages == []
 
 
 # --- moespec/runtime/load.py ---------------------------------------------------------------
@@ -171,15 +285,6 @@ def test_unknown_op(art: Path) -> None:
         f"moespec::a_b, moespec::warp_drive (built by moespec {m['moespec_version']}); rebuild it "
         "from its spec.lock.yaml with `moespec build`"
     )
-
-
-def test_other_moespec_version_is_logged_not_refused(art: Path, caplog: pytest.LogCaptureFixture) -> None:
-    write_manifest(art, {**manifest(art), "moespec_version": "0.0.1"})
-    with caplog.at_level(logging.WARNING):
-        assert moespec.load(art).d_model == 8
-    assert caplog.messages == [
-        f"{art} was built by moespec 0.0.1; loading with moespec {moespec.__version__}"
-    ]
 
 
 def test_manifest_hash_is_not_the_lock_files(art: Path) -> None:
@@ -197,6 +302,7 @@ def test_edited_lock_file(art: Path) -> None:
     text = lock.read_text(encoding="utf-8")
     assert text.count("temperature: 2.0\n") == 1
     lock.write_text(text.replace("temperature: 2.0\n", "temperature: 3.0\n"), encoding="utf-8")
+    record(art, "spec.lock.yaml")
     before, after = (
         f"{art / 'spec.lock.yaml'}: the resolved spec does not match the artifact (sha256 ",
         f"..., manifest says {manifest(art)['spec_sha256'][:12]}...); the lock file was edited. "
@@ -208,6 +314,7 @@ def test_edited_lock_file(art: Path) -> None:
 def test_truncated_weights(art: Path) -> None:
     path = art / "model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
+    record(art, "model.safetensors")
     assert re.fullmatch(re.escape(f"{path}: unreadable weights file (") + r".+\)", load_error(art))
 
 
@@ -234,6 +341,7 @@ def test_weights_metadata_layer(art: Path) -> None:
 def test_weights_of_the_other_layer(art: Path, built: dict[str, Path]) -> None:
     """The `late` group's weights (same spec, same shapes) in the `early` artifact."""
     shutil.copyfile(built["late"] / "model.safetensors", art / "model.safetensors")
+    record(art, "model.safetensors")
     assert load_error(art) == _weights_error(art, "layer 'late' is not 'early'")
 
 

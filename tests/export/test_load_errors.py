@@ -1,4 +1,8 @@
-"""`moespec.load` on broken artifacts: every problem is a clear ArtifactError, never a warning."""
+"""`moespec.load` on broken artifacts: every problem is a clear ArtifactError, never a warning.
+
+Edits that should reach a check behind the file hashes record the edited file's new size and
+sha256 in the manifest (:func:`_record`), so the hash check does not answer first.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import moespec
 from moespec.errors import SpecError
 from moespec.export.artifact import build_artifact
-from moespec.runtime.layout import ArtifactError
+from moespec.runtime.layout import ArtifactError, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "specs" / "debug-tiny.yaml"
@@ -32,6 +36,13 @@ def art(pristine: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(pristine, tmp_path / "art"))
 
 
+def _record(art: Path, name: str) -> None:
+    path = art / "manifest.json"
+    m = json.loads(path.read_text())
+    m["files"][name] = {"bytes": (art / name).stat().st_size, "sha256": sha256_file(art / name)}
+    path.write_text(json.dumps(m))
+
+
 def _rewrite_weights(art: Path, edit) -> None:
     from safetensors import safe_open
 
@@ -41,6 +52,7 @@ def _rewrite_weights(art: Path, edit) -> None:
     state = load_file(path)
     edit(state, meta)
     save_file(state, str(path), metadata=meta)
+    _record(art, "model.safetensors")
 
 
 def test_loads_when_intact(art: Path):
@@ -97,6 +109,7 @@ def test_weights_of_another_artifact(art: Path):
 def test_truncated_weights(art: Path):
     path = art / "model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
+    _record(art, "model.safetensors")
     with pytest.raises(ArtifactError, match="unreadable weights file"):
         moespec.load(art)
 
@@ -104,6 +117,7 @@ def test_truncated_weights(art: Path):
 def test_edited_lock_file(art: Path):
     lock = art / "spec.lock.yaml"
     lock.write_text(lock.read_text().replace("d_ff: 64", "d_ff: 48"))
+    _record(art, "spec.lock.yaml")
     with pytest.raises(ArtifactError, match="lock file was edited"):
         moespec.load(art)
 
@@ -111,6 +125,7 @@ def test_edited_lock_file(art: Path):
 def test_lock_file_made_invalid(art: Path):
     lock = art / "spec.lock.yaml"
     lock.write_text(lock.read_text().replace("k: 2", "k: 0"))
+    _record(art, "spec.lock.yaml")
     with pytest.raises(SpecError) as ei:
         moespec.load(art)
     assert "spec.lock.yaml:" in ei.value.format() and "layer.router.k" in ei.value.format()
@@ -122,7 +137,10 @@ def test_lock_file_made_invalid(art: Path):
         (lambda m: "{not json", "unreadable manifest"),
         (lambda m: json.dumps({**m, "format": "other"}), "not a moespec artifact manifest"),
         (lambda m: json.dumps({**m, "format_version": 99}), "format version 99 is newer"),
-        (lambda m: json.dumps({k: v for k, v in m.items() if k != "layer"}), "no 'layer' entry"),
+        (
+            lambda m: json.dumps({k: v for k, v in m.items() if k != "layer"}),
+            "invalid manifest.*\n  layer: missing",
+        ),
         (lambda m: json.dumps({**m, "op_set": [*m["op_set"], "moespec::warp_drive"]}), "warp_drive"),
     ],
 )
@@ -133,8 +151,9 @@ def test_bad_manifest(art: Path, edit, match: str):
         moespec.load(art)
 
 
-def test_other_moespec_version_logs(art: Path, caplog):
+def test_other_moespec_release_series_is_refused(art: Path):
+    # Once logged and loaded; an error since issue 19 (the README's "never a warning").
     path = art / "manifest.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "moespec_version": "0.0.1"}))
-    assert moespec.load(art).d_model == 32
-    assert "built by moespec 0.0.1" in caplog.text
+    with pytest.raises(ArtifactError, match=r"built by moespec 0\.0\.1, a release series \(0\.0\) other"):
+        moespec.load(art)
