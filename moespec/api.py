@@ -24,6 +24,7 @@ def build(
     seed: int = 0,
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
+    allow_large: bool = False,
 ) -> MoELayer:
     """Build the MoE layer a spec describes (``layer`` picks a group when there are several).
 
@@ -31,9 +32,14 @@ def build(
     syntax. ``seed`` seeds the weight init; ``generator`` drives jitter, noise and random
     policies (the global RNG when None). The layer goes on ``device``, or on ``target.device``
     when None; :class:`~moespec.errors.TargetError` if this machine cannot run the target.
+    A layer whose weights would not fit in this machine's memory is refused before anything
+    is allocated (:class:`~moespec.errors.BuildError` with the estimate), unless
+    ``allow_large``.
     """
     loaded = load_spec(spec, overrides)
-    return build_layer(loaded.spec, layer=layer, seed=seed, generator=generator, device=device)
+    return build_layer(
+        loaded.spec, layer=layer, seed=seed, generator=generator, device=device, allow_large=allow_large
+    )
 
 
 def set_step(model: nn.Module, step: int) -> None:

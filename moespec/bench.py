@@ -20,6 +20,7 @@ import torch
 from moespec.api import BuildError, build
 from moespec.explain import human
 from moespec.runtime.layer import MoELayer
+from moespec.runtime.memory import activation_bytes, check_fits
 
 # (pass name, step index, steps in the pass) -> None; the CLI drives a progress bar with it.
 Progress = Callable[[str, int, int], None]
@@ -91,10 +92,19 @@ def bench_layer(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: Progress | None = None,
+    allow_large: bool = False,
 ) -> BenchResult:
-    """Time ``module`` on ``tokens`` random tokens; see the module docstring for what is timed."""
+    """Time ``module`` on ``tokens`` random tokens; see the module docstring for what is timed.
+    Refused before allocating when the activations may not fit in memory, unless
+    ``allow_large``."""
     if tokens < 1 or repeat < 1 or warmup < 0:
         raise ValueError("bench needs tokens >= 1, repeat >= 1 and warmup >= 0")
+    check_fits(
+        f"benchmarking {tokens} tokens",
+        activation_bytes(module.ir, tokens),
+        allow_large=allow_large,
+        hint="use fewer --tokens",
+    )
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -156,6 +166,7 @@ def layer_for_bench(
     layer: str | None,
     seed: int,
     device: str | None = None,
+    allow_large: bool = False,
 ) -> tuple[MoELayer, str, str]:
     """``(module, spec name, device)`` for a spec file or an artifact directory; the module is
     built on ``device`` (``target.device`` if None, checked against this machine)."""
@@ -169,10 +180,10 @@ def layer_for_bench(
         if overrides or layer:
             raise BuildError(f"{path}: an artifact directory takes no overrides or --layer")
         manifest = read_manifest(path)
-        module = load(path, device=device)
+        module = load(path, device=device, allow_large=allow_large)
         return module, manifest.spec_name, device or manifest.target.get("device", "cpu")
     loaded = load_spec(path, overrides)
-    module = build(loaded, layer=layer, seed=seed, device=device)
+    module = build(loaded, layer=layer, seed=seed, device=device, allow_large=allow_large)
     return module, loaded.spec.name, device or loaded.spec.target.device
 
 

@@ -154,7 +154,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     if isinstance(one, int):
         return one
     spec, overrides = one
-    art = build_artifact(spec, args.output, overrides, layer=args.layer, seed=args.seed, force=args.force)
+    art = build_artifact(
+        spec, args.output, overrides, layer=args.layer, seed=args.seed, force=args.force,
+        allow_large=args.allow_large,
+    )  # fmt: skip
     print(f"wrote {art.path}/: {', '.join(sorted(p.name for p in art.path.iterdir()))}")
     sys.stdout.write(summary_text(art.report))
     return 0
@@ -189,7 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.repeat < 1 or args.warmup < 0:
         return _usage("moespec bench: --tokens and --repeat must be >= 1, --warmup >= 0")
     module, name, device = layer_for_bench(
-        spec, overrides, layer=args.layer, seed=args.seed, device=args.device
+        spec, overrides, layer=args.layer, seed=args.seed, device=args.device, allow_large=args.allow_large
     )
     with _bench_progress(not args.json and sys.stderr.isatty()) as bar:
         tasks: dict[str, object] = {}
@@ -208,6 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=device,
             seed=args.seed,
             progress=progress,
+            allow_large=args.allow_large,
         )
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layer", help="layer group to build (required when the spec has several)")
     b.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation (default: 0)")
     b.add_argument("--force", action="store_true", help="replace DIR if it is an existing artifact")
+    b.add_argument(
+        "--allow-large", action="store_true", help="build even if the weights may not fit in memory"
+    )
     b.set_defaults(func=cmd_build)
 
     bn = sub.add_parser("bench", help="time forward and forward+backward of a built layer here")
@@ -269,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--layer", help="layer group to build (required when the spec has several)")
     bn.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
     bn.add_argument("--device", help="cpu or cuda (default: the spec's target.device)")
+    bn.add_argument(
+        "--allow-large", action="store_true", help="run even if weights or activations may not fit in memory"
+    )
     bn.add_argument("--json", action="store_true", help="machine-readable output")
     bn.set_defaults(func=cmd_bench)
     return p

@@ -59,11 +59,22 @@ def _init_declared(t: Tensor, p: ParamNode, gen: torch.Generator) -> None:
 def init_params(
     table: tuple[ParamNode, ...], *, generator: torch.Generator, dtype: torch.dtype = torch.float32
 ) -> dict[str, Tensor]:
-    """``{name: tensor}`` for every entry of ``table``, in table order (see the module docstring)."""
-    out = {p.name: torch.empty(p.shape, dtype=torch.float32) for p in table}
+    """``{name: tensor}`` for every entry of ``table``, in table order (see the module docstring).
+
+    Each tensor is drawn in fp32 and cast to ``dtype`` at once, so the peak memory is the
+    layer in ``dtype`` plus one fp32 tensor, not the whole layer in fp32; the draws (and so the
+    weights for a seed) are the same as drawing everything in fp32 first."""
+    keep = {p.name for p in table if p.controller}
+
+    def final(p: ParamNode, t: Tensor) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() and p.name not in keep else t
+
+    out: dict[str, Tensor] = {}
     for p in table:  # FFN tensors draw first, in table order
         if p.init == "ffn":
-            _init_ffn(out[p.name], p, generator)
+            t = torch.empty(p.shape, dtype=torch.float32)
+            _init_ffn(t, p, generator)
+            out[p.name] = final(p, t)
     for p in table:
         if p.init == "ffn":
             continue
@@ -72,13 +83,12 @@ def init_params(
             # table keeps its dtype.
             fixed = p.value()
             assert tuple(fixed.shape) == tuple(p.shape), f"{p.name}: value shape {tuple(fixed.shape)}"
-            out[p.name] = fixed if not fixed.is_floating_point() else fixed.to(torch.float32)
+            out[p.name] = final(p, fixed if not fixed.is_floating_point() else fixed.to(torch.float32))
             continue
-        _init_declared(out[p.name], p, generator)
-    keep = {p.name for p in table if p.controller}
-    return {
-        name: t.to(dtype) if t.is_floating_point() and name not in keep else t for name, t in out.items()
-    }
+        t = torch.empty(p.shape, dtype=torch.float32)
+        _init_declared(t, p, generator)
+        out[p.name] = final(p, t)
+    return {p.name: out[p.name] for p in table}
 
 
 def init_layer_params(

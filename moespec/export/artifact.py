@@ -177,6 +177,7 @@ def build_artifact(
     layer: str | None = None,
     seed: int = 0,
     force: bool = False,
+    allow_large: bool = False,
 ) -> Artifact:
     """Build the layer a spec describes and write its artifact directory ``out_dir``.
 
@@ -188,7 +189,7 @@ def build_artifact(
     _check_target(out, force)
     loaded = load_spec(spec, overrides)
     # Weights are made on the CPU: an artifact for a CUDA target can be written on a laptop.
-    module = build_layer(loaded.spec, layer=layer, seed=seed, device="cpu")
+    module = build_layer(loaded.spec, layer=layer, seed=seed, device="cpu", allow_large=allow_large)
     sha = spec_hash(loaded.spec)
     source = {
         "spec": str(spec) if isinstance(spec, (str, Path)) else None,

@@ -9,6 +9,7 @@ import torch
 from moespec.errors import BuildError
 from moespec.ir.build import build_program
 from moespec.runtime.layer import MoELayer
+from moespec.runtime.memory import check_layer_fits
 from moespec.runtime.target import check_runnable
 from moespec.spec.schema import Spec
 
@@ -20,10 +21,12 @@ def build_layer(
     seed: int = 0,
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
+    allow_large: bool = False,
 ) -> MoELayer:
     """The layer group ``layer`` of ``spec`` (the only one when None) with weights drawn from
     ``seed``, on ``device`` (``target.device`` when None; :class:`TargetError` if this machine
-    cannot run the target; :class:`BuildError` for an unknown or missing group name)."""
+    cannot run the target; :class:`BuildError` for an unknown or missing group name, or when
+    the weights would not fit in this machine's memory, unless ``allow_large``)."""
     program = build_program(spec)
     dev = check_runnable(program, device)
     names = [lay.name for lay in program.layers]
@@ -36,5 +39,6 @@ def build_layer(
     if name not in names:
         raise BuildError(f"no layer group {name!r}; the spec has {names}")
     ir = program.layers[names.index(name)]
+    check_layer_fits(ir, allow_large=allow_large)
     # Weights are drawn on the CPU whatever the device, so every device gets the same ones.
     return MoELayer(ir, seed=seed, generator=generator).to(dev)

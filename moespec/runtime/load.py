@@ -100,7 +100,13 @@ def read_weights(path: Path, *, spec_sha256: str, layer: str) -> dict[str, Tenso
     return state
 
 
-def load(path: str | Path, device: str | torch.device | None = None, *, verify: bool = True) -> MoELayer:
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    verify: bool = True,
+    allow_large: bool = False,
+) -> MoELayer:
     """The layer of the artifact directory ``path``, with its weights, on ``device`` (the spec's
     ``target.device`` if None; :class:`~moespec.errors.TargetError` if this machine lacks it).
 
@@ -112,7 +118,8 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify: 
 
     ``verify=False`` skips only the size and SHA-256 comparison, for files edited on purpose
     (fine-tuned weights saved over ``model.safetensors``); it logs a warning saying so. Every
-    other check still runs.
+    other check still runs. ``allow_large``: load even if the weights may not fit in memory
+    (refused with the estimate otherwise, before anything is allocated).
     """
     from moespec.ops import registered_op_set  # (registers torch.ops.moespec.*)
     from moespec.runtime.build import build_layer
@@ -140,7 +147,9 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify: 
     loaded = load_spec(root / LOCK)
     check_spec_hash(loaded.spec, manifest.spec_sha256, root / LOCK)
     # On `device`, or target.device when None (TargetError if this machine has no such device).
-    module = build_layer(loaded.spec, layer=manifest.layer, seed=manifest.seed, device=device)
+    module = build_layer(
+        loaded.spec, layer=manifest.layer, seed=manifest.seed, device=device, allow_large=allow_large
+    )
     state = read_weights(root / WEIGHTS, spec_sha256=manifest.spec_sha256, layer=manifest.layer)
     check_unchanged(root, prints)  # hash, then read: nothing was swapped in between
     check_state_dict(module, state, root / WEIGHTS)
