@@ -243,10 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ir", action="store_true", help="print the resolved IR instead")
     e.set_defaults(func=cmd_explain)
 
-    i = sub.add_parser("init", help="write a starter spec with the schema modeline")
+    i = sub.add_parser("init", help="write a starter spec with the schema modeline (parents created)")
     i.add_argument("path", nargs="?", default="moe.yaml", help="file to write (default: moe.yaml)")
     i.add_argument("--name", help="spec name (default: the file name)")
-    i.add_argument("--schema", help="schema path or URL for the modeline (default: the installed schema)")
+    i.add_argument(
+        "--schema",
+        help="schema path or URL for the modeline (default: the installed schema's absolute file:// URI, "
+        "so the spec can be moved)",
+    )
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     i.set_defaults(func=cmd_init)
 
