@@ -15,6 +15,7 @@ from pathlib import Path
 
 from moespec import __version__
 from moespec.errors import MoespecError, SpecError
+from moespec.outputs import write_text_atomic
 from moespec.spec.load import LoadedSpec, load_spec
 
 _BARE_KEY = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_0-9]+)+$")  # a.b.c, no "=", no "/"
@@ -86,7 +87,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     text = json_schema_text()
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        write_text_atomic(Path(args.output), text)
     else:
         sys.stdout.write(text)
     return 0
@@ -139,9 +140,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"{out}: already exists (use --force to overwrite)", file=sys.stderr)
         return 1
     text = starter_text(out, schema=args.schema, name=args.name or out.stem)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)  # atomic: never a half-written spec
+    write_text_atomic(out, text)  # parents created, never a half-written spec
     print(f"wrote {out}")
     return 0
 
@@ -248,10 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ir", action="store_true", help="print the resolved IR instead")
     e.set_defaults(func=cmd_explain)
 
-    i = sub.add_parser("init", help="write a starter spec with the schema modeline")
+    i = sub.add_parser("init", help="write a starter spec with the schema modeline (parents created)")
     i.add_argument("path", nargs="?", default="moe.yaml", help="file to write (default: moe.yaml)")
     i.add_argument("--name", help="spec name (default: the file name)")
-    i.add_argument("--schema", help="schema path or URL for the modeline (default: the installed schema)")
+    i.add_argument(
+        "--schema",
+        help="schema path or URL for the modeline (default: the installed schema's absolute file:// URI, "
+        "so the spec can be moved)",
+    )
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     i.set_defaults(func=cmd_init)
 
@@ -297,5 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except OSError as e:  # one no command turned into a MoespecError: still one line, with the path
+        if e.filename is None:
+            raise
+        print(f"moespec: error: {os.fsdecode(e.filename)}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

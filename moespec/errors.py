@@ -7,6 +7,7 @@ all of them at once, so a user fixes every problem in one pass.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,35 @@ class TargetError(BuildError):
 class ArtifactError(MoespecError):
     """An artifact directory cannot be written (target exists) or read (missing, corrupted,
     edited, or built for a different spec/layer)."""
+
+
+class OutputError(MoespecError):
+    """A file or directory could not be written: the operating system refused (permission
+    denied, not a directory, disk full, ...). ``path`` is what the user asked to write."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: cannot write: {reason}")
+
+    @classmethod
+    def from_os(cls, path: str | Path, err: OSError) -> OutputError:
+        """The error for ``err`` raised while writing ``path``; the OS's reason, plus the
+        file it concerned when that is not ``path`` itself or one of its hidden temporaries."""
+        reason = err.strerror or str(err) or type(err).__name__
+        name = err.filename
+        if name is not None and not _is_temp_of(Path(os.fsdecode(name)), Path(path)):
+            reason = f"{reason}: {os.fsdecode(name)}"
+        return cls(path, reason)
+
+
+def _is_temp_of(name: Path, path: Path) -> bool:
+    """``name`` is ``path``, inside it, or inside a hidden ``.NAME.*`` sibling moespec writes
+    first (saying so would only confuse: the user asked for ``path``)."""
+    if name == path or path in name.parents:
+        return True
+    temp = f".{path.name}."
+    return any(q.parent == path.parent and q.name.startswith(temp) for q in (name, *name.parents))
 
 
 class IRError(MoespecError):

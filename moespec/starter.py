@@ -1,8 +1,13 @@
-"""``moespec init``: a commented starter spec with the yaml-language-server modeline."""
+"""``moespec init``: a commented starter spec with the yaml-language-server modeline.
+
+The modeline points at the installed schema by absolute ``file://`` URI, not by a path
+relative to the new file: the spec keeps its editor support when it is moved or copied
+elsewhere (a relative path broke on the first move). ``--schema`` writes any path or URL
+instead (e.g. a schema committed beside the project's specs).
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from moespec.resources import schema_path
@@ -39,8 +44,9 @@ target:
 
 
 def starter_text(out: Path, *, schema: str | None, name: str) -> str:
-    """The starter spec for ``out``; the modeline points at ``schema`` or the installed schema."""
+    """The starter spec for ``out``; the modeline points at ``schema`` or, by absolute URI,
+    the installed schema."""
     if schema is None:
-        schema = os.path.relpath(schema_path(), out.resolve().parent)
+        schema = schema_path().resolve().as_uri()
     safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name).lstrip("_.-") or "moe"
     return STARTER.format(schema=schema, file=out.name, name=safe)

@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
 
 from moespec.cli import main
+from moespec.resources import schema_path
 from moespec.spec.jsonschema import json_schema_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,14 +74,32 @@ def test_init_writes_a_valid_spec_and_refuses_to_overwrite(capsys, tmp_path: Pat
     assert main(["init", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# yaml-language-server: $schema=")
-    schema_ref = text.splitlines()[0].split("$schema=")[1]
-    assert (out.parent / schema_ref).resolve().is_file()
+    assert _modeline_schema(out) == schema_path().resolve()
     assert main(["validate", str(out)]) == 0
     assert main(["init", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(["init", str(out), "--force", "--schema", "https://x/s.json", "--name", "n"]) == 0
     assert out.read_text().startswith("# yaml-language-server: $schema=https://x/s.json")
     assert list(tmp_path.iterdir()) == [out]  # no temp file left behind
+
+
+def _modeline_schema(spec: Path) -> Path:
+    """The file a spec's modeline names, resolved as yaml-language-server does: a URI as it
+    is, a plain path relative to the spec's directory."""
+    ref = spec.read_text().splitlines()[0].split("$schema=")[1]
+    if ref.startswith("file://"):
+        return Path(url2pathname(urlparse(ref).path))
+    return (spec.parent / ref).resolve()
+
+
+def test_init_modeline_survives_moving_the_file(tmp_path: Path):
+    out = tmp_path / "a" / "moe.yaml"
+    assert main(["init", str(out)]) == 0
+    moved = tmp_path / "elsewhere" / "deeper" / "renamed.yaml"
+    moved.parent.mkdir(parents=True)
+    out.rename(moved)
+    assert _modeline_schema(moved) == schema_path().resolve()
+    assert _modeline_schema(moved).is_file()
 
 
 def test_usage_error_exit_code():

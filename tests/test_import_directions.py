@@ -25,6 +25,7 @@ LAYERS = (
     ("moespec.export", "export"),
     ("moespec.errors", "base"),
     ("moespec.resources", "base"),
+    ("moespec.outputs", "base"),
 )
 BELOW = {
     "base": set(),

@@ -10,11 +10,9 @@ is not empty), so a mistyped ``-o`` cannot delete unrelated files.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from moespec.errors import ArtifactError
 from moespec.export.render import render_module
 from moespec.export.report import report_data, report_text, used_op_set
 from moespec.ir.build import spec_hash
+from moespec.outputs import make_parents, remove_created, temp_sibling, writing
 from moespec.runtime import layout as L
 from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
@@ -182,8 +181,10 @@ def build_artifact(
     """Build the layer a spec describes and write its artifact directory ``out_dir``.
 
     Raises :class:`~moespec.errors.SpecError` for an invalid spec, ``BuildError`` for an
-    unknown or missing layer name and :class:`ArtifactError` if ``out_dir`` exists (unless
-    ``force``). Nothing is left on disk when it raises.
+    unknown or missing layer name, :class:`ArtifactError` if ``out_dir`` exists (unless
+    ``force``) and :class:`~moespec.errors.OutputError` when the operating system refuses a
+    write (read-only directory, a parent that is a file, disk full). Nothing is left on disk
+    when it raises.
     """
     out = Path(out_dir)
     _check_target(out, force)
@@ -195,20 +196,18 @@ def build_artifact(
         "spec": str(spec) if isinstance(spec, (str, Path)) else None,
         "overrides": list(overrides),
     }
-    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(out)
     # mkdir (not mkdtemp) so the directory gets the usual umask permissions, not 0700.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = temp_sibling(out)
     try:
-        manifest, report = _write_files(tmp, loaded, module, sha, seed, source)
-        _check_target(out, force)  # it may have appeared while we were writing
-        _swap_into_place(tmp, out)
+        with writing(out):  # permission denied, disk full, ...: an OutputError naming `out`
+            tmp.mkdir()
+            manifest, report = _write_files(tmp, loaded, module, sha, seed, source)
+            _check_target(out, force)  # it may have appeared while we were writing
+            _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:  # innermost first; only the ones this call created, if empty
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        remove_created(created)  # only the parents this call created, if empty
         raise
     log.info("wrote artifact %s (spec %s, layer %s)", out, loaded.spec.name, module.ir.name)
     return Artifact(out, manifest, report)

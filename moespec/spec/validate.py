@@ -7,12 +7,19 @@ passed the schema, and all of them run, so every problem is reported at once.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator
 
 from moespec.spec.routers.base import Path, Problem
 from moespec.spec.schedules import curve_values, round_half_away
-from moespec.spec.schema import LayerSpec, Spec
+from moespec.spec.schema import LayerSpec, Spec, inner_d_model
+
+MAX_NUMEL = 2**63 - 1  # a tensor's element count is an int64
+
+# One tensor the layer would hold: its name, shape, and the spec fields (path, value) its
+# size comes from; an oversized tensor is blamed on the largest of them.
+Tensor = tuple[str, tuple[int, ...], list[tuple[Path, int]]]
 
 
 def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
@@ -36,6 +43,7 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
                 ),
             )
     yield from _check_schedules(layer, at)
+    yield from _check_sizes(spec, layer, at)
     router_dtype = layer.router.own_dtype
     if router_dtype is not None:
         yield from _check_dtype(spec, router_dtype, (*at, "router", "dtype"))
@@ -55,6 +63,50 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
             ("placement", "mapping"),
             (f"explicit mapping lists {len(mapping)} ranks but the layer has {n_ffn} routed FFN experts"),
         )
+
+
+def _tensors(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Tensor]:
+    """The layer's largest tensors by shape (the parameter table of ``moespec.ir.params``,
+    which spec/ may not import, reduced to what can grow: weights, not biases)."""
+    d = inner_d_model(layer, spec.d_model)
+    dm: tuple[Path, int] = (("d_model",), spec.d_model)
+    ex = layer.experts
+    counts = [((*at, "experts", "routed", g, "count"), grp.count) for g, grp in enumerate(ex.routed)]
+    counts += [
+        ((*at, "experts", "zero_compute", z, "count"), zc.count) for z, zc in enumerate(ex.zero_compute)
+    ]
+    own = [((*at, "router", k), v) for k, v in layer.router if type(v) is int]
+    for name, p in layer.router.params(layer, d).items():
+        # Its dimensions are d_model, the number of experts (the counts add up) or its own fields.
+        yield name, p.shape, [f for f in [dm, *own] if f[1] in p.shape] + counts
+    for g, grp in enumerate(ex.routed):
+        where = (*at, "experts", "routed", g)
+        blame = [((*where, "count"), grp.count), ((*where, "d_ff"), grp.d_ff), dm]
+        yield f"experts.{g}.w_up", (grp.n_experts, grp.width, d), blame
+    if ex.shared is not None:
+        where = (*at, "experts", "shared")
+        blame = [((*where, "count"), ex.shared.count), ((*where, "d_ff"), ex.shared.d_ff), dm]
+        yield "shared.w_up", (ex.shared.count, ex.shared.d_ff, d), blame
+    for z, zc in enumerate(ex.zero_compute):
+        if zc.kind == "constant":
+            yield f"zero_compute.{z}.w_c", (zc.count, 2, d), [counts[len(ex.routed) + z], dm]
+    if layer.multi_head is not None:
+        yield "multi_head.w_in", (spec.d_model, spec.d_model), [dm]
+
+
+def _check_sizes(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
+    """Every tensor must have at most 2^63 - 1 elements, or building it fails (OverflowError).
+    An oversized tensor is blamed on its largest field; each field is reported once, with
+    the largest tensor it makes too big."""
+    worst: dict[Path, tuple[int, str, int]] = {}
+    for name, shape, blame in _tensors(spec, layer, at):
+        numel = math.prod(shape)
+        if numel > MAX_NUMEL:
+            path, value = max(blame, key=lambda f: f[1])
+            worst[path] = max(worst.get(path, (0, "", 0)), (numel, name, value))
+    for path, (numel, name, value) in worst.items():
+        message = f"{path[-1]}={value} makes {name} {numel:.3g} elements, more than a tensor can hold"
+        yield path, f"{message} (2^63 - 1)"
 
 
 def lowering_inputs(layer: LayerSpec) -> list[str]:

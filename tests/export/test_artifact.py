@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import moespec
+from moespec.errors import OutputError
 from moespec.explain import explain_data
 from moespec.export import artifact
 from moespec.export.artifact import build_artifact
@@ -174,9 +175,9 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(artifact, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="art: cannot write: disk full"):
         build_artifact(TINY, tmp_path / "art")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="art: cannot write: disk full"):
         build_artifact(TINY, tmp_path / "new" / "parents" / "art")
     assert _entries(tmp_path) == []  # no artifact, no temporary directory, no created parents
 
