@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from moespec import __version__
@@ -287,9 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is so that cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``moespec`` console script."""
+    """Entry point of the ``moespec`` console script. SIGTERM is handled like SIGINT: the
+    work in progress cleans up (a build removes its temporary folder) and the exit code is
+    143 (130 for SIGINT)."""
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return args.func(args)
     except SpecError as e:
@@ -307,3 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from moespec import __version__
 from moespec.errors import ArtifactError
 from moespec.export.render import render_module
 from moespec.export.report import report_data, report_text, used_op_set
+from moespec.export.swap import recover, swap_into_place
 from moespec.ir.build import spec_hash
 from moespec.outputs import make_parents, remove_created, temp_sibling, writing
 from moespec.runtime import layout as L
@@ -152,22 +152,6 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
     return manifest, report
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first, then removed."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)  # put the previous artifact back
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_artifact(
     spec: str | Path | dict | Spec | LoadedSpec,
     out_dir: str | Path,
@@ -184,9 +168,12 @@ def build_artifact(
     unknown or missing layer name, :class:`ArtifactError` if ``out_dir`` exists (unless
     ``force``) and :class:`~moespec.errors.OutputError` when the operating system refuses a
     write (read-only directory, a parent that is a file, disk full). Nothing is left on disk
-    when it raises.
+    when it raises, nor after SIGINT or SIGTERM (the CLI turns SIGTERM into the same clean
+    exit); a SIGKILLed build's folders are removed by the next build into ``out``
+    (:mod:`moespec.export.swap`).
     """
     out = Path(out_dir)
+    recover(out)  # folders of killed builds into `out` (a stranded previous artifact goes back)
     _check_target(out, force)
     loaded = load_spec(spec, overrides)
     # Weights are made on the CPU: an artifact for a CUDA target can be written on a laptop.
@@ -204,7 +191,7 @@ def build_artifact(
             tmp.mkdir()
             manifest, report = _write_files(tmp, loaded, module, sha, seed, source)
             _check_target(out, force)  # it may have appeared while we were writing
-            _swap_into_place(tmp, out)
+            swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_created(created)  # only the parents this call created, if empty

@@ -1,6 +1,7 @@
 """Putting a finished artifact in place without ever leaving a half-written or missing one.
 
-- The artifact is written into ``.NAME.tmp-PID-RAND`` beside ``NAME`` (:func:`temp_dir`).
+- The artifact is written into ``.NAME.tmp-PID-RAND`` beside ``NAME``
+  (:func:`moespec.outputs.temp_sibling`).
 - It replaces an existing ``NAME`` in one atomic step where the OS allows it: Linux's
   ``renameat2(RENAME_EXCHANGE)`` swaps the two directories, then the old one (now at the
   temporary name) is removed. Elsewhere, ``NAME`` is renamed aside to ``.NAME.old-PID-RAND``
@@ -20,19 +21,15 @@ import ctypes.util
 import logging
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
+
+from moespec.outputs import temp_sibling
 
 log = logging.getLogger(__name__)
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
-
-
-def temp_dir(out: Path, kind: str = "tmp") -> Path:
-    """``.NAME.<kind>-PID-RAND`` beside ``out`` (not created)."""
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _alive(pid: int) -> bool:
@@ -88,7 +85,7 @@ def swap_into_place(tmp: Path, out: Path) -> None:
     if _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous artifact
         return
-    old = temp_dir(out, "old")
+    old = temp_sibling(out, "old")
     old.mkdir()
     os.replace(out, old / out.name)
     try:
