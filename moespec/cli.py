@@ -157,7 +157,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     spec, overrides = one
     art = build_artifact(
         spec, args.output, overrides, layer=args.layer, seed=args.seed, force=args.force,
-        allow_large=args.allow_large,
+        allow_large=args.allow_large, meta=args.meta,
     )  # fmt: skip
     print(f"wrote {art.path}/: {', '.join(sorted(p.name for p in art.path.iterdir()))}")
     sys.stdout.write(summary_text(art.report))
@@ -268,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace DIR if it is an existing artifact")
     b.add_argument(
         "--allow-large", action="store_true", help="build even if the weights may not fit in memory"
+    )
+    b.add_argument(
+        "--meta",
+        action="store_true",
+        help="write the weights one tensor at a time without holding the layer (same file; for "
+        "layers larger than this machine's memory)",
     )
     b.set_defaults(func=cmd_build)
 

@@ -11,6 +11,7 @@ their dtype and running controllers' state stays fp32.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -56,25 +57,29 @@ def _init_declared(t: Tensor, p: ParamNode, gen: torch.Generator) -> None:
         t.normal_(0.0, DEFAULT_STD, generator=gen)
 
 
-def init_params(
-    table: tuple[ParamNode, ...], *, generator: torch.Generator, dtype: torch.dtype = torch.float32
-) -> dict[str, Tensor]:
-    """``{name: tensor}`` for every entry of ``table``, in table order (see the module docstring).
-
-    Each tensor is drawn in fp32 and cast to ``dtype`` at once, so the peak memory is the
-    layer in ``dtype`` plus one fp32 tensor, not the whole layer in fp32; the draws (and so the
-    weights for a seed) are the same as drawing everything in fp32 first."""
+def draw_params(
+    table: tuple[ParamNode, ...],
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    cast: bool = True,
+) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` for every entry of ``table`` in draw order: FFN tensors first, then
+    the others, each in table order. Each tensor is drawn in fp32 and cast to ``dtype`` at
+    once (integer tables keep their dtype, running controllers stay fp32), so a caller that
+    consumes them one by one (:func:`moespec.export.weights.write_streaming`) holds one fp32
+    tensor at a time. ``cast=False`` yields the fp32 draws uncast (the caller casts, e.g.
+    slice by slice while writing)."""
     keep = {p.name for p in table if p.controller}
 
     def final(p: ParamNode, t: Tensor) -> Tensor:
-        return t.to(dtype) if t.is_floating_point() and p.name not in keep else t
+        return t.to(dtype) if cast and t.is_floating_point() and p.name not in keep else t
 
-    out: dict[str, Tensor] = {}
-    for p in table:  # FFN tensors draw first, in table order
+    for p in table:
         if p.init == "ffn":
             t = torch.empty(p.shape, dtype=torch.float32)
             _init_ffn(t, p, generator)
-            out[p.name] = final(p, t)
+            yield p.name, final(p, t)
     for p in table:
         if p.init == "ffn":
             continue
@@ -83,12 +88,35 @@ def init_params(
             # table keeps its dtype.
             fixed = p.value()
             assert tuple(fixed.shape) == tuple(p.shape), f"{p.name}: value shape {tuple(fixed.shape)}"
-            out[p.name] = final(p, fixed if not fixed.is_floating_point() else fixed.to(torch.float32))
+            yield p.name, final(p, fixed if not fixed.is_floating_point() else fixed.to(torch.float32))
             continue
         t = torch.empty(p.shape, dtype=torch.float32)
         _init_declared(t, p, generator)
-        out[p.name] = final(p, t)
+        yield p.name, final(p, t)
+
+
+def init_params(
+    table: tuple[ParamNode, ...], *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """``{name: tensor}`` for every entry of ``table``, in table order (:func:`draw_params`:
+    the peak memory is the layer in ``dtype`` plus one fp32 tensor, not the whole layer in
+    fp32; the weights for a seed are the same as drawing everything in fp32 first)."""
+    out = dict(draw_params(table, generator=generator, dtype=dtype))
     return {p.name: out[p.name] for p in table}
+
+
+def meta_params(table: tuple[ParamNode, ...], *, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """The tensors :func:`init_params` would make, on the ``meta`` device (shapes and dtypes,
+    no storage): a layer whose weights are written without being held (``moespec build
+    --meta``)."""
+    out = {}
+    for p in table:
+        dt = torch.float32 if p.controller else dtype
+        if p.value is not None and p.init != "ffn":
+            fixed = p.value()  # small (a table, a constant): its dtype decides
+            dt = fixed.dtype if not fixed.is_floating_point() else dt
+        out[p.name] = torch.empty(p.shape, dtype=dt, device="meta")
+    return out
 
 
 def init_layer_params(

@@ -29,6 +29,7 @@ from moespec.errors import ArtifactError
 from moespec.export.render import render_module
 from moespec.export.report import report_data, report_text, used_op_set
 from moespec.export.swap import recover, swap_into_place
+from moespec.export.weights import write_streaming
 from moespec.ir.build import spec_hash
 from moespec.outputs import make_parents, remove_created, temp_sibling, writing
 from moespec.runtime import layout as L
@@ -82,6 +83,10 @@ def _weights(module: MoELayer) -> dict[str, torch.Tensor]:
     return out
 
 
+def _is_meta(module: MoELayer) -> bool:
+    return any(t.device.type == "meta" for t in module.state_dict().values())
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -127,7 +132,10 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
     for name, text in texts.items():
         (tmp / name).write_text(text, encoding="utf-8")
     meta = {"moespec_version": __version__, "spec_sha256": sha, "layer": layer, "format": L.LAYOUT}
-    save_file(_weights(module), str(tmp / L.WEIGHTS), metadata=meta)
+    if _is_meta(module):  # `--meta`: draw, write and free one tensor at a time
+        write_streaming(tmp / L.WEIGHTS, module, seed, meta)
+    else:
+        save_file(_weights(module), str(tmp / L.WEIGHTS), metadata=meta)
     (tmp / L.WEIGHTS).chmod(0o666 & ~_umask())  # safetensors creates it 0600
     files = sorted(p.name for p in tmp.iterdir())
     manifest = {
@@ -161,6 +169,7 @@ def build_artifact(
     seed: int = 0,
     force: bool = False,
     allow_large: bool = False,
+    meta: bool = False,
 ) -> Artifact:
     """Build the layer a spec describes and write its artifact directory ``out_dir``.
 
@@ -177,7 +186,11 @@ def build_artifact(
     _check_target(out, force)
     loaded = load_spec(spec, overrides)
     # Weights are made on the CPU: an artifact for a CUDA target can be written on a laptop.
-    module = build_layer(loaded.spec, layer=layer, seed=seed, device="cpu", allow_large=allow_large)
+    # `meta`: the layer holds shapes only and the weights are written one tensor at a time
+    # (the same tensors as without it).
+    module = build_layer(
+        loaded.spec, layer=layer, seed=seed, device="cpu", allow_large=allow_large, meta=meta
+    )
     sha = spec_hash(loaded.spec)
     source = {
         "spec": str(spec) if isinstance(spec, (str, Path)) else None,

@@ -22,11 +22,14 @@ def build_layer(
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
     allow_large: bool = False,
+    meta: bool = False,
 ) -> MoELayer:
     """The layer group ``layer`` of ``spec`` (the only one when None) with weights drawn from
     ``seed``, on ``device`` (``target.device`` when None; :class:`TargetError` if this machine
     cannot run the target; :class:`BuildError` for an unknown or missing group name, or when
-    the weights would not fit in this machine's memory, unless ``allow_large``)."""
+    the weights would not fit in this machine's memory, unless ``allow_large``). ``meta``:
+    weights on the meta device, for :func:`moespec.export.artifact.build_artifact`'s
+    streamed write."""
     program = build_program(spec)
     dev = check_runnable(program, device)
     names = [lay.name for lay in program.layers]
@@ -39,6 +42,8 @@ def build_layer(
     if name not in names:
         raise BuildError(f"no layer group {name!r}; the spec has {names}")
     ir = program.layers[names.index(name)]
-    check_layer_fits(ir, allow_large=allow_large)
+    check_layer_fits(ir, allow_large=allow_large, meta=meta)
+    if meta:  # shapes only: the artifact writer draws and writes the weights one at a time
+        return MoELayer(ir, seed=seed, generator=generator, meta=True)
     # Weights are drawn on the CPU whatever the device, so every device gets the same ones.
     return MoELayer(ir, seed=seed, generator=generator).to(dev)

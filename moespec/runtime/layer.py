@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from moespec.common.dtypes import TORCH_DTYPES
-from moespec.common.params import init_params
+from moespec.common.params import init_params, meta_params
 from moespec.common.rng import gumbel, normal, uniform
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.aux import AuxLossAndStats
@@ -59,14 +59,22 @@ class MoELayer(nn.Module):
     ``tokens_per_expert`` (after capacity), ``dropped_fraction``, ``router_entropy``,
     ``load_ratio`` (max/min routed load)."""
 
-    def __init__(self, ir: MoELayerNode, *, seed: int = 0, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, ir: MoELayerNode, *, seed: int = 0, generator: torch.Generator | None = None, meta: bool = False
+    ) -> None:
         """The layer the IR describes, with fresh weights drawn from ``seed``; ``generator``
-        drives jitter, noise and random policies (the global RNG when None)."""
+        drives jitter, noise and random policies (the global RNG when None). ``meta``: the
+        weights stay on the ``meta`` device (shapes only; the artifact writer then draws and
+        writes them one at a time, ``moespec build --meta``); such a layer cannot run."""
         super().__init__()
         self.d_model, self.dtype = ir.d_model, TORCH_DTYPES[ir.dtype]
         self.generator = generator
         init_gen = torch.Generator().manual_seed(seed)
-        params = init_params(ir.params, generator=init_gen, dtype=self.dtype)
+        params = (
+            meta_params(ir.params, dtype=self.dtype)
+            if meta
+            else init_params(ir.params, generator=init_gen, dtype=self.dtype)
+        )
         for p in ir.params:
             _set(self, p.name, params[p.name], buffer=p.buffer)
         object.__setattr__(self, "_controllers", tuple(p.name for p in ir.params if p.controller))

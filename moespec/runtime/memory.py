@@ -17,12 +17,16 @@ from moespec.errors import BuildError
 from moespec.ir.nodes import MoELayerNode
 from moespec.spec.base import BYTES_PER_DTYPE
 
+WRITE_SLICE = 1 << 24  # elements cast and written at a time by a streamed write (`--meta`)
+
 # Refuse above this share of the available memory: the process needs some for itself.
 HEADROOM = 0.9
 
 
-def weight_bytes(ir: MoELayerNode) -> int:
-    """Bytes of the layer's state once built, plus the largest fp32 tensor drawn during init."""
+def weight_bytes(ir: MoELayerNode, *, meta: bool = False) -> int:
+    """Bytes of the layer's state once built, plus the largest fp32 tensor drawn during init;
+    ``meta`` (weights drawn, written and freed one at a time): the largest tensor in fp32 and
+    one slice of it being cast and written."""
     item = BYTES_PER_DTYPE[ir.dtype]
     total, largest = 0, 0
     for p in ir.params:
@@ -31,7 +35,7 @@ def weight_bytes(ir: MoELayerNode) -> int:
         # any of them takes; controllers are fp32.
         total += n * (4 if p.controller else 8 if p.value is not None else item)
         largest = max(largest, n)
-    return total + 4 * largest
+    return 4 * largest + 8 * WRITE_SLICE if meta else total + 4 * largest
 
 
 def _read_int(path: str) -> int | None:
@@ -83,11 +87,14 @@ def activation_bytes(ir: MoELayerNode, tokens: int) -> int:
     return tokens * per_token * BYTES_PER_DTYPE[ir.dtype]
 
 
-def check_layer_fits(ir: MoELayerNode, *, allow_large: bool) -> None:
+def check_layer_fits(ir: MoELayerNode, *, allow_large: bool, meta: bool = False) -> None:
     """Refuse to build a layer whose weights do not fit in memory (see :func:`check_fits`)."""
+    hint = "scale it down with overrides (e.g. d_model=..., layer.experts.routed.0.count=...)"
+    if not meta:
+        hint += ", write its artifact without holding the weights (`moespec build --meta`)"
     check_fits(
-        f"layer {ir.name!r} ({ir.dtype} weights)",
-        weight_bytes(ir),
+        f"layer {ir.name!r} ({ir.dtype} weights{', written one tensor at a time' if meta else ''})",
+        weight_bytes(ir, meta=meta),
         allow_large=allow_large,
-        hint="scale it down with overrides (e.g. d_model=..., layer.experts.routed.0.count=...)",
+        hint=hint,
     )
