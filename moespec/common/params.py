@@ -80,6 +80,7 @@ def draw_params(
             t = torch.empty(p.shape, dtype=torch.float32)
             _init_ffn(t, p, generator)
             yield p.name, final(p, t)
+            del t  # before the next allocation: one fp32 draw alive at a time
     for p in table:
         if p.init == "ffn":
             continue
@@ -93,6 +94,7 @@ def draw_params(
         t = torch.empty(p.shape, dtype=torch.float32)
         _init_declared(t, p, generator)
         yield p.name, final(p, t)
+        del t
 
 
 def init_params(

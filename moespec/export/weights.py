@@ -62,7 +62,8 @@ def write_streaming(path: Path, module: MoELayer, seed: int, metadata: dict[str,
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for name, t in draw_params(module.ir.params, generator=gen, dtype=module.dtype, cast=False):
-            put(f, name, t)  # and let it go before the next is drawn
+            put(f, name, t)
+            del t  # let it go before the next is drawn (the loop rebinds only after)
         for name, t in state.items():
             if t.device.type != "meta":  # state outside the parameter table (a schedule step)
                 put(f, name, t)

@@ -91,7 +91,7 @@ def check_layer_fits(ir: MoELayerNode, *, allow_large: bool, meta: bool = False)
     """Refuse to build a layer whose weights do not fit in memory (see :func:`check_fits`)."""
     hint = "scale it down with overrides (e.g. d_model=..., layer.experts.routed.0.count=...)"
     if not meta:
-        hint += ", write its artifact without holding the weights (`moespec build --meta`)"
+        hint += " (`moespec build --meta` writes its artifact without holding the weights)"
     check_fits(
         f"layer {ir.name!r} ({ir.dtype} weights{', written one tensor at a time' if meta else ''})",
         weight_bytes(ir, meta=meta),
