@@ -13,12 +13,13 @@ import math
 import torch
 from torch import Tensor
 
-from moespec.spec.schedules import MultiStepSchedule, Schedule
+from moespec.spec.schedules import MultiStepSchedule, Schedule, round_half_even
 
 
 def evaluate(sched: Schedule, step: Tensor, *, integer: bool) -> Tensor:
     """The schedule's value at ``step`` (0-dim int64) as a 0-dim tensor: float32, or int64
-    rounded half away from zero for integer fields."""
+    rounded half to even for integer fields (:func:`round_half_even`, the function validation's
+    range check uses)."""
     s = step.to(torch.float64)
     if isinstance(sched, MultiStepSchedule):
         milestones = torch.tensor(sched.milestones, dtype=torch.float64, device=step.device)
@@ -33,5 +34,5 @@ def evaluate(sched: Schedule, step: Tensor, *, integer: bool) -> Tensor:
         else:  # exponential
             v = sched.start * torch.pow(torch.as_tensor(sched.end / sched.start, dtype=torch.float64), t)
     if integer:
-        return (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int64)
+        return round_half_even(v).to(torch.int64)
     return v.to(torch.float32)

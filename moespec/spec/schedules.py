@@ -12,24 +12,29 @@ Curves (``t = min(step, steps) / steps``; ``steps`` counts from ``start_step``):
 - ``cosine``: end + (start - end)·(1 + cos(π t)) / 2;
 - ``exponential``: start·(end / start)^t (both > 0);
 - ``multistep``: ``values[i]`` from ``milestones[i-1]`` on (``values[0]`` before the first).
-Integer fields are rounded half away from zero, as SMoE-Dropout's
-``round((k_max - k_min)·t / T) + k_min``.
+Integer fields are rounded half to even (:func:`round_half_even`), as SMoE-Dropout's released
+code does with Python's ``round``: ``round((k_max - k_min)·t / T) + k_min``, so at steps 25000,
+125000, 225000 and 325000 of its 8 -> 16 ramp over 400000 steps k is 8, 10, 12, 14.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, TypeVar, Union
 
 from pydantic import Field
 
 from moespec.spec.base import Strict
 
+V = TypeVar("V")
+
 
 class _Curve(Strict):
     param: str = Field(
         pattern=r"^router\.[a-z_]+$",
-        description="The scheduled field, e.g. `router.k`, `router.temperature`.",
+        description="The scheduled field, e.g. `router.k`, `router.temperature`. An integer field "
+        "(`router.k`) takes the curve's value rounded half to even, as Python's `round` in "
+        "SMoE-Dropout's released code (k 8 -> 16 over 400000 steps is 8 at step 25000, 10 at 125000).",
     )
 
 
@@ -91,9 +96,17 @@ Schedule = Annotated[
 ]
 
 
-def round_half_away(v: float) -> int:
-    """Round half away from zero (Python's round() is banker's rounding)."""
-    return math.floor(abs(v) + 0.5) * (1 if v >= 0 else -1)
+def round_half_even(v: V) -> V:
+    """Round to the nearest integer, halves to even (Python's ``round``, ``torch.round``).
+
+    Written with operators a Python float and a float tensor share, so the range check in
+    validation and the schedule the module evaluates in its graph round with the same function;
+    the result has ``v``'s type (a whole float, or a float tensor). An exact half is detected
+    after the ``+ 0.5``, which also sends 0.49999999999999994 (whose ``+ 0.5`` rounds to 1.0)
+    back to 0.
+    """
+    f = (v + 0.5) // 1
+    return f - ((v + 0.5 == f) & (f % 2 == 1)) * 1
 
 
 def curve_values(sched: Schedule) -> list[float]:

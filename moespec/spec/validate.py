@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from moespec.spec.routers.base import Path, Problem
-from moespec.spec.schedules import curve_values, round_half_away
+from moespec.spec.schedules import curve_values, round_half_even
 from moespec.spec.schema import LayerSpec, Spec, inner_d_model
 
 MAX_NUMEL = 2**63 - 1  # a tensor's element count is an int64
@@ -133,7 +133,7 @@ def _check_schedules(layer: LayerSpec, at: Path) -> Iterator[Problem]:
         values = curve_values(sched)
         if allowed[field] is int:
             top = getattr(layer.router, field)
-            if not all(1 <= round_half_away(v) <= top for v in values):
+            if not all(1 <= round_half_even(v) <= top for v in values):
                 yield where, f"{sched.param} must stay in 1..{top} (the spec's value is the compiled maximum)"
         elif any(v <= 0 for v in values):
             yield where, f"{sched.param} must stay > 0"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,13 @@ import torch
 import moespec
 from moespec.reference import moe_layer_reference
 from moespec.runtime.schedules import evaluate
-from moespec.spec.schedules import CosineSchedule, ExponentialSchedule, LinearSchedule, MultiStepSchedule
+from moespec.spec.schedules import (
+    CosineSchedule,
+    ExponentialSchedule,
+    LinearSchedule,
+    MultiStepSchedule,
+    round_half_even,
+)
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 TINY = str(SPECS / "debug-tiny.yaml")
@@ -19,8 +24,9 @@ K_SCHED = "layer.schedules=[{param: router.k, kind: linear, start: 1, end: 4, st
 
 
 def _k_smoe(t: int, k_min: int, k_max: int, total: int) -> int:
-    """SMoE-Dropout's calculate_gate_number (linear_increase), written independently."""
-    return min(k_max, math.floor((k_max - k_min) * t / total + 0.5) + k_min)
+    """SMoE-Dropout's calculate_gate_number (linear_increase), written independently: Python's
+    round, halves to even."""
+    return min(k_max, round((k_max - k_min) * min(t, total) / total) + k_min)
 
 
 @pytest.mark.parametrize(
@@ -38,15 +44,53 @@ def test_tensor_evaluation_matches_the_definition(sched):
         got = evaluate(sched, torch.tensor(step), integer=True)
         assert got.dtype == torch.int64
         v = sched.value(step)
-        assert int(got) == math.floor(v + 0.5), (step, v)
+        assert int(got) == round(v), (step, v)
         f = evaluate(sched, torch.tensor(step), integer=False)
         assert float(f) == pytest.approx(v, rel=1e-6)
 
 
 def test_linear_is_smoe_dropouts_k_schedule():
     sched = LinearSchedule(param="router.k", kind="linear", start=8, end=16, steps=400000)
-    for t in [0, 1, 24999, 25000, 100000, 399999, 400000, 500000]:
+    for t in [0, 1, 24999, 25000, 25001, 75000, 100000, 125000, 399999, 400000, 500000]:
         assert int(evaluate(sched, torch.tensor(t), integer=True)) == _k_smoe(t, 8, 16, 400000)
+
+
+@pytest.mark.parametrize(
+    "step,k",
+    [
+        # 8·t/400000 is exactly n + 1/2 at these steps: the released code's round() goes to even.
+        (25000, 8),  # 0.5 -> 0
+        (125000, 10),  # 2.5 -> 2
+        (225000, 12),  # 4.5 -> 4
+        (325000, 14),  # 6.5 -> 6
+        (75000, 10),  # 1.5 -> 2
+        (25001, 9),  # 0.50002 -> 1
+        (110000, 10),  # 2.2 -> 2
+        (300000, 14),  # 6.0
+    ],
+)
+def test_smoe_dropout_k_rounds_half_to_even(step, k):
+    m = moespec.build(str(SPECS / "smoe-dropout.yaml"), ("d_model=32", "layer.experts.routed.0.d_ff=8"))
+    m.set_step(step)
+    got = m.schedule_values()["router.k"]
+    assert got.dtype == torch.int64 and int(got) == k
+
+
+def test_round_half_even_on_floats_and_tensors():
+    halves = [n / 2 for n in range(-9, 10)] + [0.49999999999999994, 2.4999999, 2.5000001, -1.5000001]
+    assert [round_half_even(v) for v in halves] == [round(v) for v in halves]
+    t = torch.tensor(halves, dtype=torch.float64)
+    assert torch.equal(round_half_even(t), torch.round(t))
+
+
+def test_range_check_rounds_like_the_module():
+    # linear 1 -> 2.5 with k 2: 2.5 rounds to 2 (half to even), in range; 3.5 would round to 4
+    ok = "layer.schedules=[{param: router.k, kind: linear, start: 1, end: 2.5, steps: 4}]"
+    m = moespec.build(TINY, (ok,))
+    m.set_step(4)
+    assert int(m.schedule_values()["router.k"]) == 2
+    with pytest.raises(moespec.SpecError, match=r"router\.k must stay in 1\.\.2"):
+        moespec.load_spec(TINY, (ok.replace("end: 2.5", "end: 2.50001"),))
 
 
 def _reference_at(m, x, spec_path, overrides, k_t, training, temperature=None):
