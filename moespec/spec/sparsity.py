@@ -70,9 +70,19 @@ class ParameterPenaltyLoss(_WeightedLoss):
 
 @BALANCE_LOSSES.register
 class ImportanceLoadLoss(Strict):
-    """Sparsely-Gated MoE: w_imp·CV(importance)² + w_load·CV(load)², with the smooth load estimator."""
+    """Sparsely-Gated MoE (Shazeer et al. 2017): w_imp·CV(importance)² + w_load·CV(load)², with
+    the smooth load estimator: an expert's load is the sum over tokens of P(its noisy logit stays
+    in the top-k), the normal CDF of the margin over the noise std. It needs router noise (a topk
+    router's `noise`, learned or fixed; a cosine router has none), and a spec without it is
+    rejected: the estimator is what gives the load term a gradient. The released code falls back
+    to a hard count of the tokens sent to each expert when the gate has no noise; that count has
+    no gradient, so moespec does not offer the fallback for a noiseless router (use a Switch or
+    GShard loss instead); only in eval, where no noise is drawn, is the reported loss's load the
+    hard count."""
 
-    kind: Literal["importance_load_cv2"] = Field(description="Importance + load CV² (Shazeer 2017).")
+    kind: Literal["importance_load_cv2"] = Field(
+        description="Importance + load CV² (Shazeer 2017); needs router noise (smooth load estimator)."
+    )
     importance_weight: float = Field(gt=0, description="Coefficient of CV(importance)².")
     load_weight: float = Field(gt=0, description="Coefficient of CV(load)².")
     scope: Scope = Field(
