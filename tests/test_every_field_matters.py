@@ -60,6 +60,11 @@ BASES: dict[str, dict[str, Any]] = {
     "factor": _layer(TOPK, capacity=FACTOR),
     "switch": _layer(TOPK, losses={"load_balance": {"kind": "switch", "weight": 0.1}}),
     "gshard": _layer(TOPK, losses={"load_balance": {"kind": "gshard", "weight": 0.1}}),
+    # Group-limited selection: not the plain top-k of the scores, so the two counts differ.
+    "switch_groups": _layer(
+        {**TOPK, "groups": {"n_groups": 2, "topk_groups": 1}},
+        losses={"load_balance": {"kind": "switch", "weight": 0.1}},
+    ),
     "importance": _layer(
         {**TOPK, "noise": {"kind": "fixed", "std": 1.0}},  # the loss needs router noise
         losses={
@@ -184,6 +189,7 @@ CASES: dict[str, Case] = {
     "SwitchLoss.kind": Case("gshard", {LB: {"kind": "switch", "weight": 0.1}}),
     "SwitchLoss.weight": Case("switch", {f"{LB}.weight": 0.2}),
     "SwitchLoss.scope": Case("switch", {f"{LB}.scope": "sequence"}),
+    "SwitchLoss.count": Case("switch_groups", {f"{LB}.count": "unbiased_topk"}),
     "GShardLoss.kind": Case("switch", {LB: {"kind": "gshard", "weight": 0.1}}),
     "GShardLoss.weight": Case("gshard", {f"{LB}.weight": 0.2}),
     "GShardLoss.scope": Case("gshard", {f"{LB}.scope": "sequence"}),

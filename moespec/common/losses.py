@@ -7,7 +7,11 @@ Normalisations (each gives 1 at perfectly uniform routing for the two LBLs):
   HF's load_balancing_loss_func divides by T only, so it equals k times this; DeepSeekMoE's
   f'_i = N_r/(K_r T) * count_i gives exactly this. S_t is the router's actual selection
   (expert bias and group limits included, capacity drops not); Megatron instead re-runs a
-  plain top-k on the unbiased scores for the loss.
+  plain top-k on the unbiased scores for the loss. ``count: unbiased_topk`` takes that
+  reading, DeepSeek-V3's eq. 17-20 as written: f_i = N_r/(K_r T) sum_t 1[s_it in
+  TopK({s_jt | 1 <= j <= N_r}, K_r)], the top-k of the unbiased scores over all N_r routed
+  experts (the bias b_i and the group limit belong to the gating value g'_it of eq. 16, not
+  to eq. 18's TopK, which ranges over every expert; ties to the lower index).
 - gshard: E^2 * mean_e(me_e * ce_e), me_e = mean_t p_te, ce_e = fraction of tokens whose
   top-1 choice is e (fairscale/torchscale top2gating, vmoe).
 - For sigmoid scores p_t is renormalised to sum to 1 over the experts before P / me
@@ -41,6 +45,17 @@ def score_distribution(probs_TE: Tensor, score: str) -> Tensor:
     """Per-token distribution over experts: softmax scores as they are, sigmoid scores
     divided by their sum (DeepSeek-V3's s' for the balance loss)."""
     return probs_TE if score == "softmax" else probs_TE / probs_TE.sum(-1, keepdim=True)
+
+
+def unbiased_topk_TE(probs_TE: Tensor, k: int | Tensor) -> Tensor:
+    """Bool [T, E]: the k best unbiased scores of each token over all experts (no expert
+    bias, no group limit; ties to the lower index), DeepSeek-V3's TopK of eq. 18. ``k``
+    may be a 0-dim tensor (a scheduled k): ranks below it are kept."""
+    t_count, e_count = probs_TE.shape
+    order_TE = torch.sort(probs_TE.detach(), dim=-1, descending=True, stable=True).indices
+    keep_E = torch.arange(e_count, device=probs_TE.device) < k
+    out_TE = torch.zeros(t_count, e_count, dtype=torch.bool, device=probs_TE.device)
+    return out_TE.scatter(1, order_TE, keep_E.expand(t_count, e_count))
 
 
 def switch_loss(p_TE: Tensor, selected_TE: Tensor, k: int) -> Tensor:
@@ -135,6 +150,8 @@ def balance_loss(
     assert lb is not None
     p_TE = score_distribution(routing.probs_TE, score)
     if lb.kind == "switch":
+        if lb.count == "unbiased_topk":
+            return switch_loss(p_TE, unbiased_topk_TE(routing.probs_TE, routing.k), routing.k)
         return switch_loss(p_TE, routing.selected_TE(), routing.k)
     if lb.kind == "gshard":
         return gshard_loss(p_TE, routing.topk_idx_TK[:, 0])

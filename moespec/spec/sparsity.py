@@ -47,9 +47,22 @@ class _WeightedLoss(Strict):
 
 @BALANCE_LOSSES.register
 class SwitchLoss(_WeightedLoss):
-    """Switch load-balancing loss: E · sum_e f_e · P_e, f from the top-k mask / k."""
+    """Switch load-balancing loss: E · sum_e f_e · P_e, f from the top-k mask / k (with
+    sigmoid scores P is the mean of the renormalised scores s', DeepSeek-V3's
+    sequence-wise balance loss with `scope: sequence`)."""
 
     kind: Literal["switch"] = Field(description="Switch Transformer LBL.")
+    count: Literal["selection", "unbiased_topk"] = Field(
+        "selection",
+        description="What f_e counts. `selection` (the default): the experts each token was "
+        "actually routed to, expert bias and group limit included, so the loss penalises the load "
+        "the experts really get (every moespec balance loss counts this way; capacity drops are not "
+        "subtracted). `unbiased_topk`: DeepSeek-V3's eq. 17-20 as written, the top-k of the unbiased "
+        "scores over all experts, ignoring the expert bias and the group limit (Megatron's loss "
+        "re-runs a plain top-k too). They differ only where the selection is not the plain top-k "
+        "of the scores (expert bias, groups, GShard's second-expert policies); `unbiased_topk` "
+        "needs a `topk` router.",
+    )
 
 
 @BALANCE_LOSSES.register

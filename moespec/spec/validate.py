@@ -30,6 +30,13 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
                 (f"granularity={grp.granularity} does not divide d_ff={grp.d_ff}"),
             )
     yield from layer.router.checks(layer, (*at, "router"))
+    lb = layer.losses.load_balance
+    if getattr(lb, "count", "selection") == "unbiased_topk" and not layer.router.topk_of_scores:
+        yield (
+            (*at, "losses", "load_balance", "count"),
+            f"`unbiased_topk` counts the plain top-k of a `topk` router's scores; the "
+            f"{layer.router.kind} router has no such top-k (use `selection`)",
+        )
     if layer.multi_head is not None:
         h = layer.multi_head.heads
         if spec.d_model % h:

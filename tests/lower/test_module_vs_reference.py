@@ -51,6 +51,15 @@ CASES = [
             "layer.losses.load_balance={kind: gshard, weight: 0.01, scope: sequence}",
         ),
     ),
+    (  # DeepSeek-V3's balance loss as the paper writes it: f from the unbiased top-k
+        "debug-tiny.yaml",
+        (
+            "layer.router.score=sigmoid",
+            "layer.router.groups={n_groups: 2, topk_groups: 1}",
+            "layer.router.expert_bias={update_rate: 0.01}",
+            "layer.losses.load_balance={kind: switch, weight: 0.01, scope: sequence, count: unbiased_topk}",
+        ),
+    ),
 ]
 
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from moespec.common.losses import normal_cdf
+from moespec.common.losses import normal_cdf, unbiased_topk_TE
 from moespec.reference import (
     RoutingResult,
     aux_losses,
@@ -201,3 +201,36 @@ def test_sigmoid_scores_are_normalised_for_the_balance_loss() -> None:
     )  # fmt: skip
     _, parts = aux_losses(r, losses({"kind": "switch", "weight": 1.0}), score="sigmoid")
     torch.testing.assert_close(parts["load_balance"], torch.tensor(1.0))
+
+
+def test_unbiased_topk_count_by_hand() -> None:
+    # DeepSeek-V3 eq. 17-20, T=2, E=4, k=2, sigmoid scores s chosen through their logits:
+    #   s_0 = [0.8, 0.6, 0.4, 0.2] (sum 2) -> s'_0 = [0.4, 0.3, 0.2, 0.1]
+    #   s_1 = [0.5, 0.25, 0.15, 0.1] (sum 1) -> s'_1 = s_1
+    #   P = mean_t s' = [0.45, 0.275, 0.175, 0.1]
+    # The expert bias b = [0, 0, 0.5, 0] moves expert 2 into both selections: {2, 0} for both
+    # tokens, f = count / (T k) = [0.5, 0, 0.5, 0], L = 4 (0.5·0.45 + 0.5·0.175) = 1.25.
+    # The paper's TopK of the unbiased s is {0, 1} for both: f = [0.5, 0.5, 0, 0],
+    # L = 4 (0.5·0.45 + 0.5·0.275) = 1.45 (= sum_i f'_i P_i with f'_i = N_r/(K_r T) count_i = 2).
+    s_TE = torch.tensor([[0.8, 0.6, 0.4, 0.2], [0.5, 0.25, 0.15, 0.1]], dtype=torch.float64)
+    spec = TopKRouter.model_validate({"kind": "topk", "k": 2, "score": "sigmoid"})
+    r = route_topk(
+        torch.logit(s_TE), torch.eye(4, dtype=torch.float64), spec, n_experts=4, training=False,
+        expert_bias_E=torch.tensor([0.0, 0.0, 0.5, 0.0], dtype=torch.float64), default_dtype="fp64",
+    )  # fmt: skip
+    assert r.topk_idx_TK.tolist() == [[2, 0], [2, 0]]  # the bias changed the selection
+    by_count = {}
+    for count in ("selection", "unbiased_topk"):
+        lb = {"kind": "switch", "weight": 1.0, "scope": "sequence", "count": count}
+        _, parts = aux_losses(r, losses(lb), score="sigmoid", seq_len=2)
+        by_count[count] = parts["load_balance"].item()
+    assert by_count["selection"] == pytest.approx(1.25, abs=1e-12)
+    assert by_count["unbiased_topk"] == pytest.approx(1.45, abs=1e-12)
+
+
+def test_unbiased_topk_ties_and_a_tensor_k() -> None:
+    p_TE = torch.tensor([[0.1, 0.4, 0.3, 0.2], [0.25, 0.25, 0.3, 0.2]])
+    # ties go to the lower index; k may be a 0-dim tensor (a scheduled k)
+    assert unbiased_topk_TE(p_TE, 2).tolist() == [[False, True, True, False], [True, False, True, False]]
+    top1 = [[False, True, False, False], [False, False, True, False]]
+    assert unbiased_topk_TE(p_TE, torch.tensor(1)).tolist() == top1

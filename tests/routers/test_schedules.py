@@ -115,6 +115,8 @@ def _reference_at(m, x, spec_path, overrides, k_t, training, temperature=None):
         (),
         ("layer.router.order=topk_then_softmax", "~layer.router.renormalize"),
         ("~layer.router.renormalize",),
+        # the unbiased top-k count follows the step's k (a 0-dim tensor in the graph)
+        ("layer.router.score=sigmoid", "layer.losses.load_balance.count=unbiased_topk"),
     ],
 )
 def test_scheduled_k_matches_a_fixed_k_reference(variant, training):

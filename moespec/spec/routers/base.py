@@ -11,7 +11,8 @@ A router kind is one :class:`RouterSpec` subclass with a ``kind`` Literal, regis
 - :meth:`RouterSpec.extra_inputs`: per-token inputs the layer takes besides x (hash routing's
   ``input_ids``), each an :class:`ExtraInput`;
 - :attr:`RouterSpec.score_fn`: the score function the balance losses and the entropy read;
-- :meth:`RouterSpec.nominal_k`, :attr:`RouterSpec.causal`, :meth:`RouterSpec.schedulable`;
+- :meth:`RouterSpec.nominal_k`, :attr:`RouterSpec.causal`, :meth:`RouterSpec.schedulable`,
+  :attr:`RouterSpec.topk_of_scores`;
 - which layer settings it cannot use: :func:`unusable` inside ``checks``.
 
 Validation, the IR, the lowering, the reference and the runtime all read this contract; none
@@ -130,6 +131,13 @@ class RouterSpec(Strict):
     def causal(self) -> bool:
         """False for routers whose choice for a token depends on later tokens."""
         return True
+
+    @property
+    def topk_of_scores(self) -> bool:
+        """Whether each token's experts are a top-k of its scores over all experts (before
+        any selection-only bias or group limit), so a balance loss may count that plain
+        top-k instead of the selection (`count: unbiased_topk`). False by default."""
+        return False
 
 
 def at_most_routed(layer: LayerSpec, at: Path, name: str, value: int | None) -> Iterator[Problem]:

@@ -128,6 +128,10 @@ class TopKRouter(RouterSpec):
     def score_fn(self) -> str:
         return self.score
 
+    @property
+    def topk_of_scores(self) -> bool:
+        return True
+
     def extra_inputs(self, layer: LayerSpec) -> tuple[ExtraInput, ...]:
         if not self.gating_residual:
             return ()
