@@ -6,7 +6,9 @@ C = max(ceil(factor · T · K / E), min_capacity). Slots are served in priority 
 expert keeps its first C active slots. Priorities follow the reference
 (moespec.reference.capacity; C is moespec.common.capacity's formula): ``position``
 serves all first choices before any second choice, earliest token first; ``score`` serves
-the highest weight first (position order on ties); ``random`` serves in the order of
+the highest weight first, slot by slot (position order on ties); ``batch_priority`` serves
+all first choices before any second choice, tokens ordered by their largest weight (V-MoE's
+BPR); ``random`` serves in the order of
 ``u_TK`` (uniform draws given as input, so the op is pure). Vectorised: no per-expert
 loop. C is computed inside the op from T, so an exported graph stays valid for any number
 of tokens.
@@ -30,6 +32,12 @@ def _order(weight_TK: Tensor, u_TK: Tensor, policy: str) -> Tensor:
     if policy == "score":
         w = weight_TK.detach().reshape(-1)[by_position]
         return by_position[torch.sort(w, descending=True, stable=True).indices]
+    if policy == "batch_priority":
+        # Tokens by top weight, highest first (stable: position on ties); rank j of every token
+        # in that order before rank j+1. Flat slot (t, j) is t*K + j.
+        token_order_T = torch.sort(weight_TK.detach().amax(dim=1), descending=True, stable=True).indices
+        rank_K = torch.arange(k, device=weight_TK.device)
+        return (token_order_T.unsqueeze(0) * k + rank_K.unsqueeze(1)).reshape(-1)
     if policy == "random":
         return torch.sort(u_TK.reshape(-1), stable=True).indices
     raise ValueError(f"unknown drop policy {policy!r}")

@@ -1,4 +1,4 @@
-"""Reference capacity (token dropping): `dropless` and `factor` with three drop policies.
+"""Reference capacity (token dropping): `dropless` and `factor` with four drop policies.
 
 C = max(ceil(factor * T * k / E), min_capacity), factor = train_factor while training and
 eval_factor otherwise, with E every routable expert (zero-compute ones included; they take
@@ -9,7 +9,11 @@ it, chosen by a priority order over all slots:
   position inside each rank (GShard Algorithm 2, fairscale ``top2gating``, flaxformer: the
   cumsum runs over k-major slots) — an early token's second choice loses to a late token's
   first choice;
-- `score`: highest routing weight first, ties broken by the `position` order;
+- `score`: each slot by its own routing weight, highest first, ties broken by the `position`
+  order (a token's second choice can displace another token's first choice);
+- `batch_priority`: V-MoE's Batch Priority Routing (Riquelme et al. 2021, vmoe's
+  ``batch_priority``): tokens sorted by their largest routing weight, highest first (ties by
+  position), then every token's first choice in that order, then every second choice, ...;
 - `random`: a uniformly random order (one U(0,1) per slot from the generator).
 
 Slots already switched off by the router (GShard `random` second expert) never use capacity.
@@ -62,6 +66,15 @@ def slot_priority(routing: RoutingResult, policy: str, generator: torch.Generato
         # first, position order on ties. NaN weights sort first and are simply served first.
         w_pos = routing.topk_weight_TK.detach().reshape(-1)[by_position]
         order = by_position[torch.sort(w_pos, descending=True, stable=True).indices]
+    elif policy == "batch_priority":
+        # Token order by the top routing weight (stable: earlier token first on ties); slot
+        # (t, j) is served at j*T + (t's place in that order).
+        top_T = routing.topk_weight_TK.detach().amax(dim=1)
+        place_T = torch.empty(t_count, dtype=torch.int64, device=device)
+        place_T[torch.sort(top_T, descending=True, stable=True).indices] = torch.arange(
+            t_count, device=device
+        )
+        order = torch.argsort((rank_K * t_count + place_T.unsqueeze(1)).reshape(-1))
     elif policy == "random":
         gen = need_generator(generator, "drop_policy=random")
         u = uniform((t_count * k,), gen, routing.topk_weight_TK.new_empty(0, dtype=torch.float32))

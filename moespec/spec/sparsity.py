@@ -28,10 +28,16 @@ class CapacityFactor(Strict):
     train_factor: float = Field(gt=0, description="Capacity factor while training.")
     eval_factor: float = Field(gt=0, description="Capacity factor in eval mode.")
     min_capacity: int = Field(4, ge=0, description="Lower bound on C.")
-    drop_policy: Literal["position", "score", "random"] = Field(
+    drop_policy: Literal["position", "score", "batch_priority", "random"] = Field(
         "position",
-        description="Which tokens are kept when an expert overflows: earliest positions, highest "
-        "router scores (batch-prioritised routing), or a random subset.",
+        description="Which (token, expert) slots an overflowing expert keeps. `position`: every "
+        "token's first choice before any second choice, earliest token first (GShard). `score`: "
+        "each slot ranked by its own routing weight, highest first, so one token's second choice can "
+        "displace another token's first choice. `batch_priority`: V-MoE's Batch Priority Routing "
+        "(Riquelme et al. 2021): tokens ordered by their largest routing weight (the combine weight "
+        "moespec applies; V-MoE's top-1 gate when weights are not renormalised), every token's first "
+        "choice served before any second choice, in that token order (ties by position). `random`: "
+        "a uniformly random order. `score` and `batch_priority` agree at k = 1.",
     )
 
 

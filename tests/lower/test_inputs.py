@@ -112,13 +112,18 @@ def test_nan_and_inf_tokens_stay_in_their_rows(spec: str, training: bool) -> Non
 
 @pytest.mark.parametrize(
     "overrides",
-    [(), ("layer.capacity.drop_policy=position",), ("layer.capacity.drop_policy=random",)],
-    ids=["score", "position", "random"],
+    [
+        (),
+        ("layer.capacity.drop_policy=position",),
+        ("layer.capacity.drop_policy=batch_priority",),
+        ("layer.capacity.drop_policy=random",),
+    ],
+    ids=["score", "position", "batch_priority", "random"],
 )
 def test_nan_tokens_with_capacity_do_not_crash(overrides: tuple[str, ...]) -> None:
     """With a capacity limit tokens compete for slots (NaN weights sort first under
-    `score`), so a NaN token may change which other tokens are dropped; it must not crash,
-    its own row is non-finite and the rows of other tokens stay finite."""
+    `score` and `batch_priority`), so a NaN token may change which other tokens are dropped;
+    it must not crash, its own row is non-finite and the rows of other tokens stay finite."""
     m = moespec.build(SPECS / "debug-capacity.yaml", overrides, generator=torch.Generator().manual_seed(0))
     for training in (True, False):
         m.train(training)

@@ -42,6 +42,10 @@ CASES = [
             "layer.capacity={kind: factor, train_factor: 0.8, eval_factor: 1.1, drop_policy: random}",
         ),
     ),
+    (  # V-MoE's batch priority routing (issue 20 §1)
+        "debug-tiny.yaml",
+        ("layer.capacity={kind: factor, train_factor: 0.6, eval_factor: 0.9, drop_policy: batch_priority}",),
+    ),
     ("debug-tiny.yaml", ("layer.router.second_expert_policy=sampling", "layer.router.temperature=0.7")),
     (
         "debug-tiny.yaml",

@@ -150,7 +150,7 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
             "train_factor": draw(st.sampled_from([0.5, 1.0, 1.25])),
             "eval_factor": draw(st.sampled_from([0.5, 1.0, 2.0])),
             "min_capacity": draw(st.integers(0, 3)),
-            "drop_policy": draw(st.sampled_from(["position", "score", "random"])),
+            "drop_policy": draw(st.sampled_from(["position", "score", "batch_priority", "random"])),
         }
     layer = {
         "experts": experts,

@@ -1,4 +1,4 @@
-"""Reference capacity: the C formula, the three drop policies, dropless, edge cases.
+"""Reference capacity: the C formula, the four drop policies, dropless, edge cases.
 
 Shape legend: T tokens, D d_model, E experts, K top-k.
 """
@@ -41,7 +41,7 @@ def test_capacity_formula() -> None:
     assert expert_capacity(0.1, 64, 1, 8, 0) == 1
 
 
-@pytest.mark.parametrize("policy", ["position", "score", "random"])
+@pytest.mark.parametrize("policy", ["position", "score", "batch_priority", "random"])
 @pytest.mark.parametrize("t", [1, 7, 64])
 def test_never_exceeds_capacity(policy: str, t: int) -> None:
     r = routing(t, seed=t)
@@ -96,6 +96,80 @@ def test_score_policy_by_hand() -> None:
     r = fixed_routing([[0], [0], [0], [0]], [[0.2], [0.9], [0.5], [0.7]], e=4)
     res = apply_capacity(r, cap_spec(drop_policy="score", train_factor=2.0), training=True)  # C = 2
     assert res.keep_TK[:, 0].tolist() == [False, True, False, True]
+
+
+# Hand-computed (issue 20 §1). T 4, E 2, k 2, C = ceil(0.75 * 4 * 2 / 2) = 3. Every first
+# choice fits (2 per expert); one second-choice seat is left on each expert.
+#   token:        t0          t1          t2          t3
+#   choices:  e0 .6 e1 .4  e1 .9 e0 .1  e0 .7 e1 .3  e1 .55 e0 .45
+# position:       second choices in token order: t0->e1, t1->e0 kept; t2, t3 dropped.
+# score:          by slot weight: t3->e0 (.45) and t0->e1 (.4) take the seats.
+# batch_priority: tokens by top weight t1 (.9), t2 (.7), t0 (.6), t3 (.55): t1->e0 and t2->e1.
+BPR_IDX = [[0, 1], [1, 0], [0, 1], [1, 0]]
+BPR_W = [[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.55, 0.45]]
+BPR_SECOND_KEPT = {
+    "position": [True, True, False, False],
+    "score": [True, False, False, True],
+    "batch_priority": [False, True, True, False],
+}
+
+
+def op_keep(
+    idx_TK: list[list[int]], w_TK: list[list[float]], e: int, factor: float, policy: str
+) -> list[list[bool]]:
+    """The fast path's ``moespec::capacity_keep`` on the same slots (min_capacity 0)."""
+    import moespec.ops  # noqa: F401  (registers torch.ops.moespec)
+
+    idx, w = torch.tensor(idx_TK), torch.tensor(w_TK)
+    active = torch.ones_like(idx, dtype=torch.bool)
+    return torch.ops.moespec.capacity_keep(idx, w, active, torch.zeros_like(w), e, factor, 0, policy).tolist()
+
+
+@pytest.mark.parametrize("policy", list(BPR_SECOND_KEPT))
+def test_second_choice_seats_by_hand(policy: str) -> None:
+    res = apply_capacity(
+        fixed_routing(BPR_IDX, BPR_W, e=2), cap_spec(drop_policy=policy, train_factor=0.75), training=True
+    )
+    assert res.capacity == 3
+    want = [[True, second] for second in BPR_SECOND_KEPT[policy]]
+    assert res.keep_TK.tolist() == want
+    assert op_keep(BPR_IDX, BPR_W, 2, 0.75, policy) == want
+
+
+def test_batch_priority_serves_first_choices_first() -> None:
+    # T 2, E 3, k 2, C = ceil(0.75 * 2 * 2 / 3) = 1. Token a: e0 .5, e1 .45; token b: e1 .4, e2 .35.
+    # `score` gives e1 to a's second choice (.45 > .4), dropping b's first choice; V-MoE's BPR
+    # serves b's first choice on e1 before any second choice.
+    r = fixed_routing([[0, 1], [1, 2]], [[0.5, 0.45], [0.4, 0.35]], e=3)
+    spec = {"train_factor": 0.75}
+    assert apply_capacity(r, cap_spec(drop_policy="score", **spec), training=True).keep_TK.tolist() == [
+        [True, True],
+        [False, True],
+    ]
+    assert apply_capacity(
+        r, cap_spec(drop_policy="batch_priority", **spec), training=True
+    ).keep_TK.tolist() == [[True, False], [True, True]]
+    assert op_keep([[0, 1], [1, 2]], [[0.5, 0.45], [0.4, 0.35]], 3, 0.75, "score") == [
+        [True, True],
+        [False, True],
+    ]
+    assert op_keep([[0, 1], [1, 2]], [[0.5, 0.45], [0.4, 0.35]], 3, 0.75, "batch_priority") == [
+        [True, False],
+        [True, True],
+    ]
+
+
+def test_batch_priority_ties_by_position() -> None:
+    # Equal top weights: the earlier token is served first. C = ceil(0.5 * 4 * 1 / 2) = 1.
+    r = fixed_routing([[1], [0], [0], [1]], [[0.5], [0.5], [0.5], [0.5]], e=2)
+    res = apply_capacity(r, cap_spec(drop_policy="batch_priority", train_factor=0.5), training=True)
+    assert res.keep_TK[:, 0].tolist() == [True, True, False, False]
+    assert op_keep([[1], [0], [0], [1]], [[0.5]] * 4, 2, 0.5, "batch_priority") == [
+        [True],
+        [True],
+        [False],
+        [False],
+    ]
 
 
 def test_random_policy_is_seeded() -> None:

@@ -114,6 +114,10 @@ def dumb_forward(x_TD: Tensor, params: dict[str, Tensor], layer: LayerSpec) -> t
         order = [(t, j) for j in range(k) for t in range(t_count)]
         if cap.drop_policy == "score":
             order = sorted(order, key=lambda s: -slots[s][1].item())  # stable: position on ties
+        if cap.drop_policy == "batch_priority":
+            top = {t: max(slots[t, j][1].item() for j in range(k)) for t in range(t_count)}
+            tokens = sorted(range(t_count), key=lambda t: -top[t])  # stable: position on ties
+            order = [(t, j) for j in range(k) for t in tokens]
         used = [0] * n
         for s in order:
             e = slots[s][0]
@@ -159,6 +163,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "router": {"k": 1, "bias": True, "temperature": 0.7},
         "capacity": {"kind": "factor", "train_factor": 1.0, "eval_factor": 1.0, "min_capacity": 0},
         "losses": {"load_balance": {"kind": "gshard", "weight": 0.01}},
+    },
+    "vmoe_batch_priority": {
+        "router": {"k": 2},
+        "capacity": {
+            "kind": "factor",
+            "train_factor": 0.6,
+            "eval_factor": 0.6,
+            "drop_policy": "batch_priority",
+        },
     },
     "deepseek_v3": {
         "routed": [{"kind": "glu", "activation": "silu", "d_ff": 32, "count": 4, "granularity": 2}],
