@@ -32,6 +32,12 @@ class Builder:
         node.meta["moespec_origin"] = origin
         return node
 
+    def method(self, obj: fx.Node, name: str, *args, origin: str) -> fx.Node:
+        """``obj.name(*args)``: a call on a graph value (the expert-parallel plan's steps)."""
+        node = self.g.call_method(name, (obj, *args))
+        node.meta["moespec_origin"] = origin
+        return node
+
     def get(self, name: str) -> fx.Node:
         return self.g.get_attr(name)
 

@@ -12,6 +12,12 @@ is a pure function and exports cleanly):
               (+ zero-compute, shared)
     aux     = losses and routing statistics
 
+Expert parallelism (``ep=True``, a layer after ``moespec.parallelize``): capacity, the
+routed experts and the loss-and-statistics inputs become steps of the layer's plan
+(``self._ep``, :class:`moespec.parallel.plan.EPPlan`): global capacity, the experts behind an
+all-to-all, losses and statistics over every rank's tokens. Routing, zero-compute and shared
+experts are the same nodes as on one process.
+
 Each node records the spec path it lowers in ``node.meta["moespec_origin"]``.
 """
 
@@ -65,9 +71,10 @@ def extra_inputs(layer: MoELayerNode) -> tuple[ExtraInput, ...]:
     return layer.router.extra_inputs
 
 
-def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.GraphModule:
+def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool, ep: bool = False) -> fx.GraphModule:
     """Build the GraphModule of one layer in train or eval form; ``root`` owns the parameters
-    (clean names) and an ``aux`` submodule (:class:`~moespec.lower.aux.AuxLossAndStats`)."""
+    (clean names) and an ``aux`` submodule (:class:`~moespec.lower.aux.AuxLossAndStats`);
+    with ``ep`` also the expert-parallel plan ``_ep``."""
     b = Builder(layer)
     g = b.g
     x = g.placeholder("x_TD")
@@ -82,6 +89,8 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         x, seq_len = _split_heads(b, layer, x, seq_len)
 
     rt = lowering(layer).lower(b, layer, x, {**inputs, **rand, "seq_len": seq_len}, training)
+    plan = b.get("_ep") if ep else None
+    sizes = b.method(plan, "token_sizes", x, origin=layer.placement.origin) if ep else None
     if isinstance(rt, SoftNodes):
         # Token-mixing routers (Soft MoE): experts run on slot mixes of the tokens.
         y, stats = soft.lower_soft(b, layer, x, rt, seq_len)
@@ -108,18 +117,11 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
         u = rand.get("drop_u_TK", empty_r)
         # The op's `factor` is the spec's train_factor while training, eval_factor in eval.
         factor = capacity_factor(cap, training)
-        keep = b.fn(
-            OPS.capacity_keep,
-            idx,
-            weight,
-            active,
-            u,
-            n_exp,
-            factor,
-            cap.min_capacity,
-            cap.drop_policy,
-            origin=at_d,
-        )
+        cap_args = (idx, weight, active, u, n_exp, factor, cap.min_capacity, cap.drop_policy)
+        if ep:  # C and the priority order over every rank's slots
+            keep = b.method(plan, "capacity_keep", sizes, *cap_args, origin=at_d)
+        else:
+            keep = b.fn(OPS.capacity_keep, *cap_args, origin=at_d)
     if rt.dense:
         srt = b.fn(OPS.sort_selected, keep, origin=at_d)
     else:
@@ -130,7 +132,12 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     row_w = b.fn(helpers.gather_row_weights, weight, keep, slot, origin=at_d)
 
     # Experts: one fused grouped FFN with the weighted combine per expert group.
-    y = combined_experts(b, layer, x, token_idx, row_w, offsets)
+    if ep:
+        empty_x = b.empty_like(x)
+        group_args = tuple(ffn_args(b, f"experts.{gi}", grp, empty_x) for gi, grp in enumerate(layer.experts.groups))
+        y = b.method(plan, "experts", x, token_idx, row_w, offsets, group_args, origin=at_e)
+    else:
+        y = combined_experts(b, layer, x, token_idx, row_w, offsets)
     if layer.experts.zero_compute:
         gates = b.fn(helpers.dense_gates, weight, idx, keep, n_exp, origin=at_e)
         zc = layer.experts.zero_compute
@@ -149,6 +156,11 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool) -> fx.G
     extra = rt.extra_loss if rt.extra_loss is not None else empty_r
     aux_args = (rt.logits_TE, noisy, std, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
     aux_kwargs = {} if rt.k_active is None else {"k_active": rt.k_active}
+    if ep:  # losses and statistics over every rank's tokens
+        per_token = (True, rt.noisy_TE is not None, rt.std_TE is not None, True, True, True, True, True)
+        gathered = (*per_token, rt.extra_loss is not None, False)
+        both = b.method(plan, "gather_aux", sizes, gathered, *aux_args, origin=layer.losses.origin)
+        aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
     aux = g.call_module("aux", aux_args, aux_kwargs)
     named = enumerate(OUTPUTS[2:])
     outs = [_merge_heads(b, layer, y), rt.logits_TE] + [

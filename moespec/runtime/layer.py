@@ -107,7 +107,9 @@ class MoELayer(nn.Module):
 
     def _lower(self) -> None:
         # The IR and graphs are not submodules: parameters must appear once in state_dict.
-        graphs = {t: lower_layer(self.ir, self, training=t) for t in (True, False)}
+        # An expert-parallel layer (moespec.parallelize) holds its plan as `_ep`.
+        ep = hasattr(self, "_ep")
+        graphs = {t: lower_layer(self.ir, self, training=t, ep=ep) for t in (True, False)}
         object.__setattr__(self, "_graphs", graphs)
         object.__setattr__(self, "_forwards", {t: _shared_forward(gm) for t, gm in graphs.items()})
 

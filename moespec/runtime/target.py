@@ -101,5 +101,5 @@ def check_expert_parallel(layer: torch.nn.Module) -> None:
             f"{want}, but layer {ir.name!r} runs "
             + ("without expert parallelism" if have == 1 else f"over an expert-parallel mesh of {have}")
             + f"; apply expert parallelism over a mesh whose 'ep' dimension has {want} ranks "
-            "(moespec.parallelize, not implemented yet), or set placement.expert_parallel: 1",
+            "(moespec.parallelize(layer, mesh)), or set placement.expert_parallel: 1",
         )

@@ -1,0 +1,165 @@
+"""``EPPlan``: one layer's expert parallelism on one rank, and the graph steps that use it.
+
+Legend: T tokens on this rank, G tokens over the ``ep`` group, K slots per token, E routable
+experts, D d_model, N sorted rows, R rows received, L experts held by this rank, W ranks.
+
+A parallel layer's graph (``moespec.lower.fx.lower_layer(..., ep=True)``) routes this rank's
+tokens with the replicated router, then calls these methods on ``layer._ep``:
+
+- ``token_sizes``: every rank's T (an all-gather; host sync).
+- ``capacity_keep``: the capacity decision over the concatenation of every rank's slots (the
+  same C and priority order as one process running all G tokens), this rank's rows of it.
+- ``experts``: rows of routed FFN experts go to the rank holding their expert
+  (``all_to_all``; the row counts are all-gathered first, a host sync), run there through
+  ``moespec::expert_ffn_combine`` with their routing weights, come back, and are summed per
+  token. Zero-compute and shared experts stay local (they are replicated).
+- ``gather_aux``: the loss-and-statistics inputs of every rank, concatenated, so the
+  auxiliary losses and routing statistics are those of one process on all G tokens; each
+  rank's tokens get their gradient on their own rank.
+
+Experts held by a rank (its *local space*) are its experts in ascending global index; group g's
+local experts start at ``local_first[g]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
+from moespec.ir.nodes import MoELayerNode
+from moespec.parallel.comm import all_to_all, exchange_sizes, gather_tokens
+
+OPS = torch.ops.moespec
+
+
+@dataclass
+class EPPlan:
+    """Where every routed FFN expert lives, and this rank's share."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    owner_E: Tensor  # [n_ffn] rank of each routed FFN expert
+    local_of_E: Tensor  # [n_ffn] index of each expert in its owner's local space
+    local_rows: tuple[Tensor, ...]  # per expert group: this rank's experts, indices within the group
+    local_first: tuple[int, ...]  # per expert group: first local index of its experts here
+    n_local: int
+    n_ffn: int
+
+    @classmethod
+    def make(cls, ir: MoELayerNode, group: dist.ProcessGroup) -> EPPlan:
+        """The plan of ``ir``'s ``placement`` on this rank of ``group``."""
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        owner = list(ir.placement.expert_to_rank)
+        local_of, seen = [], [0] * world
+        for r in owner:
+            local_of.append(seen[r])
+            seen[r] += 1
+        rows, firsts, n = [], [], 0
+        for grp in ir.experts.groups:
+            mine = [i for i in range(grp.count) if owner[grp.first + i] == rank]
+            rows.append(torch.tensor(mine, dtype=torch.int64))
+            firsts.append(n)
+            n += len(mine)
+        return cls(
+            group=group,
+            rank=rank,
+            world=world,
+            owner_E=torch.tensor(owner, dtype=torch.int64),
+            local_of_E=torch.tensor(local_of, dtype=torch.int64),
+            local_rows=tuple(rows),
+            local_first=tuple(firsts),
+            n_local=n,
+            n_ffn=len(owner),
+        )
+
+    # --- graph steps ---------------------------------------------------------------------
+
+    def token_sizes(self, x_TD: Tensor) -> list[int]:
+        """T of every rank, in rank order (host ints)."""
+        local = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
+        return [row[0] for row in exchange_sizes(local, self.group)]
+
+    def capacity_keep(
+        self,
+        sizes: list[int],
+        idx_TK: Tensor,
+        weight_TK: Tensor,
+        active_TK: Tensor,
+        u_TK: Tensor,
+        n_experts: int,
+        factor: float,
+        min_capacity: int,
+        policy: str,
+    ) -> Tensor:
+        """``moespec::capacity_keep`` over every rank's slots (C from G tokens), this rank's rows."""
+        g = lambda t: gather_tokens(t.detach(), sizes, self.rank, self.group)  # noqa: E731
+        u = g(u_TK) if u_TK.numel() else u_TK
+        keep_GK = OPS.capacity_keep(g(idx_TK), g(weight_TK), g(active_TK), u, n_experts, factor, min_capacity, policy)
+        start = sum(sizes[: self.rank])
+        return keep_GK[start : start + idx_TK.shape[0]]
+
+    def experts(
+        self,
+        x_TD: Tensor,
+        token_idx_N: Tensor,
+        row_w_N: Tensor,
+        offsets_E1: Tensor,
+        group_args: tuple[tuple, ...],
+    ) -> Tensor:
+        """y_TD[t] = Σ over t's rows n on routed FFN experts of row_w[n] · FFN_{e(n)}(x[t]),
+        each FFN run on the rank holding it. ``group_args[g]``: group g's weights (global
+        DTensors or this rank's local tensors) and activation, in ``ExpertWeights`` order."""
+        dev = x_TD.device
+        counts_E = (offsets_E1[1 : self.n_ffn + 1] - offsets_E1[: self.n_ffn]).to(dev)
+        owner_E, local_of_E = self.owner_E.to(dev), self.local_of_E.to(dev)
+        send_W = torch.zeros(self.world, dtype=torch.int64, device=dev).index_add_(0, owner_E, counts_E)
+        sent_WW = exchange_sizes(send_W, self.group)  # host sync: row [r] is what rank r sends
+        send, recv = sent_WW[self.rank], [row[self.rank] for row in sent_WW]
+        n_rows = sum(send)
+        expert_N = torch.repeat_interleave(torch.arange(self.n_ffn, device=dev), counts_E, output_size=n_rows)
+        # Rows are sorted by expert; the exchange wants them grouped by destination rank.
+        by_rank_N = torch.argsort(owner_E[expert_N], stable=True)
+        token_S = token_idx_N[:n_rows][by_rank_N]
+        x_R = all_to_all(x_TD.index_select(0, token_S), send, recv, self.group)
+        w_R = all_to_all(row_w_N[:n_rows][by_rank_N], send, recv, self.group)
+        local_R = all_to_all(local_of_E[expert_N[by_rank_N]], send, recv, self.group)
+        # Received rows sorted by local expert; row r is its own "token" in the combine op,
+        # so y_R[r] = w_R[r] · FFN(x_R[r]) in receive order.
+        order_R = torch.argsort(local_R, stable=True)
+        offsets_L1 = torch.zeros(self.n_local + 1, dtype=torch.int64, device=dev)
+        offsets_L1[1:] = torch.cumsum(torch.bincount(local_R, minlength=self.n_local), 0)
+        y_R = x_R.new_zeros(x_R.shape)
+        for rows, first, args in zip(self.local_rows, self.local_first, group_args, strict=True):
+            if rows.numel() == 0:
+                continue
+            local = tuple(_local(a) for a in args)
+            y_R = y_R + OPS.expert_ffn_combine(x_R, order_R, w_R[order_R], offsets_L1, first, *local)[0]
+        y_S = all_to_all(y_R, recv, send, self.group)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_S)
+
+    def gather_aux(self, sizes: list[int], gathered: tuple[bool, ...], *args: Tensor) -> tuple[Tensor, ...]:
+        """The aux module's inputs over all G tokens: per-token tensors concatenated in rank
+        order (``gathered[i]``), a router's 0-dim extra loss (a mean over tokens) as the
+        token-weighted mean over ranks, anything else as is."""
+        out = []
+        total = sum(sizes)
+        for arg, gather in zip(args, gathered, strict=True):
+            if not gather:
+                out.append(arg)
+            elif arg.dim() == 0:
+                part = (arg * sizes[self.rank]).reshape(1)
+                out.append(gather_tokens(part, [1] * self.world, self.rank, self.group).sum() / max(total, 1))
+            else:
+                out.append(gather_tokens(arg, sizes, self.rank, self.group))
+        return tuple(out)
+
+
+def _local(arg: object) -> object:
+    """A DTensor parameter's local shard (differentiable); anything else unchanged."""
+    to_local = getattr(arg, "to_local", None)
+    return to_local() if to_local is not None else arg
