@@ -23,6 +23,7 @@ LAYERS = (
     ("moespec.lower", "lower"),
     ("moespec.runtime", "runtime"),
     ("moespec.export", "export"),
+    ("moespec.parallel", "parallel"),
     ("moespec.errors", "base"),
     ("moespec.resources", "base"),
     ("moespec.outputs", "base"),
@@ -37,6 +38,7 @@ BELOW = {
     "lower": {"ops", "common", "ir", "spec", "base"},
     "runtime": {"lower", "ops", "common", "ir", "spec", "base"},
     "export": {"runtime", "lower", "ops", "common", "ir", "spec", "base"},
+    "parallel": {"runtime", "lower", "ops", "common", "ir", "spec", "base"},
 }
 
 

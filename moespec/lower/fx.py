@@ -134,7 +134,9 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool, ep: boo
     # Experts: one fused grouped FFN with the weighted combine per expert group.
     if ep:
         empty_x = b.empty_like(x)
-        group_args = tuple(ffn_args(b, f"experts.{gi}", grp, empty_x) for gi, grp in enumerate(layer.experts.groups))
+        group_args = tuple(
+            ffn_args(b, f"experts.{gi}", grp, empty_x) for gi, grp in enumerate(layer.experts.groups)
+        )
         y = b.method(plan, "experts", x, token_idx, row_w, offsets, group_args, origin=at_e)
     else:
         y = combined_experts(b, layer, x, token_idx, row_w, offsets)

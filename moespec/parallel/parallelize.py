@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from moespec.errors import TargetError
+from moespec.parallel.checkpoint import install_hooks
 from moespec.parallel.plan import EPPlan
 from moespec.runtime.layer import MoELayer
 from moespec.runtime.target import EP_RANKS_ATTR
@@ -84,6 +85,7 @@ def _parallelize_layer(layer: MoELayer, ep_mesh: DeviceMesh) -> None:
             local = full.detach()[rows.to(full.device)].clone()
             value = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False) if shardable else local
             setattr(mod, name, nn.Parameter(value, requires_grad=full.requires_grad))
+    install_hooks(layer, plan)
     object.__setattr__(layer, "_ep", plan)
     setattr(layer, EP_RANKS_ATTR, plan.world)
     layer._lower()

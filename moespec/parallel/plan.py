@@ -49,6 +49,8 @@ class EPPlan:
     local_first: tuple[int, ...]  # per expert group: first local index of its experts here
     n_local: int
     n_ffn: int
+    group_first: tuple[int, ...]  # per expert group: its first global expert index
+    group_count: tuple[int, ...]  # per expert group: its experts
 
     @classmethod
     def make(cls, ir: MoELayerNode, group: dist.ProcessGroup) -> EPPlan:
@@ -75,6 +77,8 @@ class EPPlan:
             local_first=tuple(firsts),
             n_local=n,
             n_ffn=len(owner),
+            group_first=tuple(g.first for g in ir.experts.groups),
+            group_count=tuple(g.count for g in ir.experts.groups),
         )
 
     # --- graph steps ---------------------------------------------------------------------
@@ -99,7 +103,9 @@ class EPPlan:
         """``moespec::capacity_keep`` over every rank's slots (C from G tokens), this rank's rows."""
         g = lambda t: gather_tokens(t.detach(), sizes, self.rank, self.group)  # noqa: E731
         u = g(u_TK) if u_TK.numel() else u_TK
-        keep_GK = OPS.capacity_keep(g(idx_TK), g(weight_TK), g(active_TK), u, n_experts, factor, min_capacity, policy)
+        keep_GK = OPS.capacity_keep(
+            g(idx_TK), g(weight_TK), g(active_TK), u, n_experts, factor, min_capacity, policy
+        )
         start = sum(sizes[: self.rank])
         return keep_GK[start : start + idx_TK.shape[0]]
 

@@ -1,0 +1,48 @@
+"""Expert parallelism over gloo ranks on the CPU against one process on the concatenated tokens.
+
+The checks live in ``ep_worker.py`` (a script: spawned ranks must import it by path); each
+test runs it for a world size and a list of cases and fails with the failing rank's traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("ep_worker.py")
+
+
+def run_worker(world: int, *cases: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(world), *cases], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.strip().endswith(" ".join(cases))
+
+
+def test_two_ranks_every_case() -> None:
+    """Top-k with capacity (score and batch priority), DeepSeek-V3 groups with expert bias and a
+    sequence-scope loss, heterogeneous widths with shared and zero-compute experts (local
+    shards), round-robin and explicit mappings, all tokens on one rank's experts, a rank with
+    no tokens, and the errors."""
+    run_worker(
+        2,
+        "topk_capacity",
+        "batch_priority",
+        "deepseek_groups_bias",
+        "hetero_shared_zero",
+        "round_robin",
+        "explicit_mapping",
+        "all_on_one_rank",
+        "errors",
+    )
+
+
+@pytest.mark.parametrize(
+    "cases", [("topk_capacity", "deepseek_groups_bias", "round_robin", "all_on_one_rank", "errors")]
+)
+def test_four_ranks(cases: tuple[str, ...]) -> None:
+    run_worker(4, *cases)
