@@ -1,7 +1,8 @@
 """moespec: a declarative model-spec compiler for Mixture-of-Experts layers in PyTorch.
 
 The public API is ``__all__``: ``build`` a layer from a spec, ``load`` an artifact directory,
-``build_artifact`` to write one, ``aux_losses`` / ``set_step`` over a model's moespec layers,
+``build_artifact`` to write one, ``parallelize`` / ``reduce_gradients`` for expert
+parallelism, ``aux_losses`` / ``set_step`` over a model's moespec layers,
 ``release_buffers`` to free the CPU kernels' scratch memory, ``MoELayer``, the spec models and
 the error types. The torch-heavy names are imported on first use, so ``import moespec`` (and
 ``moespec validate``) stays light.
@@ -26,18 +27,20 @@ from moespec.spec import LoadedSpec, Spec, load_spec
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from moespec.api import aux_losses, build, set_step
+    from moespec.api import aux_losses, build, load, set_step
     from moespec.export.artifact import build_artifact
     from moespec.ops import release_buffers
+    from moespec.parallel import parallelize, reduce_gradients
     from moespec.runtime.layer import MoELayer
-    from moespec.runtime.load import load
 
 # name -> module that defines it (imported lazily: each pulls in torch).
 _LAZY = {
     "build": "moespec.api",
     "aux_losses": "moespec.api",
     "set_step": "moespec.api",
-    "load": "moespec.runtime.load",
+    "load": "moespec.api",
+    "parallelize": "moespec.parallel",
+    "reduce_gradients": "moespec.parallel",
     "build_artifact": "moespec.export.artifact",
     "MoELayer": "moespec.runtime.layer",
     "release_buffers": "moespec.ops",
@@ -70,6 +73,8 @@ __all__ = [
     "build_artifact",
     "load",
     "load_spec",
+    "parallelize",
+    "reduce_gradients",
     "release_buffers",
     "set_step",
 ]

@@ -1,8 +1,9 @@
-"""The Python API: ``moespec.build`` and ``moespec.aux_losses``."""
+"""The Python API: ``moespec.build``, ``moespec.load``, ``moespec.aux_losses``, ``moespec.set_step``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +14,10 @@ from moespec.runtime.layer import MoELayer
 from moespec.spec.load import LoadedSpec, load_spec
 from moespec.spec.schema import Spec
 
-__all__ = ["BuildError", "aux_losses", "build", "set_step"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["BuildError", "aux_losses", "build", "load", "set_step"]
 
 
 def build(
@@ -47,6 +51,29 @@ def set_step(model: nn.Module, step: int) -> None:
     for m in model.modules():
         if isinstance(m, MoELayer) and m.ir.schedules:
             m.set_step(step)
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    mesh: DeviceMesh | None = None,
+    verify: bool = True,
+    allow_large: bool = False,
+) -> MoELayer:
+    """The layer of the artifact directory ``path`` (:func:`moespec.runtime.load.load`: every
+    check, ``device``, ``verify`` and ``allow_large`` as there). With ``mesh`` the layer is
+    then made expert-parallel over its ``ep`` dimension (:func:`moespec.parallel.parallelize`):
+    each rank keeps its experts of the artifact's weights."""
+    from moespec.runtime.load import load as load_artifact
+
+    layer = load_artifact(path, device, verify=verify, allow_large=allow_large)
+    if mesh is None:
+        return layer
+    from moespec.parallel import parallelize
+
+    parallelize(layer, mesh)
+    return layer
 
 
 def aux_losses(model: nn.Module) -> Tensor:

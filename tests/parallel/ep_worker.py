@@ -168,6 +168,21 @@ def _check_checkpoint(rank: int, world: int, mesh, tmp: str) -> None:
                     )
 
 
+def _check_artifact(rank: int, world: int, mesh, tmp: str) -> None:
+    """``moespec.load(DIR, mesh=mesh)``: an artifact built at EP ``world`` loads straight into
+    the sharded layer and computes what the single-process layer computes."""
+    import moespec
+
+    path, out = SPECS / "debug-tiny.yaml", f"{tmp}/artifact"
+    if rank == 0:
+        moespec.build_artifact(path, out, [f"placement.expert_parallel={world}"], seed=4)
+    dist.barrier()
+    layer = moespec.load(out, mesh=mesh)
+    assert layer.expert_parallel_ranks == world
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(rank))
+    _close("artifact loaded with a mesh", layer(x), moespec.build(path, seed=4)(x))
+
+
 def _check_errors(rank: int, world: int, mesh) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -208,6 +223,8 @@ def _run(rank: int, world: int, port: int, tmp: str, cases: list[str]) -> None:
                 _check_errors(rank, world, mesh)
             elif case == "checkpoint":
                 _check_checkpoint(rank, world, mesh, tmp)
+            elif case == "artifact":
+                _check_artifact(rank, world, mesh, tmp)
             else:
                 _check_case(case, rank, world, mesh)
     finally:

@@ -38,6 +38,7 @@ def test_two_ranks_every_case() -> None:
         "explicit_mapping",
         "all_on_one_rank",
         "errors",
+        "artifact",
     )
 
 
