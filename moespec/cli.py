@@ -128,9 +128,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         sys.stdout.write(print_program(build_program(loaded.spec)))
         return 0
     if args.json:
-        print(json.dumps(explain_data(loaded), indent=2))
+        print(json.dumps(explain_data(loaded, args.tokens), indent=2))
     else:
-        print_explain(loaded)
+        print_explain(loaded, args.tokens)
     return 0
 
 
@@ -247,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
     e.add_argument("--json", action="store_true", help="machine-readable output (`layers` list)")
     e.add_argument("--ir", action="store_true", help="print the resolved IR instead")
+    e.add_argument(
+        "--tokens",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="tokens per rank for the expert-parallel all-to-all bytes (default 4096)",
+    )
     e.set_defaults(func=cmd_explain)
 
     i = sub.add_parser("init", help="write a starter spec with the schema modeline (parents created)")

@@ -6,13 +6,14 @@ import json
 import os
 
 from moespec.ir.numbers import spec_numbers
+from moespec.ir.placement import placement_numbers
 from moespec.ir.summary import explain_data, human, resolved_leaves, totals
 from moespec.spec.load import LoadedSpec
 
 __all__ = ["explain_data", "human", "print_explain", "resolved_leaves", "totals"]
 
 
-def print_explain(loaded: LoadedSpec) -> None:
+def print_explain(loaded: LoadedSpec, tokens_per_rank: int = 4096) -> None:
     """Print the resolved spec (with provenance) and the numbers as rich tables."""
     from rich.console import Console
     from rich.table import Table
@@ -55,3 +56,27 @@ def print_explain(loaded: LoadedSpec) -> None:
             f"{tot['params_active']:,} active, {human(tot['flops_per_token'])} FLOPs/token, "
             f"{human(tot['weight_bytes_per_rank'], 'B')} weights/rank"
         )
+    _print_placement(console, loaded, tokens_per_rank)
+
+
+def _print_placement(console, loaded: LoadedSpec, tokens_per_rank: int) -> None:
+    """Each rank's experts and weights, the all-to-all bytes, and imbalance warnings."""
+    from rich.table import Table
+
+    for pn in placement_numbers(loaded.spec, tokens_per_rank):
+        a2a = (
+            f"{human(pn.all_to_all_bytes_forward, 'B')} forward, "
+            f"{human(pn.all_to_all_bytes_train_step, 'B')} per training step"
+        )
+        t = Table(
+            title=f"expert parallelism of {pn.name!r} over {pn.expert_parallel} ranks; "
+            f"all-to-all per rank at {pn.tokens_per_rank:,} tokens/rank: {a2a}"
+        )
+        for col in ("rank", "routed experts", "routed params", "weights"):
+            t.add_column(col, justify="right")
+        for r in pn.ranks:
+            shown = ", ".join(map(str, r.experts)) if len(r.experts) <= 8 else f"{len(r.experts)} experts"
+            t.add_row(str(r.rank), shown, f"{r.routed_params:,}", human(r.weight_bytes, "B"))
+        console.print(t)
+        if pn.warning:
+            console.print(f"[yellow]warning:[/yellow] {pn.warning}", highlight=False)

@@ -61,12 +61,24 @@ VARIANTS: list[tuple[dict, dict]] = [
         {
             "experts": {
                 "routed": [
-                    {"count": 2, "kind": "glu", "activation": "silu", "d_ff": 12, "bias": True,
-                     "granularity": 2},
+                    {
+                        "count": 2,
+                        "kind": "glu",
+                        "activation": "silu",
+                        "d_ff": 12,
+                        "bias": True,
+                        "granularity": 2,
+                    },
                     {"count": 3, "kind": "mlp", "activation": "gelu", "d_ff": 10, "bias": True},
                 ],
-                "shared": {"kind": "glu", "activation": "silu", "d_ff": 6, "count": 2, "bias": True,
-                           "gate": True},
+                "shared": {
+                    "kind": "glu",
+                    "activation": "silu",
+                    "d_ff": 6,
+                    "count": 2,
+                    "bias": True,
+                    "gate": True,
+                },
                 "zero_compute": [{"kind": "zero"}, {"kind": "constant", "count": 2}],
             },
             "multi_head": {"heads": 2, "bias": True},

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moespec.ir.numbers import LayerNumbers, spec_numbers
+from moespec.ir.placement import placement_numbers
 from moespec.spec.load import LoadedSpec
 
 
@@ -38,8 +39,10 @@ def totals(layers: list[LayerNumbers]) -> dict[str, int]:
     }
 
 
-def explain_data(loaded: LoadedSpec) -> dict[str, Any]:
-    """Everything ``explain --json`` prints: resolved spec, provenance, per-layer numbers."""
+def explain_data(loaded: LoadedSpec, tokens_per_rank: int = 4096) -> dict[str, Any]:
+    """Everything ``explain --json`` prints: resolved spec, provenance, per-layer numbers and,
+    with expert parallelism, each rank's share and the all-to-all bytes for
+    ``tokens_per_rank`` tokens (``placement``; empty without)."""
     layers = spec_numbers(loaded.spec)
     return {
         "name": loaded.spec.name,
@@ -48,6 +51,7 @@ def explain_data(loaded: LoadedSpec) -> dict[str, Any]:
         "provenance": {p: o for p, _, o in resolved_leaves(loaded)},
         "layers": [n.to_json() for n in layers],
         "totals": totals(layers),
+        "placement": [pn.to_json() for pn in placement_numbers(loaded.spec, tokens_per_rank)],
     }
 
 

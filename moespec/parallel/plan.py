@@ -23,6 +23,9 @@ local experts start at ``local_first[g]``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +54,9 @@ class EPPlan:
     n_ffn: int
     group_first: tuple[int, ...]  # per expert group: its first global expert index
     group_count: tuple[int, ...]  # per expert group: its experts
+    # Benchmarks only: seconds spent per phase of `experts` in forward ("all-to-all",
+    # "experts", "dispatch+combine"), accumulated while set to a dict.
+    clock: dict[str, float] | None = None
 
     @classmethod
     def make(cls, ir: MoELayerNode, group: dist.ProcessGroup) -> EPPlan:
@@ -80,6 +86,15 @@ class EPPlan:
             group_first=tuple(g.first for g in ir.experts.groups),
             group_count=tuple(g.count for g in ir.experts.groups),
         )
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        if self.clock is None:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        self.clock[name] = self.clock.get(name, 0.0) + time.perf_counter() - start
 
     # --- graph steps ---------------------------------------------------------------------
 
@@ -121,32 +136,43 @@ class EPPlan:
         each FFN run on the rank holding it. ``group_args[g]``: group g's weights (global
         DTensors or this rank's local tensors) and activation, in ``ExpertWeights`` order."""
         dev = x_TD.device
-        counts_E = (offsets_E1[1 : self.n_ffn + 1] - offsets_E1[: self.n_ffn]).to(dev)
-        owner_E, local_of_E = self.owner_E.to(dev), self.local_of_E.to(dev)
-        send_W = torch.zeros(self.world, dtype=torch.int64, device=dev).index_add_(0, owner_E, counts_E)
-        sent_WW = exchange_sizes(send_W, self.group)  # host sync: row [r] is what rank r sends
+        with self._phase("dispatch+combine"):
+            counts_E = (offsets_E1[1 : self.n_ffn + 1] - offsets_E1[: self.n_ffn]).to(dev)
+            owner_E, local_of_E = self.owner_E.to(dev), self.local_of_E.to(dev)
+            send_W = torch.zeros(self.world, dtype=torch.int64, device=dev).index_add_(0, owner_E, counts_E)
+        with self._phase("all-to-all"):
+            sent_WW = exchange_sizes(send_W, self.group)  # host sync: row [r] is what rank r sends
         send, recv = sent_WW[self.rank], [row[self.rank] for row in sent_WW]
         n_rows = sum(send)
-        expert_N = torch.repeat_interleave(torch.arange(self.n_ffn, device=dev), counts_E, output_size=n_rows)
-        # Rows are sorted by expert; the exchange wants them grouped by destination rank.
-        by_rank_N = torch.argsort(owner_E[expert_N], stable=True)
-        token_S = token_idx_N[:n_rows][by_rank_N]
-        x_R = all_to_all(x_TD.index_select(0, token_S), send, recv, self.group)
-        w_R = all_to_all(row_w_N[:n_rows][by_rank_N], send, recv, self.group)
-        local_R = all_to_all(local_of_E[expert_N[by_rank_N]], send, recv, self.group)
-        # Received rows sorted by local expert; row r is its own "token" in the combine op,
-        # so y_R[r] = w_R[r] · FFN(x_R[r]) in receive order.
-        order_R = torch.argsort(local_R, stable=True)
-        offsets_L1 = torch.zeros(self.n_local + 1, dtype=torch.int64, device=dev)
-        offsets_L1[1:] = torch.cumsum(torch.bincount(local_R, minlength=self.n_local), 0)
-        y_R = x_R.new_zeros(x_R.shape)
-        for rows, first, args in zip(self.local_rows, self.local_first, group_args, strict=True):
-            if rows.numel() == 0:
-                continue
-            local = tuple(_local(a) for a in args)
-            y_R = y_R + OPS.expert_ffn_combine(x_R, order_R, w_R[order_R], offsets_L1, first, *local)[0]
-        y_S = all_to_all(y_R, recv, send, self.group)
-        return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_S)
+        with self._phase("dispatch+combine"):
+            expert_N = torch.repeat_interleave(
+                torch.arange(self.n_ffn, device=dev), counts_E, output_size=n_rows
+            )
+            # Rows are sorted by expert; the exchange wants them grouped by destination rank.
+            by_rank_N = torch.argsort(owner_E[expert_N], stable=True)
+            token_S = token_idx_N[:n_rows][by_rank_N]
+            x_S, w_S = x_TD.index_select(0, token_S), row_w_N[:n_rows][by_rank_N]
+            local_S = local_of_E[expert_N[by_rank_N]]
+        with self._phase("all-to-all"):
+            x_R = all_to_all(x_S, send, recv, self.group)
+            w_R = all_to_all(w_S, send, recv, self.group)
+            local_R = all_to_all(local_S, send, recv, self.group)
+        with self._phase("experts"):
+            # Received rows sorted by local expert; row r is its own "token" in the combine op,
+            # so y_R[r] = w_R[r] · FFN(x_R[r]) in receive order.
+            order_R = torch.argsort(local_R, stable=True)
+            offsets_L1 = torch.zeros(self.n_local + 1, dtype=torch.int64, device=dev)
+            offsets_L1[1:] = torch.cumsum(torch.bincount(local_R, minlength=self.n_local), 0)
+            y_R = x_R.new_zeros(x_R.shape)
+            for rows, first, args in zip(self.local_rows, self.local_first, group_args, strict=True):
+                if rows.numel() == 0:
+                    continue
+                local = tuple(_local(a) for a in args)
+                y_R = y_R + OPS.expert_ffn_combine(x_R, order_R, w_R[order_R], offsets_L1, first, *local)[0]
+        with self._phase("all-to-all"):
+            y_S = all_to_all(y_R, recv, send, self.group)
+        with self._phase("dispatch+combine"):
+            return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_S)
 
     def gather_aux(self, sizes: list[int], gathered: tuple[bool, ...], *args: Tensor) -> tuple[Tensor, ...]:
         """The aux module's inputs over all G tokens: per-token tensors concatenated in rank

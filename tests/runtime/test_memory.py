@@ -75,8 +75,10 @@ def test_available_bytes_reads_this_machine() -> None:
     ("spec", "overrides"),
     [
         (REMOE, SMALL),  # bf16 weights, an fp32 controller
-        (ROOT / "specs" / "hash-layers.yaml", ["d_model=32", "layer.experts.routed.0.d_ff=16",
-                                                "layer.router.vocab_size=64"]),  # an int64 table
+        (
+            ROOT / "specs" / "hash-layers.yaml",
+            ["d_model=32", "layer.experts.routed.0.d_ff=16", "layer.router.vocab_size=64"],
+        ),  # an int64 table
         (ROOT / "specs" / "smoe-dropout.yaml", ["d_model=32", "layer.experts.routed.0.d_ff=16"]),  # schedules
     ],
 )
