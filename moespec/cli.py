@@ -183,6 +183,36 @@ def _bench_progress(enabled: bool):
     )
 
 
+def _bench_nproc(args: argparse.Namespace, spec: str, overrides: list[str]) -> int:
+    """``moespec bench SPEC --nproc N``: the layer expert-parallel over N CPU processes."""
+    from moespec.bench_ep import bench_expert_parallel, result_table
+
+    if args.nproc < 1:
+        return _usage("moespec bench: --nproc must be >= 1")
+    if Path(spec).is_dir() or (args.device or "cpu") != "cpu":
+        return _usage("moespec bench --nproc: takes a spec file and runs on CPU processes (gloo)")
+    res = bench_expert_parallel(
+        spec,
+        overrides,
+        nproc=args.nproc,
+        layer=args.layer,
+        tokens=args.tokens,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+        return 0
+    from rich.console import Console
+
+    head, table = result_table(res)
+    console = Console()
+    console.print(head, highlight=False)
+    console.print(table)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from moespec.bench import bench_layer, layer_for_bench, result_table
 
@@ -192,6 +222,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec, overrides = one
     if args.tokens < 1 or args.repeat < 1 or args.warmup < 0:
         return _usage("moespec bench: --tokens and --repeat must be >= 1, --warmup >= 0")
+    if args.nproc is not None:
+        return _bench_nproc(args, spec, overrides)
     module, name, device = layer_for_bench(
         spec, overrides, layer=args.layer, seed=args.seed, device=args.device, allow_large=args.allow_large
     )
@@ -296,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", help="cpu or cuda (default: the spec's target.device)")
     bn.add_argument(
         "--allow-large", action="store_true", help="run even if weights or activations may not fit in memory"
+    )
+    bn.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="run expert-parallel over N local CPU processes (gloo; --tokens per rank) and split the step",
     )
     bn.add_argument("--json", action="store_true", help="machine-readable output")
     bn.set_defaults(func=cmd_bench)

@@ -159,9 +159,7 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool, ep: boo
     aux_args = (rt.logits_TE, noisy, std, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
     aux_kwargs = {} if rt.k_active is None else {"k_active": rt.k_active}
     if ep:  # losses and statistics over every rank's tokens
-        per_token = (True, rt.noisy_TE is not None, rt.std_TE is not None, True, True, True, True, True)
-        gathered = (*per_token, rt.extra_loss is not None, False)
-        both = b.method(plan, "gather_aux", sizes, gathered, *aux_args, origin=layer.losses.origin)
+        both = b.method(plan, "gather_aux", sizes, *aux_args, origin=layer.losses.origin)
         aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
     aux = g.call_module("aux", aux_args, aux_kwargs)
     named = enumerate(OUTPUTS[2:])

@@ -23,6 +23,7 @@ local experts start at ``local_first[g]``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +48,8 @@ class EPPlan:
     rank: int
     world: int
     owner_E: Tensor  # [n_ffn] rank of each routed FFN expert
-    local_of_E: Tensor  # [n_ffn] index of each expert in its owner's local space
+    owners: tuple[int, ...]  # the same, as host ints
+    mine: tuple[int, ...]  # the experts this rank holds (its local space, in order)
     local_rows: tuple[Tensor, ...]  # per expert group: this rank's experts, indices within the group
     local_first: tuple[int, ...]  # per expert group: first local index of its experts here
     n_local: int
@@ -63,10 +65,6 @@ class EPPlan:
         """The plan of ``ir``'s ``placement`` on this rank of ``group``."""
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         owner = list(ir.placement.expert_to_rank)
-        local_of, seen = [], [0] * world
-        for r in owner:
-            local_of.append(seen[r])
-            seen[r] += 1
         rows, firsts, n = [], [], 0
         for grp in ir.experts.groups:
             mine = [i for i in range(grp.count) if owner[grp.first + i] == rank]
@@ -78,7 +76,8 @@ class EPPlan:
             rank=rank,
             world=world,
             owner_E=torch.tensor(owner, dtype=torch.int64),
-            local_of_E=torch.tensor(local_of, dtype=torch.int64),
+            owners=tuple(owner),
+            mine=tuple(e for e, r in enumerate(owner) if r == rank),
             local_rows=tuple(rows),
             local_first=tuple(firsts),
             n_local=n,
@@ -138,11 +137,15 @@ class EPPlan:
         dev = x_TD.device
         with self._phase("dispatch+combine"):
             counts_E = (offsets_E1[1 : self.n_ffn + 1] - offsets_E1[: self.n_ffn]).to(dev)
-            owner_E, local_of_E = self.owner_E.to(dev), self.local_of_E.to(dev)
-            send_W = torch.zeros(self.world, dtype=torch.int64, device=dev).index_add_(0, owner_E, counts_E)
+            owner_E = self.owner_E.to(dev)
         with self._phase("all-to-all"):
-            sent_WW = exchange_sizes(send_W, self.group)  # host sync: row [r] is what rank r sends
-        send, recv = sent_WW[self.rank], [row[self.rank] for row in sent_WW]
+            # Every rank's rows per expert (host sync): the split sizes, and each received
+            # row's expert without sending it (a source sends its rows in expert order).
+            counts_WE = exchange_sizes(counts_E, self.group)
+        mine, send = self.mine, [0] * self.world
+        for e, c in enumerate(counts_WE[self.rank]):
+            send[self.owners[e]] += c
+        recv = [sum(row[e] for e in mine) for row in counts_WE]
         n_rows = sum(send)
         with self._phase("dispatch+combine"):
             expert_N = torch.repeat_interleave(
@@ -152,11 +155,21 @@ class EPPlan:
             by_rank_N = torch.argsort(owner_E[expert_N], stable=True)
             token_S = token_idx_N[:n_rows][by_rank_N]
             x_S, w_S = x_TD.index_select(0, token_S), row_w_N[:n_rows][by_rank_N]
-            local_S = local_of_E[expert_N[by_rank_N]]
+            from_JL = torch.tensor(
+                [[row[e] for e in mine] for row in counts_WE], dtype=torch.int64, device=dev
+            )
+            local_R = torch.repeat_interleave(
+                torch.arange(len(mine), device=dev).repeat(self.world),
+                from_JL.flatten(),
+                output_size=sum(recv),
+            )
         with self._phase("all-to-all"):
-            x_R = all_to_all(x_S, send, recv, self.group)
-            w_R = all_to_all(w_S, send, recv, self.group)
-            local_R = all_to_all(local_S, send, recv, self.group)
+            if w_S.dtype == x_S.dtype:  # one exchange: the weight rides as a last column
+                xw_R = all_to_all(torch.cat([x_S, w_S.unsqueeze(1)], 1), send, recv, self.group)
+                x_R, w_R = xw_R[:, :-1], xw_R[:, -1]
+            else:
+                x_R = all_to_all(x_S, send, recv, self.group)
+                w_R = all_to_all(w_S, send, recv, self.group)
         with self._phase("experts"):
             # Received rows sorted by local expert; row r is its own "token" in the combine op,
             # so y_R[r] = w_R[r] · FFN(x_R[r]) in receive order.
@@ -174,20 +187,29 @@ class EPPlan:
         with self._phase("dispatch+combine"):
             return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_S)
 
-    def gather_aux(self, sizes: list[int], gathered: tuple[bool, ...], *args: Tensor) -> tuple[Tensor, ...]:
-        """The aux module's inputs over all G tokens: per-token tensors concatenated in rank
-        order (``gathered[i]``), a router's 0-dim extra loss (a mean over tokens) as the
-        token-weighted mean over ranks, anything else as is."""
-        out = []
-        total = sum(sizes)
-        for arg, gather in zip(args, gathered, strict=True):
-            if not gather:
-                out.append(arg)
-            elif arg.dim() == 0:
+    def gather_aux(self, sizes: list[int], *args: object) -> tuple[object, ...]:
+        """The aux module's inputs over all G tokens: per-token tensors ([T, ...], 2-D or more)
+        concatenated in rank order, a router's 0-dim extra loss (a mean over tokens) as the
+        token-weighted mean over ranks, anything else (absent-tensor placeholders, seq_len) as
+        is. Per-token tensors travel packed by dtype (integer and bool ones as int64): one
+        all-gather per dtype."""
+        out: list[object] = list(args)
+        buckets: dict[torch.dtype, list[int]] = {}
+        for i, arg in enumerate(args):
+            if not isinstance(arg, Tensor) or arg.dim() == 1:
+                continue
+            if arg.dim() == 0:
                 part = (arg * sizes[self.rank]).reshape(1)
-                out.append(gather_tokens(part, [1] * self.world, self.rank, self.group).sum() / max(total, 1))
+                total = gather_tokens(part, [1] * self.world, self.rank, self.group).sum()
+                out[i] = total / max(sum(sizes), 1)
             else:
-                out.append(gather_tokens(arg, sizes, self.rank, self.group))
+                wire = arg.dtype if arg.is_floating_point() else torch.int64
+                buckets.setdefault(wire, []).append(i)
+        for wire, members in buckets.items():
+            cols = [args[i].to(wire).reshape(args[i].shape[0], math.prod(args[i].shape[1:])) for i in members]
+            packed = gather_tokens(torch.cat(cols, 1), sizes, self.rank, self.group)
+            for i, part in zip(members, packed.split([c.shape[1] for c in cols], 1), strict=True):
+                out[i] = part.reshape(-1, *args[i].shape[1:]).to(args[i].dtype)
         return tuple(out)
 
 

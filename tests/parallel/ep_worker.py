@@ -50,6 +50,20 @@ CASES: dict[str, tuple[str, list[str], list[int], bool]] = {
     "round_robin": ("debug-tiny.yaml", ["placement.mapping=round_robin"], [3, 8, 1, 2], False),
     "explicit_mapping": ("debug-tiny.yaml", ["placement.mapping=[1, 0, 0, 1]"], [4, 6], False),
     "all_on_one_rank": ("debug-tiny.yaml", [], [5, 6, 2, 3], False),
+    "top_p_entropy": (  # dense routing with a router loss (a token mean)
+        "debug-tiny.yaml",
+        ["layer.router={kind: top_p, threshold: 0.4, renormalize: false, entropy_weight: 0.01}"],
+        [6, 3, 0, 5],
+        False,
+    ),
+}
+# Routers that couple tokens route within each rank's tokens: checked against the
+# single-process layer on this rank's tokens alone (outputs only; losses stay global).
+PER_RANK_CASES: dict[str, list[str]] = {
+    "expert_choice_per_rank": [
+        "layer.router={kind: expert_choice, capacity_factor: 1.0, min_capacity: 1}",
+        "layer.losses={z_loss: {weight: 0.001}}",
+    ],
 }
 
 
@@ -97,6 +111,20 @@ def _check_case(case: str, rank: int, world: int, mesh) -> None:
         _compare_grads(case, layer, single)
         for name, buf in layer.named_buffers():
             _close(f"{case} buffer {name}", buf, single.get_buffer(name))
+
+
+def _check_per_rank(case: str, rank: int, world: int, mesh) -> None:
+    import moespec
+    from moespec.parallel import parallelize
+
+    path, overrides = SPECS / "debug-tiny.yaml", PER_RANK_CASES[case]
+    single = moespec.build(path, overrides, seed=3)
+    layer = parallelize(moespec.build(path, [*overrides, f"placement.expert_parallel={world}"], seed=3), mesh)
+    x = torch.randn(4 + 3 * rank, 32, generator=torch.Generator().manual_seed(rank))
+    for training in (True, False):
+        layer.train(training)
+        single.train(training)
+        _close(f"{case} y (train={training})", layer(x), single(x))
 
 
 def _compare_grads(case: str, layer, single) -> None:
@@ -223,6 +251,8 @@ def _run(rank: int, world: int, port: int, tmp: str, cases: list[str]) -> None:
                 _check_errors(rank, world, mesh)
             elif case == "checkpoint":
                 _check_checkpoint(rank, world, mesh, tmp)
+            elif case in PER_RANK_CASES:
+                _check_per_rank(case, rank, world, mesh)
             elif case == "artifact":
                 _check_artifact(rank, world, mesh, tmp)
             else:
