@@ -211,6 +211,43 @@ def _check_artifact(rank: int, world: int, mesh, tmp: str) -> None:
     _close("artifact loaded with a mesh", layer(x), moespec.build(path, seed=4)(x))
 
 
+def _check_fsdp(rank: int, world: int) -> None:
+    """A (dp 2, ep 2) mesh: parallelize over ep, then FSDP2's fully_shard over dp. Each ep group
+    (mesh rows {0, 1} and {2, 3}) equals one process on its tokens; FSDP averages the gradient
+    over dp, reduce_gradients sums the replicated parameters' parts over ep."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import moespec
+
+    assert world == 4
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    path, overrides = SPECS / "debug-tiny.yaml", TOPK_CAP
+    single = moespec.build(path, overrides, seed=3)
+    layer = moespec.build(path, [*overrides, "placement.expert_parallel=2"], seed=3)
+    fully_shard(moespec.parallelize(layer, mesh), mesh=mesh["dp"])
+    sizes = [5, 3, 0, 6]
+    xs = _inputs(sizes, False, 32)
+    y = layer(xs[rank])
+    y.square().sum().add(layer.aux_loss).backward()
+    moespec.reduce_gradients(layer)
+    total = 0.0
+    for group in ((0, 1), (2, 3)):  # one process per ep group; the losses of both summed
+        x_g = torch.cat([xs[r] for r in group])
+        y_g = single(x_g)
+        total = total + y_g.square().sum() + single.aux_loss
+        if rank in group:
+            start = sum(sizes[r] for r in group if r < rank)
+            _close("fsdp y", y, y_g[start : start + sizes[rank]])
+            _close("fsdp aux_loss", layer.aux_loss, single.aux_loss)
+    total.backward()
+    want = dict(single.named_parameters())
+    for name, p in layer.named_parameters():
+        assert isinstance(p, DTensor), f"{name} is not sharded by FSDP"
+        _close(f"fsdp grad {name} (x dp size)", p.grad.full_tensor() * 2, want[name].grad)
+
+
 def _check_errors(rank: int, world: int, mesh) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -253,6 +290,8 @@ def _run(rank: int, world: int, port: int, tmp: str, cases: list[str]) -> None:
                 _check_checkpoint(rank, world, mesh, tmp)
             elif case in PER_RANK_CASES:
                 _check_per_rank(case, rank, world, mesh)
+            elif case == "fsdp":
+                _check_fsdp(rank, world)
             elif case == "artifact":
                 _check_artifact(rank, world, mesh, tmp)
             else:
