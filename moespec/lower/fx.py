@@ -90,10 +90,12 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool, ep: boo
 
     rt = lowering(layer).lower(b, layer, x, {**inputs, **rand, "seq_len": seq_len}, training)
     plan = b.get("_ep") if ep else None
-    sizes = b.method(plan, "token_sizes", x, origin=layer.placement.origin) if ep else None
+    sizes = None  # every rank's token count; the experts' exchange carries it when dropless
+    if ep and (isinstance(rt, SoftNodes) or layer.dispatch.capacity.kind == "factor"):
+        sizes = b.method(plan, "token_sizes", x, origin=layer.placement.origin)
     if isinstance(rt, SoftNodes):
         # Token-mixing routers (Soft MoE): experts run on slot mixes of the tokens.
-        y, stats = soft.lower_soft(b, layer, x, rt, seq_len)
+        y, stats = soft.lower_soft(b, layer, x, rt, seq_len, plan, sizes)
         if layer.shared is not None:
             y = b.fn(operator.add, y, _shared(b, layer, x), origin=layer.shared.origin)
         named = enumerate(OUTPUTS[2:])
@@ -137,7 +139,8 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool, ep: boo
         group_args = tuple(
             ffn_args(b, f"experts.{gi}", grp, empty_x) for gi, grp in enumerate(layer.experts.groups)
         )
-        y = b.method(plan, "experts", x, token_idx, row_w, offsets, group_args, origin=at_e)
+        both = b.method(plan, "experts", x, token_idx, row_w, offsets, group_args, sizes, origin=at_e)
+        y, sizes = b.item(both, 0, at_e), b.item(both, 1, at_e)
     else:
         y = combined_experts(b, layer, x, token_idx, row_w, offsets)
     if layer.experts.zero_compute:

@@ -23,7 +23,7 @@ from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.experts import routed_experts
+from moespec.lower.experts import ffn_args, routed_experts
 from moespec.lower.routers import SoftNodes
 
 
@@ -58,29 +58,59 @@ def unmix_slots(h_ND: Tensor, combine_TS: Tensor, seq_len: int, n_experts: int) 
     return (combine_TS.to(h_ND.dtype).reshape(g, length, s) @ h_GSD).reshape(t, d)
 
 
-def soft_stats(combine_TS: Tensor, slots_ND: Tensor, n_experts: int) -> tuple[Tensor, ...]:
+def soft_stats(combine_TS: Tensor, n_rows: int, n_experts: int) -> tuple[Tensor, ...]:
     """``(aux_loss, routed_per_expert, tokens_per_expert, dropped_fraction, router_entropy,
-    load_ratio)``: no loss; every expert computes its G·p slot rows (nothing dropped, load
-    ratio 1); the entropy is the mean over tokens of the combine distribution's (nats)."""
+    load_ratio)``: no loss; every expert computes its share of the ``n_rows`` slot rows (G·p
+    each: nothing dropped, load ratio 1); the entropy is the mean over tokens of the combine
+    distribution's (nats)."""
     c = combine_TS.detach()
-    rows_E = torch.full((n_experts,), slots_ND.shape[0] // n_experts, dtype=torch.int64, device=c.device)
+    rows_E = torch.full((n_experts,), n_rows // n_experts, dtype=torch.int64, device=c.device)
     plogp = torch.where(c > 0, c * torch.log(c), torch.zeros_like(c))
     entropy = -plogp.sum(-1).mean() if c.shape[0] else c.new_zeros(())
     ratio = rows_E.max().to(c.dtype) / rows_E.min().to(c.dtype)
     return c.new_zeros(()), rows_E, rows_E.clone(), c.new_zeros(()), entropy, ratio
 
 
+def n_rows(slots_ND: Tensor) -> int:
+    """Slot rows of this call (static: G·S)."""
+    return slots_ND.shape[0]
+
+
 def lower_soft(
-    b: Builder, layer: MoELayerNode, x: fx.Node, rt: SoftNodes, seq_len: fx.Node
+    b: Builder,
+    layer: MoELayerNode,
+    x: fx.Node,
+    rt: SoftNodes,
+    seq_len: fx.Node,
+    plan: fx.Node | None = None,
+    sizes: fx.Node | None = None,
 ) -> tuple[fx.Node, fx.Node]:
     """Append slots, experts and combine; returns ``(y_TD, stats)`` (stats: the tuple of
-    :func:`soft_stats`, the layer's outputs after ``router_logits``)."""
+    :func:`soft_stats`, the layer's outputs after ``router_logits``). With an expert-parallel
+    ``plan`` each rank mixes its own tokens into slots (its routing groups), the slot rows run
+    on the experts' ranks (each row its own "token", weight 1), and the statistics count every
+    rank's rows and tokens."""
     at_d, n_exp = layer.dispatch.origin, layer.experts.n_experts
     mixed = b.fn(mix_slots, rt.dispatch_TS, x, seq_len, n_exp, origin=at_d)
     slots, token_idx, offsets = (
         b.item(mixed, i, at_d, n) for i, n in enumerate(("slots_ND", "token_idx_N", "offsets_E1"))
     )
-    h = routed_experts(b, layer, slots, token_idx, offsets)
+    rows, combine = b.fn(n_rows, slots, origin=at_d), rt.combine_TS
+    if plan is None:
+        h = routed_experts(b, layer, slots, token_idx, offsets)
+    else:
+        empty, at_e = b.empty_like(slots), layer.experts.origin
+        group_args = tuple(
+            ffn_args(b, f"experts.{gi}", grp, empty) for gi, grp in enumerate(layer.experts.groups)
+        )
+        ones = b.fn(torch.ones_like, token_idx, dtype=torch.float32, origin=at_d)
+        h = b.item(
+            b.method(plan, "experts", slots, token_idx, ones, offsets, group_args, sizes, origin=at_e),
+            0,
+            at_e,
+        )
+        rows = b.method(plan, "total", rows, slots, origin=at_d)
+        combine = b.item(b.method(plan, "gather_aux", sizes, combine, origin=layer.losses.origin), 0, at_d)
     y = b.fn(unmix_slots, h, rt.combine_TS, seq_len, n_exp, origin=layer.combine.origin)
-    stats = b.fn(soft_stats, rt.combine_TS, slots, n_exp, origin=layer.losses.origin)
+    stats = b.fn(soft_stats, combine, rows, n_exp, origin=layer.losses.origin)
     return y, stats

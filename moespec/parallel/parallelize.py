@@ -65,12 +65,6 @@ def _parallelize_layer(layer: MoELayer, ep_mesh: DeviceMesh) -> None:
             "placement.expert_parallel",
             f"{want}, but the mesh's {EP_DIM!r} dimension has {have} ranks (layer {ir.name!r})",
         )
-    if ir.router.kind == "soft_moe":
-        raise TargetError(
-            "placement.expert_parallel",
-            f"layer {ir.name!r}: Soft MoE mixes tokens into slots; expert parallelism supports "
-            "token-routing routers only (not implemented for soft_moe)",
-        )
     plan = EPPlan.make(ir, ep_mesh.get_group())
     for gi, grp in enumerate(ir.experts.groups):
         rows = plan.local_rows[gi]

@@ -6,11 +6,13 @@ experts, D d_model, N sorted rows, R rows received, L experts held by this rank,
 A parallel layer's graph (``moespec.lower.fx.lower_layer(..., ep=True)``) routes this rank's
 tokens with the replicated router, then calls these methods on ``layer._ep``:
 
-- ``token_sizes``: every rank's T (an all-gather; host sync).
+- ``token_sizes``: every rank's T (an all-gather; host sync), when capacity or Soft MoE needs
+  it before the experts (otherwise the experts' exchange carries it).
 - ``capacity_keep``: the capacity decision over the concatenation of every rank's slots (the
   same C and priority order as one process running all G tokens), this rank's rows of it.
 - ``experts``: rows of routed FFN experts go to the rank holding their expert
-  (``all_to_all``; the row counts are all-gathered first, a host sync), run there through
+  (``all_to_all``; the row counts are all-gathered first, a host sync: the only one of a
+  dropless layer), run there through
   ``moespec::expert_ffn_combine`` with their routing weights, come back, and are summed per
   token. Zero-compute and shared experts stay local (they are replicated).
 - ``gather_aux``: the loss-and-statistics inputs of every rank, concatenated, so the
@@ -102,6 +104,12 @@ class EPPlan:
         local = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
         return [row[0] for row in exchange_sizes(local, self.group)]
 
+    def total(self, n: int, like: Tensor) -> int:
+        """The sum of ``n`` over the ranks (host int; Soft MoE's slot rows); ``like`` gives the
+        device the exchange runs on."""
+        local = torch.tensor([n], dtype=torch.int64, device=like.device)
+        return sum(row[0] for row in exchange_sizes(local, self.group))
+
     def capacity_keep(
         self,
         sizes: list[int],
@@ -130,18 +138,25 @@ class EPPlan:
         row_w_N: Tensor,
         offsets_E1: Tensor,
         group_args: tuple[tuple, ...],
-    ) -> Tensor:
-        """y_TD[t] = Σ over t's rows n on routed FFN experts of row_w[n] · FFN_{e(n)}(x[t]),
-        each FFN run on the rank holding it. ``group_args[g]``: group g's weights (global
-        DTensors or this rank's local tensors) and activation, in ``ExpertWeights`` order."""
+        sizes: list[int] | None,
+    ) -> tuple[Tensor, list[int]]:
+        """``(y_TD, sizes)``: y_TD[t] = Σ over t's rows n on routed FFN experts of row_w[n] ·
+        FFN_{e(n)}(x[t]), each FFN run on the rank holding it. ``group_args[g]``: group g's
+        weights (global DTensors or this rank's local tensors) and activation, in
+        ``ExpertWeights`` order. ``sizes``: every rank's T, exchanged here with the row
+        counts when None (one host sync for the whole layer when dropless)."""
         dev = x_TD.device
         with self._phase("dispatch+combine"):
             counts_E = (offsets_E1[1 : self.n_ffn + 1] - offsets_E1[: self.n_ffn]).to(dev)
             owner_E = self.owner_E.to(dev)
+            t_1 = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=dev)
         with self._phase("all-to-all"):
             # Every rank's rows per expert (host sync): the split sizes, and each received
             # row's expert without sending it (a source sends its rows in expert order).
-            counts_WE = exchange_sizes(counts_E, self.group)
+            rows_WE = exchange_sizes(torch.cat([counts_E, t_1]) if sizes is None else counts_E, self.group)
+        if sizes is None:
+            sizes = [row[-1] for row in rows_WE]
+        counts_WE = [row[: self.n_ffn] for row in rows_WE]
         mine, send = self.mine, [0] * self.world
         for e, c in enumerate(counts_WE[self.rank]):
             send[self.owners[e]] += c
@@ -185,7 +200,7 @@ class EPPlan:
         with self._phase("all-to-all"):
             y_S = all_to_all(y_R, recv, send, self.group)
         with self._phase("dispatch+combine"):
-            return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_S)
+            return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_S), sizes
 
     def gather_aux(self, sizes: list[int], *args: object) -> tuple[object, ...]:
         """The aux module's inputs over all G tokens: per-token tensors ([T, ...], 2-D or more)

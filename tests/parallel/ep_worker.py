@@ -60,6 +60,10 @@ CASES: dict[str, tuple[str, list[str], list[int], bool]] = {
 # Routers that couple tokens route within each rank's tokens: checked against the
 # single-process layer on this rank's tokens alone (outputs only; losses stay global).
 PER_RANK_CASES: dict[str, list[str]] = {
+    "soft_moe_per_rank": [
+        "layer.router={kind: soft_moe, slots_per_expert: 2, group_size: 8}",
+        "layer.losses={}",
+    ],
     "expert_choice_per_rank": [
         "layer.router={kind: expert_choice, capacity_factor: 1.0, min_capacity: 1}",
         "layer.losses={z_loss: {weight: 0.001}}",
@@ -125,6 +129,9 @@ def _check_per_rank(case: str, rank: int, world: int, mesh) -> None:
         layer.train(training)
         single.train(training)
         _close(f"{case} y (train={training})", layer(x), single(x))
+    if case.startswith("soft_moe"):  # statistics count every rank's slot rows
+        rows = layer.routing_stats["routed_per_expert"]
+        assert int(rows.sum()) == 2 * 4 * world, rows
 
 
 def _compare_grads(case: str, layer, single) -> None:
