@@ -64,6 +64,8 @@ PER_RANK_CASES: dict[str, list[str]] = {
         "layer.router={kind: soft_moe, slots_per_expert: 2, group_size: 8}",
         "layer.losses={}",
     ],
+    "base_per_rank": ["layer.router={kind: base}", "layer.losses={}"],
+    "sinkhorn_per_rank": ["layer.router={kind: sinkhorn, k: 1}", "layer.losses={}"],
     "expert_choice_per_rank": [
         "layer.router={kind: expert_choice, capacity_factor: 1.0, min_capacity: 1}",
         "layer.losses={z_loss: {weight: 0.001}}",
