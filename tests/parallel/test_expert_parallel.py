@@ -27,8 +27,8 @@ def test_two_ranks_every_case() -> None:
     """Top-k with capacity (score and batch priority), DeepSeek-V3 groups with expert bias and a
     sequence-scope loss, heterogeneous widths with shared and zero-compute experts (local
     shards), round-robin and explicit mappings, all tokens on one rank's experts, a rank with
-    no tokens, top-p with its entropy loss, expert choice, Soft MoE, BASE and Sinkhorn routing within each rank, the
-    errors, and an artifact loaded with a mesh."""
+    no tokens, top-p with its entropy loss, expert choice, Soft MoE, BASE and Sinkhorn routing
+    within each rank, the errors, and an artifact loaded with a mesh."""
     run_worker(
         2,
         "topk_capacity",
