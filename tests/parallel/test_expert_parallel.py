@@ -53,3 +53,19 @@ def test_two_ranks_every_case() -> None:
 )
 def test_four_ranks(cases: tuple[str, ...]) -> None:
     run_worker(4, *cases)
+
+
+def test_bench_nproc_cli() -> None:
+    """``moespec bench SPEC --nproc 2``: the expert-parallel step over 2 gloo processes, with
+    the forward's phases; bad uses are usage errors."""
+    import json
+
+    spec = str(WORKER.parents[2] / "specs" / "debug-tiny.yaml")
+    base = [sys.executable, "-m", "moespec", "bench", spec, "--tokens", "8", "--repeat", "1", "--warmup", "0"]
+    out = subprocess.run([*base, "--nproc", "2", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    res = json.loads(out.stdout)
+    assert res["nproc"] == 2 and res["tokens_per_rank"] == 8
+    assert set(res["forward_phases_s"]) == {"routing+rest", "dispatch+combine", "all-to-all", "experts"}
+    bad = subprocess.run([*base, "--nproc", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--nproc must be >= 1" in bad.stderr
