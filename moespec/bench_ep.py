@@ -123,8 +123,26 @@ def _rank_main(rank: int, nproc: int, port: int, spec: str, overrides: list[str]
                 forward_phases_s=phases,
             )
             Path(out).write_text(json.dumps(result.to_json()))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish_rank()
+
+
+def finish_rank() -> None:
+    """End a spawned rank whose work is done: destroy the process groups, then leave at once.
+
+    With a DeviceMesh's sub-groups alive, torch's gloo threads abort the process
+    ("terminate called without an active exception") in about one exit in five while C++
+    static objects are torn down, after every result is written. ``os._exit`` skips that
+    teardown; the rank's work (files, collectives) is complete by then.
+    """
+    import sys
+
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _time_forward(layer, plan, x: torch.Tensor, warmup: int, repeat: int) -> tuple[float, dict[str, float]]:

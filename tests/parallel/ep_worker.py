@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moespec.bench_ep import finish_rank
+
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs"
 ATOL = 1e-5
@@ -305,8 +307,10 @@ def _run(rank: int, world: int, port: int, tmp: str, cases: list[str]) -> None:
                 _check_artifact(rank, world, mesh, tmp)
             else:
                 _check_case(case, rank, world, mesh)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish_rank()
 
 
 def _free_port() -> int:
