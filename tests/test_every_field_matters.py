@@ -13,7 +13,8 @@ definition of its own) and needs exactly one entry for it:
 - ``REFUSED``: fields whose other values are spec errors, checked to be reported at that field;
 - ``ENFORCED``: target and placement fields a live module checks against this machine
   (``moespec/runtime/target.py``); the test asserts their error;
-- ``DESCRIPTIVE`` / ``SECTIONS``: names and free text, or sections whose own fields are walked.
+- ``DESCRIPTIVE`` / ``SECTIONS``: names and free text, or sections whose own fields are walked;
+- ``DISTRIBUTED``: fields whose effect needs several ranks (named multi-process tests).
 
 The IR is not an observable here: it holds the router, capacity and loss spec objects
 verbatim, so it differs for any change, useful or not.
@@ -403,7 +404,14 @@ ENFORCED = {
     "PlacementSpec.mapping": _enforce_mapping,
 }
 
-TABLES = (CASES, REFUSED, DESCRIPTIVE, SECTIONS, ENFORCED)
+# Fields that change only what several ranks compute together; one process is the same
+# either way, so each names the multi-process test that shows its effect.
+DISTRIBUTED: dict[str, str] = {
+    "ZLoss.scope": "tests/parallel/test_expert_parallel.py::test_global_scope (the z-loss over "
+    "every rank's tokens; one process: the same tokens either way)",
+}
+
+TABLES = (CASES, REFUSED, DESCRIPTIVE, SECTIONS, ENFORCED, DISTRIBUTED)
 
 
 def schema_fields() -> list[str]:

@@ -20,7 +20,8 @@ Normalisations (each gives 1 at perfectly uniform routing for the two LBLs):
   Load_e = sum_t Phi((z_te - thr_te) / sigma_te) with noise, the hard count otherwise (t2t);
   CV(x)^2 = Var(x) / (mean(x)^2 + 1e-10) with the population (biased) variance, as t2t's
   ``cv_squared`` (davidmrau uses the unbiased one).
-- z-loss (ST-MoE): mean_t logsumexp(z_t)^2 on the clean logits, always batch-scoped.
+- z-loss (ST-MoE): mean_t logsumexp(z_t)^2 on the clean logits, over the batch (never per
+  sequence; `global` gathers the batch over ranks before this module runs).
 - parameter_penalty (HMoE): the Switch loss with f_e scaled by |θ_e| / mean |θ| (parameters
   per expert; zero-compute experts count 0, constant ones 3·D), reconstructed from the paper.
 

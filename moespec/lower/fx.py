@@ -71,10 +71,14 @@ def extra_inputs(layer: MoELayerNode) -> tuple[ExtraInput, ...]:
     return layer.router.extra_inputs
 
 
-def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool, ep: bool = False) -> fx.GraphModule:
+def lower_layer(
+    layer: MoELayerNode, root: nn.Module, *, training: bool, ep: bool = False, stats: bool = False
+) -> fx.GraphModule:
     """Build the GraphModule of one layer in train or eval form; ``root`` owns the parameters
     (clean names) and an ``aux`` submodule (:class:`~moespec.lower.aux.AuxLossAndStats`);
-    with ``ep`` also the expert-parallel plan ``_ep``."""
+    with ``ep`` also the expert-parallel plan ``_ep``, with ``stats`` the
+    :class:`~moespec.parallel.tokens.TokenGroup` ``_stats`` whose tokens the losses and
+    statistics run over (``scope: global`` on a mesh wider than ``ep``)."""
     b = Builder(layer)
     g = b.g
     x = g.placeholder("x_TD")
@@ -161,7 +165,12 @@ def lower_layer(layer: MoELayerNode, root: nn.Module, *, training: bool, ep: boo
     extra = rt.extra_loss if rt.extra_loss is not None else empty_r
     aux_args = (rt.logits_TE, noisy, std, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
     aux_kwargs = {} if rt.k_active is None else {"k_active": rt.k_active}
-    if ep:  # losses and statistics over every rank's tokens
+    if stats:  # scope: global, over every rank of the mesh
+        group = b.get("_stats")
+        every = b.method(group, "token_sizes", x, origin=layer.losses.origin)
+        both = b.method(group, "gather_aux", every, *aux_args, origin=layer.losses.origin)
+        aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
+    elif ep:  # losses and statistics over every rank's tokens
         both = b.method(plan, "gather_aux", sizes, *aux_args, origin=layer.losses.origin)
         aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
     aux = g.call_module("aux", aux_args, aux_kwargs)

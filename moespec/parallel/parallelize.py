@@ -6,18 +6,26 @@ Where those rows are the rank's ``Shard(0)`` chunk of the group (the default ``c
 mapping whenever the group splits evenly), the parameter is a ``DTensor`` sharded on the
 expert dimension over the mesh's ``ep`` dimension; under other mappings it is a plain local
 tensor of this rank's experts. Router, shared and zero-compute experts stay replicated.
+
+A layer whose losses have ``scope: global`` computes them, and its routing statistics, over
+the tokens of every rank of the mesh (all its dimensions, ``dp`` included; in global rank
+order): when the mesh is wider than ``ep`` the layer holds that group as ``_stats``
+(:class:`~moespec.parallel.tokens.TokenGroup`). A mesh without ``ep`` serves such layers alone.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from moespec.errors import TargetError
+from moespec.ir.nodes import MoELayerNode
 from moespec.parallel.checkpoint import install_hooks
 from moespec.parallel.plan import EPPlan
+from moespec.parallel.tokens import TokenGroup
 from moespec.runtime.layer import MoELayer
 from moespec.runtime.target import EP_RANKS_ATTR
 
@@ -33,33 +41,72 @@ def parallelize(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     Every rank must have built the layers identically (same spec and seed). Afterwards each
     rank calls the module on its own tokens; the routed experts run where they live
     (all-to-all), and capacity, auxiliary losses and routing statistics are those of one
-    process running the concatenation of every rank's tokens (in rank order).
+    process running the concatenation of every rank's tokens (in rank order). Layers with
+    ``scope: global`` losses take their losses and statistics over every rank of ``mesh``;
+    a mesh without an ``ep`` dimension (data parallelism alone) is for those layers only.
     """
     layers = [m for m in module.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise TypeError(f"moespec.parallelize: {type(module).__name__} holds no moespec layer")
-    ep_mesh = _ep_mesh(mesh)
     for layer in layers:
-        _parallelize_layer(layer, ep_mesh)
+        if hasattr(layer, "_ep") or hasattr(layer, "_stats"):
+            raise TargetError("placement.expert_parallel", f"layer {layer.ir.name!r} is already parallelized")
+    ep_mesh = _ep_mesh(mesh, any(is_global(m.ir) for m in layers))
+    wider = ep_mesh is None or ep_mesh.size() < mesh.size()
+    every = TokenGroup.of(_flat_group(mesh)) if wider and any(is_global(m.ir) for m in layers) else None
+    for layer in layers:
+        if every is not None and is_global(layer.ir):
+            object.__setattr__(layer, "_stats", every)
+        if ep_mesh is not None:
+            _parallelize_layer(layer, ep_mesh)
+        else:
+            _check_unplaced(layer)
+            layer._lower()
     return module
 
 
-def _ep_mesh(mesh: DeviceMesh) -> DeviceMesh:
+def is_global(ir: MoELayerNode) -> bool:
+    """Whether the layer's losses run over every rank's tokens (``scope: global``)."""
+    lb, z = ir.losses.load_balance, ir.losses.z_loss
+    return any(getattr(loss, "scope", None) == "global" for loss in (lb, z))
+
+
+def _ep_mesh(mesh: DeviceMesh, any_global: bool) -> DeviceMesh | None:
+    """The mesh's ``ep`` dimension; None for a mesh without one when a layer has ``global``
+    losses (data parallelism alone)."""
     names = mesh.mesh_dim_names or ()
     if EP_DIM not in names:
+        if any_global:
+            return None
         raise TargetError(
             "placement.expert_parallel",
-            f"the mesh has no {EP_DIM!r} dimension (its dimensions: {list(names) or 'unnamed'}); "
-            "make one with init_device_mesh(..., mesh_dim_names=(..., 'ep'))",
+            f"the mesh has no {EP_DIM!r} dimension (its dimensions: {list(names) or 'unnamed'}) and "
+            "no layer has `scope: global` losses; make one with "
+            "init_device_mesh(..., mesh_dim_names=(..., 'ep'))",
         )
     return mesh[EP_DIM] if len(names) > 1 else mesh
+
+
+def _flat_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """One process group over every rank of ``mesh`` (the mesh itself when 1-D). Every rank
+    of the default group runs this (``new_group`` is collective)."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    return dist.new_group(ranks=sorted(mesh.mesh.flatten().tolist()))
+
+
+def _check_unplaced(layer: MoELayer) -> None:
+    want = layer.ir.placement.expert_parallel
+    if want != 1:
+        raise TargetError(
+            "placement.expert_parallel",
+            f"{want}, but the mesh has no {EP_DIM!r} dimension (layer {layer.ir.name!r})",
+        )
 
 
 def _parallelize_layer(layer: MoELayer, ep_mesh: DeviceMesh) -> None:
     ir = layer.ir
     want, have = ir.placement.expert_parallel, ep_mesh.size()
-    if hasattr(layer, "_ep"):
-        raise TargetError("placement.expert_parallel", f"layer {ir.name!r} is already expert-parallel")
     if want != have:
         raise TargetError(
             "placement.expert_parallel",

@@ -6,8 +6,8 @@ experts, D d_model, N sorted rows, R rows received, L experts held by this rank,
 A parallel layer's graph (``moespec.lower.fx.lower_layer(..., ep=True)``) routes this rank's
 tokens with the replicated router, then calls these methods on ``layer._ep``:
 
-- ``token_sizes``: every rank's T (an all-gather; host sync), when capacity or Soft MoE needs
-  it before the experts (otherwise the experts' exchange carries it).
+- ``token_sizes`` (:class:`~moespec.parallel.tokens.TokenGroup`): every rank's T, when
+  capacity or Soft MoE needs it before the experts (otherwise the experts' exchange carries it).
 - ``capacity_keep``: the capacity decision over the concatenation of every rank's slots (the
   same C and priority order as one process running all G tokens), this rank's rows of it.
 - ``experts``: rows of routed FFN experts go to the rank holding their expert
@@ -15,9 +15,8 @@ tokens with the replicated router, then calls these methods on ``layer._ep``:
   dropless layer), run there through
   ``moespec::expert_ffn_combine`` with their routing weights, come back, and are summed per
   token. Zero-compute and shared experts stay local (they are replicated).
-- ``gather_aux``: the loss-and-statistics inputs of every rank, concatenated, so the
-  auxiliary losses and routing statistics are those of one process on all G tokens; each
-  rank's tokens get their gradient on their own rank.
+- ``gather_aux`` on the layer's ``_stats`` group (this plan, or every rank of the mesh for
+  ``scope: global``): losses and statistics over every rank's tokens.
 
 Experts held by a rank (its *local space*) are its experts in ascending global index; group g's
 local experts start at ``local_first[g]``.
@@ -25,7 +24,6 @@ local experts start at ``local_first[g]``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,17 +36,16 @@ from torch import Tensor
 import moespec.ops  # noqa: F401  (registers torch.ops.moespec.*)
 from moespec.ir.nodes import MoELayerNode
 from moespec.parallel.comm import all_to_all, exchange_sizes, gather_tokens
+from moespec.parallel.tokens import TokenGroup
 
 OPS = torch.ops.moespec
 
 
 @dataclass
-class EPPlan:
-    """Where every routed FFN expert lives, and this rank's share."""
+class EPPlan(TokenGroup):
+    """Where every routed FFN expert lives, and this rank's share (and, as a
+    :class:`TokenGroup`, the ``ep`` group's token steps)."""
 
-    group: dist.ProcessGroup
-    rank: int
-    world: int
     owner_E: Tensor  # [n_ffn] rank of each routed FFN expert
     owners: tuple[int, ...]  # the same, as host ints
     mine: tuple[int, ...]  # the experts this rank holds (its local space, in order)
@@ -98,17 +95,6 @@ class EPPlan:
         self.clock[name] = self.clock.get(name, 0.0) + time.perf_counter() - start
 
     # --- graph steps ---------------------------------------------------------------------
-
-    def token_sizes(self, x_TD: Tensor) -> list[int]:
-        """T of every rank, in rank order (host ints)."""
-        local = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
-        return [row[0] for row in exchange_sizes(local, self.group)]
-
-    def total(self, n: int, like: Tensor) -> int:
-        """The sum of ``n`` over the ranks (host int; Soft MoE's slot rows); ``like`` gives the
-        device the exchange runs on."""
-        local = torch.tensor([n], dtype=torch.int64, device=like.device)
-        return sum(row[0] for row in exchange_sizes(local, self.group))
 
     def capacity_keep(
         self,
@@ -201,31 +187,6 @@ class EPPlan:
             y_S = all_to_all(y_R, recv, send, self.group)
         with self._phase("dispatch+combine"):
             return x_TD.new_zeros(x_TD.shape).index_add(0, token_S, y_S), sizes
-
-    def gather_aux(self, sizes: list[int], *args: object) -> tuple[object, ...]:
-        """The aux module's inputs over all G tokens: per-token tensors ([T, ...], 2-D or more)
-        concatenated in rank order, a router's 0-dim extra loss (a mean over tokens) as the
-        token-weighted mean over ranks, anything else (absent-tensor placeholders, seq_len) as
-        is. Per-token tensors travel packed by dtype (integer and bool ones as int64): one
-        all-gather per dtype."""
-        out: list[object] = list(args)
-        buckets: dict[torch.dtype, list[int]] = {}
-        for i, arg in enumerate(args):
-            if not isinstance(arg, Tensor) or arg.dim() == 1:
-                continue
-            if arg.dim() == 0:
-                part = (arg * sizes[self.rank]).reshape(1)
-                total = gather_tokens(part, [1] * self.world, self.rank, self.group).sum()
-                out[i] = total / max(sum(sizes), 1)
-            else:
-                wire = arg.dtype if arg.is_floating_point() else torch.int64
-                buckets.setdefault(wire, []).append(i)
-        for wire, members in buckets.items():
-            cols = [args[i].to(wire).reshape(args[i].shape[0], math.prod(args[i].shape[1:])) for i in members]
-            packed = gather_tokens(torch.cat(cols, 1), sizes, self.rank, self.group)
-            for i, part in zip(members, packed.split([c.shape[1] for c in cols], 1), strict=True):
-                out[i] = part.reshape(-1, *args[i].shape[1:]).to(args[i].dtype)
-        return tuple(out)
 
 
 def _local(arg: object) -> object:

@@ -109,7 +109,9 @@ class MoELayer(nn.Module):
         # The IR and graphs are not submodules: parameters must appear once in state_dict.
         # An expert-parallel layer (moespec.parallelize) holds its plan as `_ep`.
         ep = hasattr(self, "_ep")
-        graphs = {t: lower_layer(self.ir, self, training=t, ep=ep) for t in (True, False)}
+        # A `scope: global` layer on a mesh wider than `ep` holds its token group as `_stats`.
+        stats = hasattr(self, "_stats")
+        graphs = {t: lower_layer(self.ir, self, training=t, ep=ep, stats=stats) for t in (True, False)}
         object.__setattr__(self, "_graphs", graphs)
         object.__setattr__(self, "_forwards", {t: _shared_forward(gm) for t, gm in graphs.items()})
 

@@ -41,14 +41,22 @@ class CapacityFactor(Strict):
     )
 
 
-Scope = Literal["batch", "sequence"]
+Scope = Literal["batch", "sequence", "global"]
+SCOPE_DESCRIPTION = (
+    "Which tokens the statistics (f, P, importance, load) come from. `batch`: the tokens of this "
+    "call (the micro-batch; under expert parallelism every rank of the `ep` group, one routing "
+    "batch). `sequence`: each sequence of a [batch, seq, d] input on its own, then the mean over "
+    "sequences (DeepSeek-V3's sequence-wise loss). `global`: every token of this call on every "
+    "rank of the mesh given to `moespec.parallelize` (`dp` and `ep`), the global-batch balance of "
+    "Qiu et al. 2025 (Megatron's global aux loss): the value and gradients equal one process "
+    "running all ranks' tokens, whatever the data-parallel size. Under gradient accumulation each "
+    "micro-batch's loss uses that micro-batch's statistics (docs/training.md)."
+)
 
 
 class _WeightedLoss(Strict):
     weight: float = Field(gt=0, description="Coefficient of the loss in `aux_loss`.")
-    scope: Scope = Field(
-        "batch", description="Compute over the whole batch, or per sequence and then average."
-    )
+    scope: Scope = Field("batch", description=SCOPE_DESCRIPTION)
 
 
 @BALANCE_LOSSES.register
@@ -104,15 +112,18 @@ class ImportanceLoadLoss(Strict):
     )
     importance_weight: float = Field(gt=0, description="Coefficient of CV(importance)².")
     load_weight: float = Field(gt=0, description="Coefficient of CV(load)².")
-    scope: Scope = Field(
-        "batch", description="Compute over the whole batch, or per sequence and then average."
-    )
+    scope: Scope = Field("batch", description=SCOPE_DESCRIPTION)
 
 
 class ZLoss(Strict):
     """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)²."""
 
     weight: float = Field(gt=0, description="Coefficient of the z-loss.")
+    scope: Literal["batch", "global"] = Field(
+        "batch",
+        description="The tokens the mean runs over: this call's (`batch`), or every rank's of the "
+        "mesh given to `moespec.parallelize` (`global`; must match a `global` balance loss).",
+    )
 
 
 class LossesSpec(Strict):

@@ -37,6 +37,13 @@ def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
             f"`unbiased_topk` counts the plain top-k of a `topk` router's scores; the "
             f"{layer.router.kind} router has no such top-k (use `selection`)",
         )
+    z = layer.losses.z_loss
+    if lb is not None and z is not None and (lb.scope == "global") != (z.scope == "global"):
+        yield (
+            (*at, "losses", "z_loss", "scope"),
+            f"the balance loss's scope is {lb.scope!r} and the z-loss's {z.scope!r}: a layer's losses "
+            "and statistics share one token set, so `global` goes on both or neither",
+        )
     if layer.multi_head is not None:
         h = layer.multi_head.heads
         if spec.d_model % h:

@@ -121,6 +121,53 @@ def _check_case(case: str, rank: int, world: int, mesh) -> None:
             _close(f"{case} buffer {name}", buf, single.get_buffer(name))
 
 
+GLOBAL = [
+    "layer.losses.load_balance={kind: switch, weight: 0.5, scope: global}",
+    "layer.losses.z_loss={weight: 0.1, scope: global}",
+]
+
+
+def _check_global(rank: int, world: int) -> None:
+    """``scope: global`` over a data-parallel mesh (and, at 4 ranks, a (dp 2, ep 2) mesh): the
+    aux loss, the routing statistics, each rank's outputs and input gradient, and the router's
+    gradient summed over the ranks equal one process on every rank's tokens, whatever the
+    data-parallel size; ``scope: batch`` on the same mesh differs (each rank's own tokens)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import moespec
+    from moespec.parallel import parallelize
+
+    path, sizes = SPECS / "debug-tiny.yaml", [5, 0, 9, 3] if world == 4 else [5, 4][:world]
+    xs = _inputs(sizes, False, 32)
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    meshes = {"dp": (init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)), 1)}
+    if world == 4:
+        meshes["dp_ep"] = (init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep")), 2)
+    single = moespec.build(path, GLOBAL, seed=3)
+    x_all = torch.cat(xs).requires_grad_()
+    y_all = single(x_all)
+    r_all = torch.randn(y_all.shape, generator=torch.Generator().manual_seed(2))
+    (y_all * r_all).sum().add(single.aux_loss).backward()
+    for name, (mesh, ep) in meshes.items():
+        layer = moespec.build(path, [*GLOBAL, f"placement.expert_parallel={ep}"], seed=3)
+        parallelize(layer, mesh)
+        x = xs[rank].clone().requires_grad_()
+        y = layer(x)
+        _close(f"global/{name} y", y, y_all[start:stop].detach())
+        _close(f"global/{name} aux_loss", layer.aux_loss, single.aux_loss)
+        for key, value in layer.routing_stats.items():
+            _close(f"global/{name} routing_stats[{key}]", value, single.routing_stats[key])
+        (y * r_all[start:stop]).sum().add(layer.aux_loss).backward()
+        _close(f"global/{name} grad x", x.grad, x_all.grad[start:stop])
+        router = layer.router.weight.grad.clone()
+        dist.all_reduce(router)  # each rank's part of the one loss
+        _close(f"global/{name} router grad (summed)", router, single.router.weight.grad)
+    batch = moespec.build(path, [g.replace("global", "batch") for g in GLOBAL], seed=3)
+    if 0 < sizes[rank] < sum(sizes):  # the micro-batch's own statistics: not the global loss
+        batch(xs[rank])
+        assert not torch.allclose(batch.aux_loss, single.aux_loss), (batch.aux_loss, single.aux_loss)
+
+
 def _check_per_rank(case: str, rank: int, world: int, mesh) -> None:
     import moespec
     from moespec.parallel import parallelize
@@ -283,7 +330,7 @@ def _check_errors(rank: int, world: int, mesh) -> None:
     expect(lambda: parallelize(ok, flat), "'ep' dimension", "dp")
     expect(lambda: ok(torch.randn(3, 32)), "placement.expert_parallel", "moespec.parallelize")
     parallelize(ok, mesh)
-    expect(lambda: parallelize(ok, mesh), "already expert-parallel")
+    expect(lambda: parallelize(ok, mesh), "already parallelized")
 
 
 def _run(rank: int, world: int, port: int, tmp: str, cases: list[str]) -> None:
@@ -295,7 +342,9 @@ def _run(rank: int, world: int, port: int, tmp: str, cases: list[str]) -> None:
 
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
         for case in cases:
-            if case == "errors":
+            if case == "global":
+                _check_global(rank, world)
+            elif case == "errors":
                 _check_errors(rank, world, mesh)
             elif case == "checkpoint":
                 _check_checkpoint(rank, world, mesh, tmp)

@@ -48,6 +48,13 @@ def test_two_ranks_every_case() -> None:
     )
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_scope(world: int) -> None:
+    """``scope: global`` losses and statistics over a ``dp`` mesh (and a (dp 2, ep 2) mesh at 4
+    ranks) equal one process on every rank's tokens; ``batch`` does not."""
+    run_worker(world, "global")
+
+
 @pytest.mark.parametrize(
     "cases", [("topk_capacity", "deepseek_groups_bias", "round_robin", "all_on_one_rank", "errors")]
 )
@@ -69,3 +76,24 @@ def test_bench_nproc_cli() -> None:
     assert set(res["forward_phases_s"]) == {"routing+rest", "dispatch+combine", "all-to-all", "experts"}
     bad = subprocess.run([*base, "--nproc", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--nproc must be >= 1" in bad.stderr
+
+
+def test_global_scope_in_one_process_is_batch() -> None:
+    """Without a mesh, ``scope: global`` runs over this call's tokens: the same aux loss and
+    statistics as ``batch``."""
+    import torch
+
+    import moespec
+
+    spec = WORKER.parents[2] / "specs" / "debug-tiny.yaml"
+    over = [
+        "layer.losses.load_balance={kind: switch, weight: 0.5, scope: %s}",
+        "layer.losses.z_loss={weight: 0.1, scope: %s}",
+    ]
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(0))
+    glob, batch = (moespec.build(spec, [o % s for o in over], seed=1) for s in ("global", "batch"))
+    torch.testing.assert_close(glob(x), batch(x))
+    torch.testing.assert_close(glob.aux_loss, batch.aux_loss)
+    assert glob.aux_loss > 0
+    for key, value in glob.routing_stats.items():
+        torch.testing.assert_close(value, batch.routing_stats[key])
