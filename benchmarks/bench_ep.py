@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per rank (default 1024)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="threads per rank (default cores/N)")
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cpu: gloo; cuda: one GPU per rank, NCCL"
+    )
     args = ap.parse_args()
     for shape, overrides in SHAPES.items():
         print(f"\n{shape}, {args.tokens} tokens per rank, median of {args.repeat} steps")
@@ -61,7 +64,13 @@ def main() -> None:
         base = None
         for ep in args.ep:
             r = bench_expert_parallel(
-                SPEC, overrides, nproc=ep, tokens=args.tokens, repeat=args.repeat, threads=args.threads
+                SPEC,
+                overrides,
+                nproc=ep,
+                tokens=args.tokens,
+                repeat=args.repeat,
+                threads=args.threads,
+                device=args.device,
             )
             base = base or r
             ph = r.forward_phases_s

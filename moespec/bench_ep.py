@@ -1,4 +1,5 @@
-"""``moespec bench SPEC --nproc N``: a layer expert-parallel over N local CPU processes (gloo).
+"""``moespec bench SPEC --nproc N``: a layer expert-parallel over N local processes: CPU
+processes over gloo, or (``device="cuda"``) one GPU per process over NCCL.
 
 Each rank builds the spec with ``placement.expert_parallel: N`` (same seed), is made
 expert-parallel over a 1-D ``ep`` mesh and runs ``tokens`` random tokens of its own. A timed
@@ -33,6 +34,7 @@ class EPBenchResult:
     """What ``moespec bench --nproc`` prints (``--json`` is ``asdict`` of this)."""
 
     spec_name: str
+    device: str
     nproc: int
     threads_per_rank: int
     tokens_per_rank: int
@@ -59,16 +61,24 @@ def bench_expert_parallel(
     warmup: int = 1,
     seed: int = 0,
     threads: int | None = None,
+    device: str = "cpu",
 ) -> EPBenchResult:
-    """Run the benchmark of the module docstring in ``nproc`` spawned processes."""
+    """Run the benchmark of the module docstring in ``nproc`` spawned processes; ``device``
+    ``cuda`` puts rank r on ``cuda:r`` and communicates over NCCL."""
     import torch.multiprocessing as mp
 
     if nproc < 1 or tokens < 1 or repeat < 1 or warmup < 0:
         raise ValueError("bench --nproc needs nproc, tokens and repeat >= 1 and warmup >= 0")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"bench --nproc runs on 'cpu' (gloo) or 'cuda' (NCCL), not {device!r}")
+    if device == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(
+            f"bench --nproc {nproc} on cuda needs {nproc} GPUs; {torch.cuda.device_count()} visible"
+        )
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        run = (str(spec), list(overrides), layer, tokens, repeat, warmup, seed, threads, str(out))
+        run = (str(spec), list(overrides), layer, tokens, repeat, warmup, seed, threads, device, str(out))
         args = (nproc, _free_port(), *run)
         mp.spawn(_rank_main, args=args, nprocs=nproc)
         return EPBenchResult(**json.loads(out.read_text()))
@@ -80,38 +90,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _sync(x: torch.Tensor) -> None:
+    """Wait for queued GPU work before a clock is read (no-op on the CPU)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def _slowest(seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
 def _rank_main(rank: int, nproc: int, port: int, spec: str, overrides: list[str], name: str | None,
-               tokens: int, repeat: int, warmup: int, seed: int, threads: int, out: str) -> None:  # fmt: skip
+               tokens: int, repeat: int, warmup: int, seed: int, threads: int, device: str,
+               out: str) -> None:  # fmt: skip
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=nproc)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=nproc)
     try:
         import moespec
         from moespec.spec.load import load_spec
 
         ep = [f"placement.expert_parallel={nproc}"] if nproc > 1 else []
         loaded = load_spec(spec, [*overrides, *ep])
-        layer = moespec.build(loaded, layer=name, seed=seed, device="cpu")
+        where = f"cuda:{rank}" if device == "cuda" else "cpu"
+        layer = moespec.build(loaded, layer=name, seed=seed, device=where)
         plan = None
         if nproc > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            moespec.parallelize(layer, init_device_mesh("cpu", (nproc,), mesh_dim_names=("ep",)))
+            moespec.parallelize(layer, init_device_mesh(device, (nproc,), mesh_dim_names=("ep",)))
             plan = layer._ep
         gen = torch.Generator().manual_seed(seed + rank)
-        x = torch.randn(tokens, layer.d_model, generator=gen).to(layer.experts_dtype)
+        x = torch.randn(tokens, layer.d_model, generator=gen).to(where, layer.experts_dtype)
         fwd, phases = _time_forward(layer, plan, x, warmup, repeat)
         train = _time_train(layer, x, warmup, repeat)
         if rank == 0:
             total = tokens * nproc
             result = EPBenchResult(
                 spec_name=loaded.spec.name,
+                device=device,
                 nproc=nproc,
                 threads_per_rank=threads,
                 tokens_per_rank=tokens,
@@ -155,6 +177,7 @@ def _time_forward(layer, plan, x: torch.Tensor, warmup: int, repeat: int) -> tup
         start = time.perf_counter()
         with torch.no_grad():
             layer(x)
+        _sync(x)
         elapsed = time.perf_counter() - start
         took = _slowest(elapsed)
         if i < warmup:
@@ -181,6 +204,7 @@ def _time_train(layer, x: torch.Tensor, warmup: int, repeat: int) -> float:
         y = layer(x)
         (y.float().sum() + layer.aux_loss).backward()
         reduce_gradients(layer)
+        _sync(x)
         took = _slowest(time.perf_counter() - start)
         if i >= warmup:
             steps.append(took)
@@ -194,8 +218,9 @@ def result_table(res: EPBenchResult):
     from moespec.explain import human
 
     head = (
-        f"{res.spec_name} expert-parallel over {res.nproc} CPU process(es) (gloo, {res.threads_per_rank} "
-        f"threads each), {res.tokens_per_rank} tokens per rank; median of {res.repeat} steps, slowest rank"
+        f"{res.spec_name} expert-parallel over {res.nproc} {res.device} process(es) "
+        f"({'NCCL' if res.device == 'cuda' else 'gloo'}, {res.threads_per_rank} threads each), "
+        f"{res.tokens_per_rank} tokens per rank; median of {res.repeat} steps, slowest rank"
     )
     t = Table()
     for col in ("pass", "step", "tokens/s (all ranks)"):

@@ -184,13 +184,20 @@ def _bench_progress(enabled: bool):
 
 
 def _bench_nproc(args: argparse.Namespace, spec: str, overrides: list[str]) -> int:
-    """``moespec bench SPEC --nproc N``: the layer expert-parallel over N CPU processes."""
+    """``moespec bench SPEC --nproc N``: the layer expert-parallel over N processes (CPU and
+    gloo, or ``--device cuda``: one GPU each, NCCL)."""
     from moespec.bench_ep import bench_expert_parallel, result_table
 
     if args.nproc < 1:
         return _usage("moespec bench: --nproc must be >= 1")
-    if Path(spec).is_dir() or (args.device or "cpu") != "cpu":
-        return _usage("moespec bench --nproc: takes a spec file and runs on CPU processes (gloo)")
+    device = args.device or "cpu"
+    if Path(spec).is_dir() or device not in ("cpu", "cuda"):
+        return _usage("moespec bench --nproc: takes a spec file and runs on cpu (gloo) or cuda (NCCL)")
+    import torch
+
+    if device == "cuda" and torch.cuda.device_count() < args.nproc:
+        seen = torch.cuda.device_count()
+        return _usage(f"moespec bench --nproc {args.nproc} --device cuda: {seen} GPU(s) visible")
     res = bench_expert_parallel(
         spec,
         overrides,
@@ -200,6 +207,7 @@ def _bench_nproc(args: argparse.Namespace, spec: str, overrides: list[str]) -> i
         repeat=args.repeat,
         warmup=args.warmup,
         seed=args.seed,
+        device=device,
     )
     if args.json:
         print(json.dumps(res.to_json(), indent=2))

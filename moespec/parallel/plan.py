@@ -90,8 +90,12 @@ class EPPlan(TokenGroup):
         if self.clock is None:
             yield
             return
+        # Benchmarks only: on a GPU, queued kernels must finish inside the phase they belong to.
+        sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+        sync()
         start = time.perf_counter()
         yield
+        sync()
         self.clock[name] = self.clock.get(name, 0.0) + time.perf_counter() - start
 
     # --- graph steps ---------------------------------------------------------------------

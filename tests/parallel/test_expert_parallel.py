@@ -72,10 +72,15 @@ def test_bench_nproc_cli() -> None:
     out = subprocess.run([*base, "--nproc", "2", "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     res = json.loads(out.stdout)
-    assert res["nproc"] == 2 and res["tokens_per_rank"] == 8
+    assert res["nproc"] == 2 and res["tokens_per_rank"] == 8 and res["device"] == "cpu"
     assert set(res["forward_phases_s"]) == {"routing+rest", "dispatch+combine", "all-to-all", "experts"}
     bad = subprocess.run([*base, "--nproc", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--nproc must be >= 1" in bad.stderr
+    import torch
+
+    if torch.cuda.device_count() < 2:  # NCCL needs a GPU per rank
+        gpu = subprocess.run([*base, "--nproc", "2", "--device", "cuda"], capture_output=True, text=True)
+        assert gpu.returncode == 2 and "GPU(s) visible" in gpu.stderr, gpu.stderr
 
 
 def test_global_scope_in_one_process_is_batch() -> None:
