@@ -51,16 +51,18 @@ def parallelize(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     for layer in layers:
         if hasattr(layer, "_ep") or hasattr(layer, "_stats"):
             raise TargetError("placement.expert_parallel", f"layer {layer.ir.name!r} is already parallelized")
-    ep_mesh = _ep_mesh(mesh, any(is_global(m.ir) for m in layers))
-    wider = ep_mesh is None or ep_mesh.size() < mesh.size()
-    every = TokenGroup.of(_flat_group(mesh)) if wider and any(is_global(m.ir) for m in layers) else None
-    for layer in layers:
-        if every is not None and is_global(layer.ir):
+    glob = [m for m in layers if is_global(m.ir)]
+    ep_mesh = _ep_mesh(mesh, bool(glob))
+    for layer in layers:  # every check before anything changes
+        _check_degree(layer, ep_mesh)
+    if glob and (ep_mesh is None or ep_mesh.size() < mesh.size()):
+        every = TokenGroup.of(_flat_group(mesh))
+        for layer in glob:
             object.__setattr__(layer, "_stats", every)
+    for layer in layers:
         if ep_mesh is not None:
-            _parallelize_layer(layer, ep_mesh)
-        else:
-            _check_unplaced(layer)
+            _parallelize_layer(layer, ep_mesh)  # lowers the layer again
+        elif hasattr(layer, "_stats"):
             layer._lower()
     return module
 
@@ -95,23 +97,18 @@ def _flat_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     return dist.new_group(ranks=sorted(mesh.mesh.flatten().tolist()))
 
 
-def _check_unplaced(layer: MoELayer) -> None:
-    want = layer.ir.placement.expert_parallel
-    if want != 1:
-        raise TargetError(
-            "placement.expert_parallel",
-            f"{want}, but the mesh has no {EP_DIM!r} dimension (layer {layer.ir.name!r})",
-        )
+def _check_degree(layer: MoELayer, ep_mesh: DeviceMesh | None) -> None:
+    """``placement.expert_parallel`` equals the ``ep`` size (1 without an ``ep`` dimension)."""
+    want, have = layer.ir.placement.expert_parallel, 1 if ep_mesh is None else ep_mesh.size()
+    if want != have:
+        where = f"the mesh's {EP_DIM!r} dimension has {have} ranks"
+        if ep_mesh is None:
+            where = f"the mesh has no {EP_DIM!r} dimension"
+        raise TargetError("placement.expert_parallel", f"{want}, but {where} (layer {layer.ir.name!r})")
 
 
 def _parallelize_layer(layer: MoELayer, ep_mesh: DeviceMesh) -> None:
     ir = layer.ir
-    want, have = ir.placement.expert_parallel, ep_mesh.size()
-    if want != have:
-        raise TargetError(
-            "placement.expert_parallel",
-            f"{want}, but the mesh's {EP_DIM!r} dimension has {have} ranks (layer {ir.name!r})",
-        )
     plan = EPPlan.make(ir, ep_mesh.get_group())
     for gi, grp in enumerate(ir.experts.groups):
         rows = plan.local_rows[gi]

@@ -135,6 +135,7 @@ def _check_global(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     import moespec
+    from moespec.errors import TargetError
     from moespec.parallel import parallelize
 
     path, sizes = SPECS / "debug-tiny.yaml", [5, 0, 9, 3] if world == 4 else [5, 4][:world]
@@ -162,6 +163,12 @@ def _check_global(rank: int, world: int) -> None:
         router = layer.router.weight.grad.clone()
         dist.all_reduce(router)  # each rank's part of the one loss
         _close(f"global/{name} router grad (summed)", router, single.router.weight.grad)
+    placed = moespec.build(path, [*GLOBAL, f"placement.expert_parallel={world}"], seed=3)
+    try:  # a dp-only mesh places no experts: refused before anything changes
+        parallelize(placed, meshes["dp"][0])
+        raise AssertionError("expert_parallel > 1 on a mesh without 'ep' was accepted")
+    except TargetError as e:
+        assert "no 'ep' dimension" in str(e) and not hasattr(placed, "_stats"), e
     batch = moespec.build(path, [g.replace("global", "batch") for g in GLOBAL], seed=3)
     if 0 < sizes[rank] < sum(sizes):  # the micro-batch's own statistics: not the global loss
         batch(xs[rank])
