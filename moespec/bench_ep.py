@@ -72,9 +72,8 @@ def bench_expert_parallel(
     if device not in ("cpu", "cuda"):
         raise ValueError(f"bench --nproc runs on 'cpu' (gloo) or 'cuda' (NCCL), not {device!r}")
     if device == "cuda" and torch.cuda.device_count() < nproc:
-        raise ValueError(
-            f"bench --nproc {nproc} on cuda needs {nproc} GPUs; {torch.cuda.device_count()} visible"
-        )
+        seen = torch.cuda.device_count()
+        raise ValueError(f"--nproc {nproc} --device cuda needs {nproc} GPUs; {seen} GPU(s) visible")
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"

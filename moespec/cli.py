@@ -190,25 +190,22 @@ def _bench_nproc(args: argparse.Namespace, spec: str, overrides: list[str]) -> i
 
     if args.nproc < 1:
         return _usage("moespec bench: --nproc must be >= 1")
-    device = args.device or "cpu"
-    if Path(spec).is_dir() or device not in ("cpu", "cuda"):
-        return _usage("moespec bench --nproc: takes a spec file and runs on cpu (gloo) or cuda (NCCL)")
-    import torch
-
-    if device == "cuda" and torch.cuda.device_count() < args.nproc:
-        seen = torch.cuda.device_count()
-        return _usage(f"moespec bench --nproc {args.nproc} --device cuda: {seen} GPU(s) visible")
-    res = bench_expert_parallel(
-        spec,
-        overrides,
-        nproc=args.nproc,
-        layer=args.layer,
-        tokens=args.tokens,
-        repeat=args.repeat,
-        warmup=args.warmup,
-        seed=args.seed,
-        device=device,
-    )
+    if Path(spec).is_dir():
+        return _usage("moespec bench --nproc: takes a spec file (an artifact runs in one process)")
+    try:  # ValueError: bad arguments, found before any process starts
+        res = bench_expert_parallel(
+            spec,
+            overrides,
+            nproc=args.nproc,
+            layer=args.layer,
+            tokens=args.tokens,
+            repeat=args.repeat,
+            warmup=args.warmup,
+            seed=args.seed,
+            device=args.device or "cpu",
+        )
+    except ValueError as e:
+        return _usage(f"moespec bench: {e}")
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0

@@ -165,13 +165,11 @@ def lower_layer(
     extra = rt.extra_loss if rt.extra_loss is not None else empty_r
     aux_args = (rt.logits_TE, noisy, std, rt.probs_TE, idx, weight, active, keep, extra, seq_len)
     aux_kwargs = {} if rt.k_active is None else {"k_active": rt.k_active}
-    if stats:  # scope: global, over every rank of the mesh
-        group = b.get("_stats")
-        every = b.method(group, "token_sizes", x, origin=layer.losses.origin)
-        both = b.method(group, "gather_aux", every, *aux_args, origin=layer.losses.origin)
-        aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
-    elif ep:  # losses and statistics over every rank's tokens
-        both = b.method(plan, "gather_aux", sizes, *aux_args, origin=layer.losses.origin)
+    if stats or ep:  # losses and statistics over every rank's tokens (of the mesh when global)
+        group = b.get("_stats") if stats else plan
+        if stats:
+            sizes = b.method(group, "token_sizes", x, origin=layer.losses.origin)
+        both = b.method(group, "gather_aux", sizes, *aux_args, origin=layer.losses.origin)
         aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
     aux = g.call_module("aux", aux_args, aux_kwargs)
     named = enumerate(OUTPUTS[2:])
