@@ -368,7 +368,7 @@ def _enforce_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _enforce_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TargetError, match=r"^target\.backend: triton"):
-        moespec.build(_spec("topk", {"target": {"backend": "triton", "device": "cuda"}}))
+        moespec.build(_spec("topk", {"target": {"backend": "triton", "device": "cuda"}}), device="cpu")
 
 
 def _enforce_arch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ LAYERS = (
     ("moespec.spec", "spec"),
     ("moespec.ir", "ir"),
     ("moespec.common", "common"),
+    ("moespec.codegen", "codegen"),
     ("moespec.ops", "ops"),
     ("moespec.lower", "lower"),
     ("moespec.runtime", "runtime"),
@@ -34,11 +35,12 @@ BELOW = {
     "ir": {"spec", "base"},
     "common": {"ir", "spec", "base"},
     "reference": {"common", "spec", "base"},
-    "ops": {"common", "ir", "spec", "base"},
-    "lower": {"ops", "common", "ir", "spec", "base"},
-    "runtime": {"lower", "ops", "common", "ir", "spec", "base"},
-    "export": {"runtime", "lower", "ops", "common", "ir", "spec", "base"},
-    "parallel": {"runtime", "lower", "ops", "common", "ir", "spec", "base"},
+    "codegen": {"base"},
+    "ops": {"codegen", "common", "ir", "spec", "base"},
+    "lower": {"ops", "codegen", "common", "ir", "spec", "base"},
+    "runtime": {"lower", "ops", "codegen", "common", "ir", "spec", "base"},
+    "export": {"runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
+    "parallel": {"runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
 }
 
 

@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import save_file
 
 from moespec import __version__
+from moespec.codegen.render import layer_kernels
 from moespec.errors import ArtifactError
 from moespec.export.render import render_module
 from moespec.export.report import report_data, report_text, used_op_set
@@ -129,6 +130,14 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
             custom_ops=report["custom_ops"],
         ),
     }
+    if module.ir.backend == "triton":  # the generated kernels, readable and importable
+        ir = module.ir
+        ffns = [*ir.experts.groups, *([ir.shared] if ir.shared is not None else [])]
+        arch = loaded.spec.target.arch
+        kernels = layer_kernels(ffns, loaded.spec.target.dtype, arch="any" if arch == "auto" else arch,
+                                spec_name=loaded.spec.name, spec_sha256=sha)  # fmt: skip
+        (tmp / L.KERNELS).mkdir()
+        texts |= {f"{L.KERNELS}/{name}": text for name, text in kernels.items()}
     for name, text in texts.items():
         (tmp / name).write_text(text, encoding="utf-8")
     meta = {"moespec_version": __version__, "spec_sha256": sha, "layer": layer, "format": L.LAYOUT}
@@ -137,7 +146,7 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
     else:
         save_file(_weights(module), str(tmp / L.WEIGHTS), metadata=meta)
     (tmp / L.WEIGHTS).chmod(0o666 & ~_umask())  # safetensors creates it 0600
-    files = sorted(p.name for p in tmp.iterdir())
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     manifest = {
         "format": L.FORMAT,
         "format_version": L.FORMAT_VERSION,
@@ -189,7 +198,7 @@ def build_artifact(
     # `meta`: the layer holds shapes only and the weights are written one tensor at a time
     # (the same tensors as without it).
     module = build_layer(
-        loaded.spec, layer=layer, seed=seed, device="cpu", allow_large=allow_large, meta=meta
+        loaded.spec, layer=layer, seed=seed, device="cpu", allow_large=allow_large, meta=meta, artifact=True
     )
     sha = spec_hash(loaded.spec)
     source = {

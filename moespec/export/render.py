@@ -1,34 +1,14 @@
 """Render the standalone ``module.py`` of an artifact from ``templates/module/module.py.jinja``.
 
-The jinja2 environment is strict (``StrictUndefined``: a missing variable is an error, never
-an empty string) and keeps trailing newlines, so the rendered file is exactly the template.
+The jinja2 environment (strict, ``moespec.codegen.templates``) is shared with the Triton kernels.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import jinja2
-
-from moespec.resources import data_dir
+from moespec.codegen.templates import environment
 from moespec.runtime.layout import LOCK, MODULE_TEMPLATE, WEIGHTS
-
-
-def environment() -> jinja2.Environment:
-    """The jinja2 environment for moespec's templates."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    # Python literals of names and hashes: JSON strings/lists are valid Python, double-quoted.
-    env.filters["pylit"] = lambda value: json.dumps(value)
-    env.filters["comment"] = lambda text: "\n".join(("# " + ln).rstrip() for ln in text.splitlines())
-    return env
 
 
 def render_module(*, version: str, spec_name: str, spec_sha256: str, layer: str, d_model: int,

@@ -90,6 +90,7 @@ def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) ->
         schedules=tuple(layer.schedules),
         heads=layer.multi_head.heads if layer.multi_head is not None else 1,
         head_bias=layer.multi_head.bias if layer.multi_head is not None else False,
+        backend=spec.target.backend,
     )
 
 

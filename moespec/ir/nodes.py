@@ -164,6 +164,8 @@ class MoELayerNode:
     schedules: tuple[Strict, ...] = ()
     heads: int = 1
     head_bias: bool = False
+    # target.backend: which kernels run the experts (``torch`` ops or generated ``triton`` ones).
+    backend: str = "torch"
 
     @property
     def inner_d_model(self) -> int:

@@ -19,6 +19,13 @@ from moespec.lower.builder import Builder
 OPS = torch.ops.moespec
 
 
+def expert_op(layer: MoELayerNode, combine: bool) -> torch._ops.OpOverloadPacket:
+    """The layer's expert op: ``expert_ffn`` (rows) or ``expert_ffn_combine``, run by the torch
+    kernels, or its ``triton_`` twin (same schema) for ``target.backend: triton``."""
+    prefix = "triton_" if layer.backend == "triton" else ""
+    return getattr(OPS, f"{prefix}expert_ffn{'_combine' if combine else ''}")
+
+
 def ffn_args(b: Builder, prefix: str, ffn: ExpertGroupNode | SharedNode, empty_x: fx.Node) -> tuple:
     """The parameters ``{prefix}.w_up`` ... of an expert group or the shared experts, in
     ``ExpertWeights`` order (``moespec.ops._expert_weights``; an absent one as ``empty_x``),
@@ -58,7 +65,9 @@ def routed_experts(
     """h_ND = sum over expert groups g of moespec.expert_ffn(x, token_idx_N, offsets_E1, ...):
     row n gathers x[token_idx[n]] and runs the expert that owns it (rows outside a group's
     offsets are zero in that group's output)."""
-    return _sum_groups(b, layer, x, OPS.expert_ffn, lambda first: (x, token_idx, offsets, first), "h_ND")
+    return _sum_groups(
+        b, layer, x, expert_op(layer, False), lambda first: (x, token_idx, offsets, first), "h_ND"
+    )
 
 
 def combined_experts(
@@ -68,4 +77,4 @@ def combined_experts(
     offsets_E1, ...): the routed experts' weighted outputs summed per token (the combine fused
     into the expert op: no [N, D] rows in the graph)."""
     args = lambda first: (x, token_idx, row_w, offsets, first)  # noqa: E731
-    return _sum_groups(b, layer, x, OPS.expert_ffn_combine, args, "y_TD")
+    return _sum_groups(b, layer, x, expert_op(layer, True), args, "y_TD")

@@ -33,7 +33,7 @@ from moespec.common.capacity import capacity_factor
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers, soft
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.experts import combined_experts, ffn_args
+from moespec.lower.experts import combined_experts, expert_op, ffn_args
 from moespec.lower.routers import SoftNodes, lowering
 from moespec.spec.routers.base import ExtraInput
 
@@ -204,7 +204,9 @@ def _shared(b: Builder, layer: MoELayerNode, x: fx.Node) -> fx.Node:
     p = lambda name: b.get(f"shared.{name}")  # noqa: E731
     rows = b.fn(helpers.shared_rows, x, p("w_up"), origin=at)
     tok, offs = b.item(rows, 0, at), b.item(rows, 1, at)
-    out = b.fn(OPS.expert_ffn, x, tok, offs, 0, *ffn_args(b, "shared", s, b.empty_like(x)), origin=at)
+    out = b.fn(
+        expert_op(layer, False), x, tok, offs, 0, *ffn_args(b, "shared", s, b.empty_like(x)), origin=at
+    )
     y = b.fn(helpers.sum_shared, b.item(out, 0, at), b.fn(len, p("w_up"), origin=at), origin=at)
     if s.gate:
         y = b.fn(helpers.gate_shared, y, x, p("gate"), origin=at)

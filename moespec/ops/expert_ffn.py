@@ -18,7 +18,9 @@ of the three GEMMs. Absent optional tensors are passed as empty tensors
 (custom ops have no Optional outputs).
 
 Kernels: blocked per expert row block on the CPU (``moespec.ops._expert_cpu``), whole-group
-grouped GEMMs elsewhere (``moespec.ops._expert_grouped``); both take the weights as one
+grouped GEMMs elsewhere (``moespec.ops._expert_grouped``); the ``triton_*`` ops
+(``target.backend: triton``, same schemas) run generated Triton kernels
+(``moespec.ops._expert_triton``). All take the weights as one
 ``ExpertWeights`` (``moespec.ops._expert_weights``), packed here from the ops' flat arguments.
 """
 
@@ -137,16 +139,33 @@ def _backward_weights(x_TD: Tensor, w_up_EFD: Tensor, w_gate_EFD: Tensor, w_down
     return ExpertWeights(w_up_EFD, w_gate_EFD, w_down_EDF, x_TD.new_empty(0), x_TD.new_empty(0), b_down_ED)
 
 
-def _define(name: str, factory: Callable[[Kernels], Callable]) -> torch.library.CustomOpDef:
-    op = torch.library.custom_op(f"moespec::{name}", factory(_kernels), mutates_args=())
+def _define(name: str, factory: Callable[[Kernels], Callable], kernels: Kernels) -> torch.library.CustomOpDef:
+    op = torch.library.custom_op(f"moespec::{name}", factory(kernels), mutates_args=())
     op.register_fake(factory(lambda _x_TD: _FakeKernels))
     return op
 
 
-expert_ffn = _define("expert_ffn", _expert_ffn)
-expert_ffn_combine = _define("expert_ffn_combine", _expert_ffn_combine)
-expert_ffn_backward = _define("expert_ffn_backward", _expert_ffn_backward)
-expert_ffn_combine_backward = _define("expert_ffn_combine_backward", _expert_ffn_combine_backward)
+def _triton(_x_TD: Tensor) -> Any:
+    # Imported on first use: the module needs the codegen package, not Triton itself, but the
+    # torch backend has no use for it.
+    from moespec.ops import _expert_triton
+
+    return _expert_triton
+
+
+expert_ffn = _define("expert_ffn", _expert_ffn, _kernels)
+expert_ffn_combine = _define("expert_ffn_combine", _expert_ffn_combine, _kernels)
+expert_ffn_backward = _define("expert_ffn_backward", _expert_ffn_backward, _kernels)
+expert_ffn_combine_backward = _define("expert_ffn_combine_backward", _expert_ffn_combine_backward, _kernels)
+# target.backend: triton. The same schemas, run by the generated Triton kernels on any device
+# they support (CUDA, or the CPU under TRITON_INTERPRET=1); elsewhere a TargetError, never the
+# torch kernels in their place.
+triton_expert_ffn = _define("triton_expert_ffn", _expert_ffn, _triton)
+triton_expert_ffn_combine = _define("triton_expert_ffn_combine", _expert_ffn_combine, _triton)
+triton_expert_ffn_backward = _define("triton_expert_ffn_backward", _expert_ffn_backward, _triton)
+triton_expert_ffn_combine_backward = _define(
+    "triton_expert_ffn_combine_backward", _expert_ffn_combine_backward, _triton
+)
 
 
 def _setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor, Tensor], combine: bool) -> None:
@@ -164,18 +183,19 @@ def _setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor, Tensor], combine: b
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_y: Tensor | None, _grad_up: Tensor | None, _grad_gate: Tensor | None) -> tuple:
+def _backward(prefix: str, ctx, grad_y: Tensor | None, _grad_up: Tensor | None,
+              _grad_gate: Tensor | None) -> tuple:  # fmt: skip
     """The gradients of the op's inputs, in their order (None: not differentiable or absent)."""
     if grad_y is None:
         return (None,) * ctx.n_inputs
     x, token_idx, weight_N, offsets, w_up, w_gate, w_down, b_down, up, gate = ctx.saved_tensors
     if weight_N is None:
-        flat = torch.ops.moespec.expert_ffn_backward(
+        flat = getattr(torch.ops.moespec, f"{prefix}expert_ffn_backward")(
             grad_y.contiguous(), x, token_idx, offsets, ctx.first, w_up, w_gate, w_down, up, gate,
             ctx.has_bias, ctx.activation,
         )  # fmt: skip
     else:
-        flat = torch.ops.moespec.expert_ffn_combine_backward(
+        flat = getattr(torch.ops.moespec, f"{prefix}expert_ffn_combine_backward")(
             grad_y.contiguous(), x, token_idx, weight_N, offsets, ctx.first, w_up, w_gate, w_down, b_down, up,
             gate, ctx.has_bias, ctx.activation,
         )  # fmt: skip
@@ -184,5 +204,12 @@ def _backward(ctx, grad_y: Tensor | None, _grad_up: Tensor | None, _grad_gate: T
     return grads.x_TD, None, *grad_weight, None, None, *grads.w.present(), None
 
 
-for _op, _combine in ((expert_ffn, False), (expert_ffn_combine, True)):
-    _op.register_autograd(_backward, setup_context=functools.partial(_setup, combine=_combine))
+for _prefix, _op, _combine in (
+    ("", expert_ffn, False),
+    ("", expert_ffn_combine, True),
+    ("triton_", triton_expert_ffn, False),
+    ("triton_", triton_expert_ffn_combine, True),
+):
+    _op.register_autograd(
+        functools.partial(_backward, _prefix), setup_context=functools.partial(_setup, combine=_combine)
+    )

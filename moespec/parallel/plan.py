@@ -55,6 +55,7 @@ class EPPlan(TokenGroup):
     n_ffn: int
     group_first: tuple[int, ...]  # per expert group: its first global expert index
     group_count: tuple[int, ...]  # per expert group: its experts
+    expert_op: str = "expert_ffn_combine"  # the backend's op (``triton_expert_ffn_combine``)
     # Benchmarks only: seconds spent per phase of `experts` in forward ("all-to-all",
     # "experts", "dispatch+combine"), accumulated while set to a dict.
     clock: dict[str, float] | None = None
@@ -83,6 +84,7 @@ class EPPlan(TokenGroup):
             n_ffn=len(owner),
             group_first=tuple(g.first for g in ir.experts.groups),
             group_count=tuple(g.count for g in ir.experts.groups),
+            expert_op=("triton_" if ir.backend == "triton" else "") + "expert_ffn_combine",
         )
 
     @contextmanager
@@ -181,12 +183,12 @@ class EPPlan(TokenGroup):
             order_R = torch.argsort(local_R, stable=True)
             offsets_L1 = torch.zeros(self.n_local + 1, dtype=torch.int64, device=dev)
             offsets_L1[1:] = torch.cumsum(torch.bincount(local_R, minlength=self.n_local), 0)
-            y_R = x_R.new_zeros(x_R.shape)
+            y_R, op = x_R.new_zeros(x_R.shape), getattr(OPS, self.expert_op)
             for rows, first, args in zip(self.local_rows, self.local_first, group_args, strict=True):
                 if rows.numel() == 0:
                     continue
                 local = tuple(_local(a) for a in args)
-                y_R = y_R + OPS.expert_ffn_combine(x_R, order_R, w_R[order_R], offsets_L1, first, *local)[0]
+                y_R = y_R + op(x_R, order_R, w_R[order_R], offsets_L1, first, *local)[0]
         with self._phase("all-to-all"):
             y_S = all_to_all(y_R, recv, send, self.group)
         with self._phase("dispatch+combine"):

@@ -23,15 +23,18 @@ def build_layer(
     device: str | torch.device | None = None,
     allow_large: bool = False,
     meta: bool = False,
+    artifact: bool = False,
 ) -> MoELayer:
     """The layer group ``layer`` of ``spec`` (the only one when None) with weights drawn from
     ``seed``, on ``device`` (``target.device`` when None; :class:`TargetError` if this machine
     cannot run the target; :class:`BuildError` for an unknown or missing group name, or when
     the weights would not fit in this machine's memory, unless ``allow_large``). ``meta``:
     weights on the meta device, for :func:`moespec.export.artifact.build_artifact`'s
-    streamed write."""
+    streamed write. ``artifact``: the layer is only written out (no kernel runs: a triton
+    target's kernels need not run on this machine)."""
     program = build_program(spec)
-    dev = check_runnable(program, device)
+    # An artifact's layer (meta, or drawn on the CPU to be written) runs no kernel.
+    dev = check_runnable(program, device, kernels=not (meta or artifact))
     names = [lay.name for lay in program.layers]
     if layer is None and len(names) > 1:
         raise BuildError(

@@ -10,6 +10,7 @@ An artifact directory holds::
     report.json         derived numbers, state_dict keys/shapes, IR text, ops used in the graphs
     report.txt          the same for humans
     ir.txt, graph.txt   the IR and the FX graph code, for review and diffs
+    kernels/*.py        (target.backend: triton) the generated Triton kernels, one per file
 
 This module imports nothing heavy, so readers (``moespec.load``) and writers share it cheaply;
 reading and checking a manifest is ``moespec.runtime.manifest``.
@@ -38,6 +39,7 @@ REPORT_JSON = "report.json"
 REPORT_TXT = "report.txt"
 IR_TXT = "ir.txt"
 GRAPH_TXT = "graph.txt"
+KERNELS = "kernels"
 REQUIRED = (MANIFEST, LOCK, WEIGHTS)  # what ``moespec.load`` needs; the rest is for people
 
 

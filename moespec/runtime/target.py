@@ -5,8 +5,10 @@
 never look at this machine: a laptop may write the artifact of a GPU-cluster layer. A live
 module (``moespec.build``, ``moespec.load``) is where the machine is checked:
 
-- ``target.backend: triton``: refused everywhere a module is made (artifacts included), since
-  the Triton backend does not exist yet and a torch module would silently stand in for it;
+- ``target.backend: triton``: a live module needs its generated kernels to run on its device:
+  CUDA with Triton installed, or the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``
+  set before triton is imported); elsewhere a TargetError, never the torch kernels instead.
+  Artifacts (``moespec build -o``) are written on any machine, kernels rendered in;
 - ``target.device: cuda``: the module is built on CUDA; without a CUDA device that fails
   unless the caller names another device explicitly (``device=`` of build/load);
 - ``target.arch`` other than ``auto``: the CUDA device's compute capability must match it;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from moespec.codegen.load import require_triton
 from moespec.errors import BuildError, TargetError
 from moespec.ir.nodes import MoELayerNode, Program
 
@@ -35,16 +38,6 @@ ARCH_CAPABILITY: dict[str, tuple[int, int]] = {
 EP_RANKS_ATTR = "expert_parallel_ranks"
 
 
-def check_backend(program: Program) -> None:
-    """Raise unless the spec's backend can produce a module (only ``torch`` can today)."""
-    if program.backend != "torch":
-        raise TargetError(
-            "target.backend",
-            f"{program.backend}, but the {program.backend} backend is not implemented yet (no "
-            "generated kernels exist); use backend: torch, whose custom ops run on CPU and CUDA",
-        )
-
-
 def _device(device: str | torch.device) -> torch.device:
     try:
         return torch.device(device)
@@ -52,15 +45,17 @@ def _device(device: str | torch.device) -> torch.device:
         raise BuildError(f"unknown device {device!r} (expected e.g. cpu, cuda, cuda:1)") from None
 
 
-def check_runnable(program: Program, device: str | torch.device | None = None) -> torch.device:
+def check_runnable(
+    program: Program, device: str | torch.device | None = None, *, kernels: bool = True
+) -> torch.device:
     """The device a live module of ``program`` goes on, after checking this machine provides it.
 
     ``device`` None means the spec's ``target.device``; an explicit device overrides it (the
     caller chose it, e.g. ``moespec.load(DIR, device="cpu")``). ``target.arch`` is checked
     whenever the module goes on a CUDA device. Raises :class:`~moespec.errors.TargetError`
     naming the spec field at fault, or ``BuildError`` for a bad explicit ``device``.
+    ``kernels`` False skips the backend's check (an artifact is written, no kernel runs).
     """
-    check_backend(program)
     explicit = device is not None
     dev = _device(device if explicit else program.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -82,6 +77,8 @@ def check_runnable(program: Program, device: str | torch.device | None = None) -
                 f"sm{have[0]}{have[1]} (capability {have[0]}.{have[1]}); set target.arch to "
                 f"sm{have[0]}{have[1]} or auto, or run on a matching GPU",
             )
+    if kernels and program.backend == "triton":
+        require_triton(dev.type)
     return dev
 
 

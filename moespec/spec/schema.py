@@ -94,8 +94,9 @@ class TargetSpec(Strict):
 
     backend: Literal["torch", "triton"] = Field(
         "torch",
-        description="`torch`: FX graph of custom ops; `triton`: generated Triton kernels (not "
-        "implemented yet: building a triton spec is an error; validate and explain accept it).",
+        description="`torch`: FX graph of custom ops run by torch kernels; `triton`: the same graph "
+        "with the experts run by Triton kernels generated for the spec (CUDA, or the CPU under "
+        "TRITON_INTERPRET=1; elsewhere building a live module is an error, artifacts are written anywhere).",
     )
     device: Literal["cpu", "cuda"] = Field(
         "cpu",

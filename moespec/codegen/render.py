@@ -1,0 +1,98 @@
+"""Render the Triton kernel templates of one specialisation.
+
+Each kernel is one template, ``templates/triton/<name>.py.jinja``, rendered with a strict
+jinja2 environment (a missing variable is an error). What varies per spec is fixed in the text
+(the activation and its derivative, GLU or not, bias or not, exact fp32 dots for fp32);
+what varies per call (sizes, flags of a call site) stays a kernel argument or ``tl.constexpr``.
+Each rendered file starts with a header naming the moespec version, the spec and its hash,
+the template and the specialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+from moespec.codegen.templates import environment
+
+KERNELS = (
+    "expert_up",
+    "expert_rows_gemm",
+    "expert_down_backward",
+    "expert_wgrad",
+    "segment_sum",
+    "combine",
+)
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Specialisation:
+    """What a kernel set is specialised to (one expert group of one spec)."""
+
+    activation: str
+    glu: bool
+    bias: bool
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"no Triton kernels for activation {self.activation!r}; have {ACTIVATIONS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"no Triton kernels for dtype {self.dtype!r}; have {DTYPES}")
+
+    @property
+    def key(self) -> str:
+        """A short stable name of the specialisation (cache directory, module names)."""
+        text = f"{self.activation}-{'glu' if self.glu else 'mlp'}-{'bias' if self.bias else 'nobias'}"
+        return f"{text}-{self.dtype}"
+
+
+def render_kernel(
+    name: str,
+    spec: Specialisation,
+    *,
+    arch: str = "any",
+    spec_name: str = "(runtime)",
+    spec_sha256: str = "-",
+) -> str:
+    """The source of kernel ``name`` for ``spec``."""
+    from moespec import __version__
+
+    if name not in KERNELS:
+        raise KeyError(f"no Triton kernel template {name!r}; have {KERNELS}")
+    context = {
+        **asdict(spec),
+        "version": __version__,
+        "spec": spec_name,
+        "spec_sha256": spec_sha256,
+        "arch": arch,
+        # fp32 dots stay fp32 (Triton's default would be tf32): the spec's dtype is kept.
+        "dot_kwargs": ', input_precision="ieee"' if spec.dtype == "fp32" else "",
+    }
+    return environment().get_template(f"triton/{name}.py.jinja").render(**context)
+
+
+def render_all(spec: Specialisation, **header) -> dict[str, str]:
+    """``{file name: source}`` of every kernel of ``spec`` (file names carry the key)."""
+    return {f"{name}__{spec.key}.py": render_kernel(name, spec, **header) for name in KERNELS}
+
+
+def source_digest(sources: dict[str, str]) -> str:
+    """A short hash of rendered sources (names the runtime cache directory)."""
+    h = hashlib.sha256()
+    for name in sorted(sources):
+        h.update(name.encode() + b"\0" + sources[name].encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def layer_kernels(ffns: list, dtype: str, *, arch: str, spec_name: str, spec_sha256: str) -> dict[str, str]:
+    """``{file name: source}`` of the kernels a triton layer runs: one set per distinct
+    specialisation of its FFN groups (``ffns``: IR expert groups and shared experts, each with
+    ``kind``, ``activation`` and ``bias``), headed with the spec's name and hash."""
+    out: dict[str, str] = {}
+    for f in ffns:
+        spec = Specialisation(f.activation, f.kind == "glu", f.bias, dtype)
+        out |= render_all(spec, arch=arch, spec_name=spec_name, spec_sha256=spec_sha256)
+    return out
