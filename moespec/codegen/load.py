@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
-from moespec.codegen.render import KERNELS, Specialisation, render_all, source_digest
+from moespec.codegen.render import RouterSpecialisation, Specialisation, render_all, source_digest
 from moespec.errors import TargetError
 
 
@@ -69,8 +69,8 @@ def _import(path: Path, module_name: str) -> ModuleType:
 
 
 @functools.cache
-def kernel_set(spec: Specialisation) -> SimpleNamespace:
-    """The jitted kernels of ``spec``, one attribute per kernel name (``KERNELS``), plus
+def kernel_set(spec: Specialisation | RouterSpecialisation) -> SimpleNamespace:
+    """The jitted kernels of ``spec``, one attribute per kernel name (``spec.kernels``), plus
     ``sources`` (file name -> rendered text) and ``directory`` (where they were imported from)."""
     sources = render_all(spec)
     directory = cache_dir() / f"{spec.key}-{source_digest(sources)}"
@@ -81,5 +81,5 @@ def kernel_set(spec: Specialisation) -> SimpleNamespace:
         name = file_name.split("__")[0]
         module = _import(path, f"moespec_triton_{spec.key.replace('-', '_')}_{name}")
         kernels[name] = getattr(module, name)
-    assert set(kernels) == set(KERNELS)
+    assert set(kernels) == set(spec.kernels)
     return SimpleNamespace(**kernels, sources=sources, directory=directory)

@@ -2,20 +2,22 @@
 
 Each kernel is one template, ``templates/triton/<name>.py.jinja``, rendered with a strict
 jinja2 environment (a missing variable is an error). What varies per spec is fixed in the text
-(the activation and its derivative, GLU or not, bias or not, exact fp32 dots for fp32);
-what varies per call (sizes, flags of a call site) stays a kernel argument or ``tl.constexpr``.
-Each rendered file starts with a header naming the moespec version, the spec and its hash,
-the template and the specialisation.
+(the activation and its derivative, GLU or not, bias or not, exact fp32 dots for fp32; the
+router's score, order, renormalisation and group score); what varies per call (sizes, flags
+of a call site) stays a kernel argument or ``tl.constexpr``. Each rendered file starts with a
+header naming the moespec version, the spec and its hash, the template and the
+specialisation.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from moespec.codegen.templates import environment
 
-KERNELS = (
+EXPERT_KERNELS = (
     "expert_up",
     "expert_rows_gemm",
     "expert_down_backward",
@@ -23,13 +25,14 @@ KERNELS = (
     "segment_sum",
     "combine",
 )
+ROUTER_KERNELS = ("topk_route",)
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class Specialisation:
-    """What a kernel set is specialised to (one expert group of one spec)."""
+    """What an expert kernel set is specialised to (one expert group of one spec)."""
 
     activation: str
     glu: bool
@@ -42,16 +45,45 @@ class Specialisation:
         if self.dtype not in DTYPES:
             raise ValueError(f"no Triton kernels for dtype {self.dtype!r}; have {DTYPES}")
 
+    kernels = EXPERT_KERNELS
+
     @property
     def key(self) -> str:
-        """A short stable name of the specialisation (cache directory, module names)."""
+        """A short stable name of the specialisation (cache directory, file names)."""
         text = f"{self.activation}-{'glu' if self.glu else 'mlp'}-{'bias' if self.bias else 'nobias'}"
         return f"{text}-{self.dtype}"
+
+    def context(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            # fp32 dots stay fp32 (Triton's default would be tf32): the spec's dtype is kept.
+            "dot_kwargs": ', input_precision="ieee"' if self.dtype == "fp32" else "",
+        }
+
+
+@dataclass(frozen=True)
+class RouterSpecialisation:
+    """What the fused top-k router kernel is specialised to."""
+
+    score: str  # softmax | sigmoid
+    order: str  # softmax_then_topk | topk_then_softmax
+    renormalize: bool
+    group_score: str  # max | top2_sum (read only with groups)
+
+    kernels = ROUTER_KERNELS
+
+    @property
+    def key(self) -> str:
+        renorm = "renorm" if self.renormalize else "raw"
+        return f"{self.score}-{self.order}-{renorm}-{self.group_score}"
+
+    def context(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def render_kernel(
     name: str,
-    spec: Specialisation,
+    spec: Specialisation | RouterSpecialisation,
     *,
     arch: str = "any",
     spec_name: str = "(runtime)",
@@ -60,23 +92,22 @@ def render_kernel(
     """The source of kernel ``name`` for ``spec``."""
     from moespec import __version__
 
-    if name not in KERNELS:
-        raise KeyError(f"no Triton kernel template {name!r}; have {KERNELS}")
+    if name not in spec.kernels:
+        raise KeyError(f"no Triton kernel template {name!r} for {type(spec).__name__}; have {spec.kernels}")
     context = {
-        **asdict(spec),
+        **spec.context(),
+        "specialisation": " ".join(f"{k}={v}" for k, v in asdict(spec).items()),
         "version": __version__,
         "spec": spec_name,
         "spec_sha256": spec_sha256,
         "arch": arch,
-        # fp32 dots stay fp32 (Triton's default would be tf32): the spec's dtype is kept.
-        "dot_kwargs": ', input_precision="ieee"' if spec.dtype == "fp32" else "",
     }
     return environment().get_template(f"triton/{name}.py.jinja").render(**context)
 
 
-def render_all(spec: Specialisation, **header) -> dict[str, str]:
+def render_all(spec: Specialisation | RouterSpecialisation, **header: str) -> dict[str, str]:
     """``{file name: source}`` of every kernel of ``spec`` (file names carry the key)."""
-    return {f"{name}__{spec.key}.py": render_kernel(name, spec, **header) for name in KERNELS}
+    return {f"{name}__{spec.key}.py": render_kernel(name, spec, **header) for name in spec.kernels}
 
 
 def source_digest(sources: dict[str, str]) -> str:
@@ -87,12 +118,23 @@ def source_digest(sources: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def layer_kernels(ffns: list, dtype: str, *, arch: str, spec_name: str, spec_sha256: str) -> dict[str, str]:
+def layer_kernels(
+    ffns: list,
+    dtype: str,
+    router: RouterSpecialisation | None,
+    *,
+    arch: str,
+    spec_name: str,
+    spec_sha256: str,
+) -> dict[str, str]:
     """``{file name: source}`` of the kernels a triton layer runs: one set per distinct
     specialisation of its FFN groups (``ffns``: IR expert groups and shared experts, each with
-    ``kind``, ``activation`` and ``bias``), headed with the spec's name and hash."""
+    ``kind``, ``activation`` and ``bias``) and the fused router when it has one, headed with
+    the spec's name and hash."""
+    header = {"arch": arch, "spec_name": spec_name, "spec_sha256": spec_sha256}
     out: dict[str, str] = {}
     for f in ffns:
-        spec = Specialisation(f.activation, f.kind == "glu", f.bias, dtype)
-        out |= render_all(spec, arch=arch, spec_name=spec_name, spec_sha256=spec_sha256)
+        out |= render_all(Specialisation(f.activation, f.kind == "glu", f.bias, dtype), **header)
+    if router is not None:
+        out |= render_all(router, **header)
     return out

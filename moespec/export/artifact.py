@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import save_file
 
 from moespec import __version__
-from moespec.codegen.render import layer_kernels
+from moespec.codegen.render import RouterSpecialisation, layer_kernels
 from moespec.errors import ArtifactError
 from moespec.export.render import render_module
 from moespec.export.report import report_data, report_text, used_op_set
@@ -131,13 +131,8 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
         ),
     }
     if module.ir.backend == "triton":  # the generated kernels, readable and importable
-        ir = module.ir
-        ffns = [*ir.experts.groups, *([ir.shared] if ir.shared is not None else [])]
-        arch = loaded.spec.target.arch
-        kernels = layer_kernels(ffns, loaded.spec.target.dtype, arch="any" if arch == "auto" else arch,
-                                spec_name=loaded.spec.name, spec_sha256=sha)  # fmt: skip
+        texts |= {f"{L.KERNELS}/{name}": text for name, text in _kernels(loaded.spec, module, sha).items()}
         (tmp / L.KERNELS).mkdir()
-        texts |= {f"{L.KERNELS}/{name}": text for name, text in kernels.items()}
     for name, text in texts.items():
         (tmp / name).write_text(text, encoding="utf-8")
     meta = {"moespec_version": __version__, "spec_sha256": sha, "layer": layer, "format": L.LAYOUT}
@@ -167,6 +162,23 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
     }
     (tmp / L.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest, report
+
+
+def _kernels(spec: Spec, module: MoELayer, sha: str) -> dict[str, str]:
+    """The Triton kernels a triton layer runs: its FFN groups' and, when its graphs call the
+    fused router, the router's (read off the graph's calls, so exactly what runs)."""
+    ir = module.ir
+    ffns = [*ir.experts.groups, *([ir.shared] if ir.shared is not None else [])]
+    routers = {
+        RouterSpecialisation(*(node.args[i] for i in (4, 5, 6, 10)))
+        for gm in (module._graphs[True], module._graphs[False])
+        for node in gm.graph.nodes
+        if node.op == "call_function" and "triton_topk_route" in str(node.target)
+    }
+    assert len(routers) <= 1, routers
+    arch = "any" if spec.target.arch == "auto" else spec.target.arch
+    return layer_kernels(ffns, spec.target.dtype, next(iter(routers), None), arch=arch, spec_name=spec.name,
+                         spec_sha256=sha)  # fmt: skip
 
 
 def build_artifact(

@@ -133,3 +133,33 @@ def _backward(ctx, grad_weight_TK, _grad_idx, grad_probs_TE):
 
 
 topk_route.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("moespec::triton_topk_route", mutates_args=())
+def triton_topk_route(
+    logits_TE: Tensor,
+    expert_bias_E: Tensor,
+    gumbel_TE: Tensor,
+    k: int,
+    score: str,
+    order: str,
+    renormalize: bool,
+    scale: float,
+    n_groups: int,
+    topk_groups: int,
+    group_score: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`topk_route` computed by the fused Triton router kernel (``target.backend:
+    triton``); second-expert sampling (a non-empty ``gumbel_TE``) is not part of it: the
+    lowering keeps :func:`topk_route` for GShard's sampling router."""
+    if gumbel_TE.numel() > 0:
+        raise ValueError("triton_topk_route has no second-expert sampling; use moespec::topk_route")
+    from moespec.ops import _route_triton
+
+    return _route_triton.forward(
+        logits_TE, expert_bias_E, k, score, order, renormalize, scale, n_groups, topk_groups, group_score
+    )
+
+
+triton_topk_route.register_fake(_)
+triton_topk_route.register_autograd(_backward, setup_context=_setup)

@@ -118,13 +118,20 @@ def linear_logits(
     return xr, logits
 
 
+def topk_route_op(layer: MoELayerNode, sampling: bool = False) -> torch._ops.OpOverloadPacket:
+    """The top-k routing op of the layer's backend: ``triton_topk_route`` (the fused Triton
+    router) for ``target.backend: triton``, except with GShard's second-expert sampling, which
+    the kernel does not do; ``topk_route`` otherwise (same schema, same results)."""
+    return OPS.triton_topk_route if layer.backend == "triton" and not sampling else OPS.topk_route
+
+
 def plain_topk(b: Builder, layer: MoELayerNode, logits_TE: fx.Node, k: int, renormalize: bool) -> fx.Node:
     """``moespec.topk_route`` as a plain softmax-then-top-k router: no expert bias, noise,
     groups or scaling; returns the op's node (weight_TK, idx_TK, probs_TE)."""
     empty = b.empty_like(logits_TE)
     return b.fn(
-        OPS.topk_route, logits_TE, empty, empty, k, "softmax", "softmax_then_topk", renormalize, 1.0, 0, 0,
-        "max", origin=layer.router.origin,
+        topk_route_op(layer), logits_TE, empty, empty, k, "softmax", "softmax_then_topk", renormalize, 1.0,
+        0, 0, "max", origin=layer.router.origin,
     )  # fmt: skip
 
 

@@ -17,7 +17,15 @@ from moespec.common.dtypes import TORCH_DTYPES
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower import helpers
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.routers import JITTER, LOWERINGS, RouteNodes, RouterLowering, linear_logits, router_param
+from moespec.lower.routers import (
+    JITTER,
+    LOWERINGS,
+    RouteNodes,
+    RouterLowering,
+    linear_logits,
+    router_param,
+    topk_route_op,
+)
 
 OPS = torch.ops.moespec
 
@@ -94,7 +102,7 @@ class TopKLowering(RouterLowering):
         expert_bias = b.get("router.expert_bias") if r.expert_bias is not None else empty_r
         groups = r.groups
         route = b.fn(
-            OPS.topk_route,
+            topk_route_op(layer, sampling="gumbel_TE" in inputs),
             noisy,
             expert_bias,
             inputs.get("gumbel_TE", empty_r),
