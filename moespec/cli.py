@@ -264,6 +264,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moespec.tune import tune
+
+    one = _one_spec(args)
+    if isinstance(one, int):
+        return one
+    spec, overrides = one
+    if args.tokens < 1 or args.repeat < 1:
+        return _usage("moespec tune: --tokens and --repeat must be >= 1")
+    res = tune(spec, overrides, tokens=args.tokens, repeat=args.repeat, layer=args.layer, seed=args.seed,
+               table=Path(args.table) if args.table else None)  # fmt: skip
+    table = Table(title=f"{res.spec_name}: {res.arch} {res.key}, {res.tokens} tokens, forward+backward")
+    for col in ("block m", "n", "k", "warps", "stages", "ms"):
+        table.add_column(col, justify="right")
+    for b, ms in sorted(res.times_ms.items(), key=lambda kv: kv[1]):
+        mark = " *" if b == res.best else ""
+        table.add_row(str(b.m), str(b.n), str(b.k), str(b.warps), str(b.stages), f"{ms:.3f}{mark}")
+    for b, err in res.errors.items():
+        table.add_row(str(b.m), str(b.n), str(b.k), str(b.warps), str(b.stages), err[:60])
+    console = Console(width=None if os.isatty(1) else 120)
+    console.print(table)
+    console.print(f"wrote {res.arch} {res.key} = {res.best} to {res.table}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the README's CLI reference and tests)."""
     p = argparse.ArgumentParser(prog="moespec", description="Declarative MoE spec compiler for PyTorch.")
@@ -342,6 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bn.add_argument("--json", action="store_true", help="machine-readable output")
     bn.set_defaults(func=cmd_bench)
+
+    tn = sub.add_parser(
+        "tune", help="time Triton block sizes on this GPU; write the best to the tuning table"
+    )
+    tn.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
+    tn.add_argument("--tokens", type=int, default=4096, help="tokens per batch (default: 4096)")
+    tn.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (default: 5)")
+    tn.add_argument("--layer", help="layer group to tune (required when the spec has several)")
+    tn.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
+    tn.add_argument(
+        "--table", help="tuning table to write (default: $MOESPEC_TUNING or ~/.cache/moespec/tuning.json)"
+    )
+    tn.set_defaults(func=cmd_tune)
     return p
 
 

@@ -43,10 +43,14 @@ def require_triton(device_type: str) -> None:
         )
 
 
+def cache_root() -> Path:
+    """moespec's cache directory: ``$MOESPEC_CACHE_DIR`` or ``~/.cache/moespec``."""
+    return Path(os.environ.get("MOESPEC_CACHE_DIR") or Path.home() / ".cache" / "moespec")
+
+
 def cache_dir() -> Path:
     """Where rendered kernels are written for import."""
-    root = os.environ.get("MOESPEC_CACHE_DIR") or Path.home() / ".cache" / "moespec"
-    return Path(root) / "triton"
+    return cache_root() / "triton"
 
 
 def _write(directory: Path, name: str, text: str) -> Path:

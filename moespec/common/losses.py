@@ -72,7 +72,8 @@ def parameter_penalty_loss(p_TE: Tensor, selected_TE: Tensor, k: int, size_E: Te
     expert's relative size); no released code was available to check it against."""
     t_count, e_count = p_TE.shape
     f_E = selected_TE.to(p_TE.dtype).sum(0) / (t_count * k)
-    rel_E = size_E.to(p_TE.dtype) / size_E.to(p_TE.dtype).mean()
+    size_E = size_E.to(p_TE.device, p_TE.dtype)  # a host-side constant of the spec
+    rel_E = size_E / size_E.mean()
     return e_count * torch.sum(f_E * rel_E * p_TE.mean(0))
 
 

@@ -77,7 +77,9 @@ def draw_params(
 
     for p in table:
         if p.init == "ffn":
-            t = torch.empty(p.shape, dtype=torch.float32)
+            t = torch.empty(
+                p.shape, dtype=torch.float32, device="cpu"
+            )  # drawn on the CPU whatever the default device
             _init_ffn(t, p, generator)
             yield p.name, final(p, t)
             del t  # before the next allocation: one fp32 draw alive at a time
@@ -91,7 +93,9 @@ def draw_params(
             assert tuple(fixed.shape) == tuple(p.shape), f"{p.name}: value shape {tuple(fixed.shape)}"
             yield p.name, final(p, fixed if not fixed.is_floating_point() else fixed.to(torch.float32))
             continue
-        t = torch.empty(p.shape, dtype=torch.float32)
+        t = torch.empty(
+            p.shape, dtype=torch.float32, device="cpu"
+        )  # drawn on the CPU whatever the default device
         _init_declared(t, p, generator)
         yield p.name, final(p, t)
         del t

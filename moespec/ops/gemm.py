@@ -92,9 +92,15 @@ def gmm_wgrad(g_NM: Tensor, x_NK: Tensor, offsets_E1: Tensor, n_experts: int) ->
     """grad_w[e] = g_e.T @ x_e over each expert's rows: shape [E, M, K]; empty experts get 0."""
     m, k = g_NM.shape[1], x_NK.shape[1]
     if offsets_E1.shape[0] == n_experts + 1 and _use_gmm(x_NK):
-        g_MN = g_NM.t().contiguous()
+        # The transposed rows' leading stride is padded to 16 bytes: grouped_mm needs it, and
+        # without the pad an odd row count would take the per-expert loop (a host sync).
+        n, align = g_NM.shape[0], max(1, 16 // g_NM.element_size())
+        buf = g_NM.new_empty(m, -(-n // align) * align)
+        g_MN = buf[:, :n].copy_(g_NM.t())
         if _use_gmm(g_MN):
-            return _GMM(g_MN, x_NK, offs=offsets_E1[1:].to(torch.int32))
+            res = _GMM(g_MN, x_NK, offs=offsets_E1[1:].to(torch.int32))
+            # Experts without rows must read 0 (pytorch#172439: garbage there on some GPUs).
+            return torch.where((offsets_E1[1:] == offsets_E1[:-1])[:, None, None], 0, res)
     out = g_NM.new_empty(n_experts, m, k)
     bounds = offsets_E1.tolist()
     for e in range(n_experts):

@@ -1,0 +1,134 @@
+"""``moespec tune SPEC``: time candidate block sizes of the Triton expert kernels on this GPU for
+a spec's shapes and write the fastest into the user tuning table.
+
+Each candidate runs the layer's forward+backward (the spec's triton layer, ``tokens`` tokens)
+``repeat`` times after one untimed run (which compiles it); the median decides. A candidate
+that fails to compile or launch (too much shared memory, say) is reported and skipped. The
+entry is written for the table key the layer's calls use (architecture, dtype class, shape
+bucket: ``moespec.codegen.tuning``), with the measured times beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moespec.codegen import tuning
+from moespec.codegen.load import interpreting
+from moespec.codegen.tuning import Blocks
+from moespec.errors import BuildError, TargetError
+
+CANDIDATES: dict[str, tuple[Blocks, ...]] = {
+    "16": (
+        Blocks(128, 128, 64, 8, 3),
+        Blocks(128, 128, 32, 4, 4),
+        Blocks(64, 128, 64, 4, 3),
+        Blocks(128, 64, 64, 4, 3),
+        Blocks(64, 64, 64, 4, 4),
+        Blocks(128, 256, 64, 8, 3),
+    ),
+    "32": (
+        Blocks(64, 64, 32, 4, 3),
+        Blocks(32, 64, 32, 4, 2),
+        Blocks(64, 128, 32, 4, 3),
+        Blocks(128, 64, 32, 8, 3),
+    ),
+}
+
+
+@dataclass
+class TuneResult:
+    """What ``moespec tune`` measured and wrote."""
+
+    spec_name: str
+    arch: str
+    key: str
+    tokens: int
+    times_ms: dict[Blocks, float] = field(default_factory=dict)
+    errors: dict[Blocks, str] = field(default_factory=dict)
+    best: Blocks | None = None
+    table: Path | None = None
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    def run(fn: Callable[[], None]) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return run
+
+
+def tune(
+    spec: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    tokens: int = 4096,
+    repeat: int = 5,
+    layer: str | None = None,
+    seed: int = 0,
+    candidates: tuple[Blocks, ...] | None = None,
+    table: Path | None = None,
+) -> TuneResult:
+    """Tune the spec's triton layer here (CUDA; the CPU only under TRITON_INTERPRET=1, where
+    the times mean nothing) and write the best candidate into ``table`` (the user table when
+    None)."""
+    from moespec.api import build
+    from moespec.spec.load import load_spec
+
+    loaded = load_spec(spec, overrides)
+    if loaded.spec.target.backend != "triton":
+        raise BuildError(
+            "moespec tune tunes the triton backend's kernels, but the spec has target.backend: "
+            f"{loaded.spec.target.backend} (add the override target.backend=triton)"
+        )
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif interpreting():
+        device = torch.device("cpu")
+    else:
+        raise TargetError("target.backend", "triton, but moespec tune needs a CUDA GPU to time kernels on")
+    module = build(loaded, layer=layer, seed=seed, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, loaded.spec.d_model, generator=gen, device=device, dtype=module.experts_dtype)
+    x.requires_grad_()
+
+    def step() -> None:
+        y = module(x)
+        (y.float().square().mean() + module.aux_loss).backward()
+
+    step()  # compiles the default kernels and tells which table entry the layer uses
+    assert tuning.last_key is not None
+    arch, key = tuning.last_key
+    res = TuneResult(loaded.spec.name, arch, key, tokens)
+    timed = _timer(device)
+    for cand in candidates or CANDIDATES[key.split("/")[0]]:
+        try:
+            with tuning.forced(cand):
+                step()  # compile
+                res.times_ms[cand] = statistics.median(timed(step) for _ in range(repeat))
+        except Exception as e:  # a candidate the GPU cannot run: reported, not fatal
+            res.errors[cand] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not res.times_ms:
+        raise BuildError(f"moespec tune: no candidate ran ({res.errors})")
+    res.best = min(res.times_ms, key=res.times_ms.__getitem__)
+    note = {
+        "ms_fwd_bwd": round(res.times_ms[res.best], 4),
+        "tokens": tokens,
+        "spec": loaded.spec.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter",
+    }
+    res.table = tuning.write_entry(arch, key, res.best, note, table)
+    return res
