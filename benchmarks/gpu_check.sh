@@ -85,6 +85,20 @@ PYEOF
 fi
 echo "tests: $TESTS (${SECONDS}s elapsed)"
 
+# 2b. moespec tune on the Mixtral expert shape: the best Triton blocks go into the user tuning
+# table that the bench's triton backend then reads (GPU_TUNE=0 skips it; never in a dry run).
+TUNE="skipped"
+if ((!DRY)) && [[ ${GPU_TUNE:-1} != 0 ]]; then
+    echo "== 2b. moespec tune (timeout ${GPU_TUNE_S:-110} s)"
+    if timeout "${GPU_TUNE_S:-110}" $PY -m moespec tune specs/mixtral-8x7b.yaml target.backend=triton \
+        target.device=cuda target.dtype=bf16 --tokens 4096 --repeat 3 2>&1 | tee "$LOG/tune.log"; then
+        TUNE="ok"
+    else
+        TUNE="failed or timed out (see tune.log)"
+    fi
+fi
+echo "tune: $TUNE (${SECONDS}s elapsed)"
+
 LEFT=$((TOTAL - SECONDS))
 BT=$((LEFT < 300 ? LEFT : 300))
 echo "== 3. bench (timeout ${BT} s, cases start until $((BT - 70)) s)"
@@ -115,5 +129,5 @@ else
 fi
 echo
 STATUS=$([[ ${#FAIL[@]} -eq 0 ]] && echo OK || echo "FAILED: ${FAIL[*]}")
-echo "gpu_check: $STATUS | install $INSTALL | tests $TESTS | bench $BENCH | ${SECONDS}s | logs in $LOG"
+echo "gpu_check: $STATUS | install $INSTALL | tests $TESTS | tune $TUNE | bench $BENCH | ${SECONDS}s | logs in $LOG"
 [[ ${#FAIL[@]} -eq 0 ]]

@@ -120,7 +120,7 @@ def _rows_gemm(ks, b: tuning.Blocks, sched: _Schedule, offs: Tensor, a: Tensor, 
     ks.expert_rows_gemm[(sched.n_tiles * n_tiles_m,)](
         a, w, dummy if a2 is None else a2, dummy if w2 is None else w2, dummy if bias is None else bias,
         dummy if scale is None else scale, out, sched.tile_e, sched.tile_row, offs,
-        k, m, n_tiles_m, s1 * s2, s_wk, s_wm,
+        k, m, sched.n_tiles, n_tiles_m, s1 * s2, s_wk, s_wm,
         HAS_PAIR2=a2 is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         BLOCK_M=b.m, BLOCK_N=b.n, BLOCK_K=b.k, num_warps=b.warps, num_stages=b.stages,
     )  # fmt: skip
@@ -131,10 +131,11 @@ def _wgrad(ks, b: tuning.Blocks, offs: Tensor, a: Tensor, bmat: Tensor, token_id
     """out[e] = sum over expert e's rows of (scale a)^T b: [E, M, K]."""
     n_exp, m, k = offs.shape[0] - 1, a.shape[1], bmat.shape[1]
     out = a.new_empty(n_exp, m, k)
-    n_tiles_k = _cdiv(k, b.n)
+    n_tiles_m, n_tiles_k = _cdiv(m, b.n), _cdiv(k, b.n)
     LAUNCHES["expert_wgrad"] += 1
-    ks.expert_wgrad[(_cdiv(m, b.n) * n_tiles_k, n_exp)](
-        a, bmat, token_idx_N, a.new_empty(0) if scale is None else scale, out, offs, m, k, n_tiles_k,
+    ks.expert_wgrad[(n_tiles_m * n_tiles_k, n_exp)](
+        a, bmat, token_idx_N, a.new_empty(0) if scale is None else scale, out, offs,
+        m, k, n_tiles_m, n_tiles_k,
         A_GATHER=a_gather, B_GATHER=b_gather, HAS_SCALE=scale is not None,
         BLOCK_M=b.n, BLOCK_K=b.n, BLOCK_N=b.k, num_warps=b.warps, num_stages=b.stages,
     )  # fmt: skip
@@ -178,7 +179,7 @@ def forward(
         LAUNCHES["expert_up"] += 1
         ks.expert_up[(sched.n_tiles * n_tiles_f,)](
             x_TD, token_idx_N, w.w_up_EFD, w.w_gate_EFD, w.b_up_EF, w.b_gate_EF, up_NF, gate_NF, h_NF,
-            sched.tile_e, sched.tile_row, offs, d, f, n_tiles_f,
+            sched.tile_e, sched.tile_row, offs, d, f, sched.n_tiles, n_tiles_f,
             BLOCK_M=b.m, BLOCK_F=b.n, BLOCK_K=b.k, num_warps=b.warps, num_stages=b.stages,
         )  # fmt: skip
     bias = w.b_down_ED if w.has_bias else None
@@ -225,7 +226,8 @@ def backward(
         LAUNCHES["expert_down_backward"] += 1
         ks.expert_down_backward[(sched.n_tiles * n_tiles_f,)](
             grad_y, token_idx_N, w.w_down_EDF, up_NF, gate_NF, wt_N,
-            d_up_NF, d_gate_NF, h_NF, partial_NJ, sched.tile_e, sched.tile_row, offs, d, f, n_tiles_f,
+            d_up_NF, d_gate_NF, h_NF, partial_NJ, sched.tile_e, sched.tile_row, offs, d, f, sched.n_tiles,
+            n_tiles_f,
             COMBINE=combine, BLOCK_M=b.m, BLOCK_F=b.n, BLOCK_K=b.k, num_warps=b.warps, num_stages=b.stages,
         )  # fmt: skip
     # Input rows' gradient: d_up W_up (+ d_gate W_gate), then summed per token.

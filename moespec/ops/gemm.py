@@ -92,15 +92,9 @@ def gmm_wgrad(g_NM: Tensor, x_NK: Tensor, offsets_E1: Tensor, n_experts: int) ->
     """grad_w[e] = g_e.T @ x_e over each expert's rows: shape [E, M, K]; empty experts get 0."""
     m, k = g_NM.shape[1], x_NK.shape[1]
     if offsets_E1.shape[0] == n_experts + 1 and _use_gmm(x_NK):
-        # The transposed rows' leading stride is padded to 16 bytes: grouped_mm needs it, and
-        # without the pad an odd row count would take the per-expert loop (a host sync).
-        n, align = g_NM.shape[0], max(1, 16 // g_NM.element_size())
-        buf = g_NM.new_empty(m, -(-n // align) * align)
-        g_MN = buf[:, :n].copy_(g_NM.t())
-        if _use_gmm(g_MN):
-            res = _GMM(g_MN, x_NK, offs=offsets_E1[1:].to(torch.int32))
-            # Experts without rows must read 0 (pytorch#172439: garbage there on some GPUs).
-            return torch.where((offsets_E1[1:] == offsets_E1[:-1])[:, None, None], 0, res)
+        res = _gmm_wgrad_padded(g_NM, x_NK, offsets_E1, n_experts)
+        if res is not None:
+            return res
     out = g_NM.new_empty(n_experts, m, k)
     bounds = offsets_E1.tolist()
     for e in range(n_experts):
@@ -110,6 +104,33 @@ def gmm_wgrad(g_NM: Tensor, x_NK: Tensor, offsets_E1: Tensor, n_experts: int) ->
         else:
             out[e].zero_()
     return out
+
+
+def _gmm_wgrad_padded(g_NM: Tensor, x_NK: Tensor, offsets_E1: Tensor, n_experts: int) -> Tensor | None:
+    """:func:`gmm_wgrad` through ``grouped_mm``, or None where it does not apply.
+
+    Here the reduced dimension is the rows, split by expert, and CUDA's grouped_mm asserts
+    (on the device: a dead CUDA context) unless every expert's rows span a multiple of 16
+    bytes. The rows are therefore copied into a layout where each expert starts at a
+    multiple of ``align`` rows, the gaps zero (they add nothing); the padded offsets are
+    computed on the device, so nothing is read back to the host."""
+    n, align = g_NM.shape[0], max(1, 16 // g_NM.element_size())
+    counts_E = offsets_E1[1:] - offsets_E1[:-1]
+    padded_E1 = torch.zeros_like(offsets_E1)
+    padded_E1[1:] = torch.cumsum((counts_E + align - 1) // align * align, 0)
+    p = -(-(n + n_experts * (align - 1)) // align) * align  # static bound of the padded rows
+    arange_N = torch.arange(n, device=g_NM.device)
+    e_N = torch.bucketize(arange_N, offsets_E1[1:], right=True).clamp_(max=n_experts - 1)
+    # Dropped rows (past offsets[E]) go to a spare row p, cut off below.
+    dest_N = torch.where(arange_N < offsets_E1[-1], padded_E1[e_N] + arange_N - offsets_E1[e_N], p)
+    g_PM = g_NM.new_zeros(p + 1, g_NM.shape[1]).index_copy_(0, dest_N, g_NM)[:p]
+    x_PK = x_NK.new_zeros(p + 1, x_NK.shape[1]).index_copy_(0, dest_N, x_NK)[:p]
+    g_MP = g_PM.t().contiguous()
+    if not _use_gmm(g_MP, x_PK):
+        return None
+    res = _GMM(g_MP, x_PK, offs=padded_E1[1:].to(torch.int32))
+    # Experts without rows must read 0 (pytorch#172439: garbage there on some GPUs).
+    return torch.where((counts_E == 0)[:, None, None], 0, res)
 
 
 def expert_blocks(
