@@ -299,9 +299,12 @@ def test_routing_ops_match_cpu_on_ties(device):
             got = OPS.expert_choice_select(scores.to(device), cf, 1, group)
             assert torch.equal(got.cpu(), OPS.expert_choice_select(scores, cf, 1, group))
         assert torch.equal(OPS.balanced_assignment(z.to(device)).cpu(), OPS.balanced_assignment(z))
-        assert torch.equal(
-            OPS.sinkhorn_topk(z.to(device), 2, 50, 0.0).cpu(), OPS.sinkhorn_topk(z, 2, 50, 0.0)
-        )
+        # One token: Sinkhorn's column normalisation makes every plan entry equal in exact
+        # arithmetic, so rounding (which differs between CPU and GPU) picks: not comparable.
+        if t > 1:
+            assert torch.equal(
+                OPS.sinkhorn_topk(z.to(device), 2, 50, 0.0).cpu(), OPS.sinkhorn_topk(z, 2, 50, 0.0)
+            )
 
 
 # --- the grouped GEMMs themselves -------------------------------------------------------------

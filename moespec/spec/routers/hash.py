@@ -36,12 +36,14 @@ def hash_table(vocab_size: int, n_experts: int, k: int, hash: str, seed: int) ->
     import torch  # the spec package itself does not need torch
 
     if hash == "modulo":
-        ids_V1 = torch.arange(vocab_size, dtype=torch.int64)[:, None]
-        return (ids_V1 + torch.arange(k, dtype=torch.int64)) % n_experts
-    gen = torch.Generator().manual_seed(seed)
+        ids_V1 = torch.arange(vocab_size, dtype=torch.int64, device="cpu")[:, None]
+        return (ids_V1 + torch.arange(k, dtype=torch.int64, device="cpu")) % n_experts
+    # On the CPU whatever the default device (``with torch.device("cuda")``): the same table
+    # everywhere, drawn with a CPU generator.
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     if k == 1:
-        return torch.randint(n_experts, (vocab_size, 1), generator=gen, dtype=torch.int64)
-    u_VE = torch.rand(vocab_size, n_experts, generator=gen)
+        return torch.randint(n_experts, (vocab_size, 1), generator=gen, dtype=torch.int64, device="cpu")
+    u_VE = torch.rand(vocab_size, n_experts, generator=gen, device="cpu")
     return u_VE.topk(k, dim=-1).indices.to(torch.int64)
 
 
