@@ -239,6 +239,54 @@ def paired_ratio(a: list[Sample], b: list[Sample], quiet_only: bool) -> float:
     return statistics.median(x.ms / y.ms for x, y in use)
 
 
+INFER_SHAPES = (
+    Shape("mixtral-like", t=0, d=512, d_ff=1024, e=8, k=2),
+    Shape("fine-grained", t=0, d=512, d_ff=128, e=128, k=8),
+)
+INFER_TOKENS = (1, 8, 64, 256, 2048)
+
+
+def main_infer(args: argparse.Namespace) -> None:
+    """``--infer``: eval forward (no_grad) at each token count, moespec vs transformers' eager
+    and grouped_mm experts (same weights), medians and the paired ratio to the best of them."""
+    names = ["moespec", "hf-eager", "hf-grouped_mm"]
+    rows = []
+    for base in INFER_SHAPES:
+        if args.shape and base.name not in args.shape:
+            continue
+        torch.manual_seed(0)
+        ms = build_moespec(Shape(base.name, 64, base.d, base.d_ff, base.e, base.k)).eval()
+        hf = {f"hf-{i}": build_transformers(base, i, ms).eval() for i in ("eager", "grouped_mm")}
+        for t in INFER_TOKENS:
+            x = torch.randn(1, t, base.d, generator=torch.Generator().manual_seed(t))
+            mods = {"moespec": ms, **hf}
+
+            def call(m: nn.Module, x: Tensor = x) -> Callable[[], None]:
+                def run() -> None:
+                    with torch.no_grad():
+                        m(x)
+
+                return run
+
+            rounds = args.rounds or (30 if t <= 64 else 10)
+            res = bench({n: call(m) for n, m in mods.items()}, rounds, args.warmup)
+            cells = {n: summarise(v, not args.all_samples) for n, v in res.items()}
+            best = min(("hf-eager", "hf-grouped_mm"), key=lambda n: cells[n].med)
+            paired = paired_ratio(res["moespec"], res[best], not args.all_samples)
+            rows.append((base.name, t, cells, best, paired))
+            print(f"  {base.name} T={t}: " + "  ".join(f"{n} {c.med:.2f} ms" for n, c in cells.items()))
+    print(f"\nEval forward (no_grad), median ms; threads={torch.get_num_threads()}, fp32")
+    print(
+        f"{'shape':13s} {'T':>5s}"
+        + "".join(f"{n:>15s}" for n in names)
+        + f"{'ms/best-hf':>11s}{'(paired)':>9s}"
+    )
+    for name, t, cells, best, paired in rows:
+        line = f"{name:13s} {t:5d}" + "".join(f"{cells[n].med:15.3f}" for n in names)
+        print(line + f"{cells['moespec'].med / cells[best].med:11.2f}{paired:9.2f}")
+    print("Target: ms/best-hf <= 1.00 at every T and shape.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T/4 and fewer rounds")
@@ -252,8 +300,12 @@ def main() -> None:
     ap.add_argument(
         "--all-samples", action="store_true", help="medians over every sample, not only the quiet ones"
     )
+    ap.add_argument("--infer", action="store_true", help="eval forward at T in 1..2048 (inference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.infer:
+        main_infer(args)
+        return
     rounds = args.rounds or (5 if args.quick else 15)
     import transformers
 

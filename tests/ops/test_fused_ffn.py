@@ -130,6 +130,9 @@ CASES = [
     (7, 48, 100, 6, 1, "glu", "gelu_tanh", True, None, 0.3),
     (64, 48, 100, 8, 2, "mlp", "relu", False, 3, 0.0),  # all tokens on expert 3
     (64, 100, 48, 8, 3, "glu", "silu", True, None, 0.2),
+    # Many experts with few rows each: the CPU's padded batched forward (_expert_cpu)
+    (64, 48, 40, 32, 2, "glu", "silu", True, None, 0.2),
+    (7, 100, 48, 16, 3, "mlp", "gelu_tanh", False, None, 0.0),
 ]
 
 
@@ -251,6 +254,7 @@ def two_threads():
 def forced(request, monkeypatch, two_threads):
     """The parallel path and recycled buffers at tiny shapes, on 2 threads."""
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_ROWS", 0)
     monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
     if request.param == "small_blocks":  # experts span several blocks
         monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
@@ -302,6 +306,7 @@ def test_workers_count_experts_not_blocks(two_threads, monkeypatch):
     """One expert cut into many blocks runs in one worker (it takes whole experts): no second
     worker, so BLAS keeps every thread for its GEMMs."""
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_ROWS", 0)
     monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
     one = _expert_cpu.Group.of(torch.arange(10), torch.tensor([0, 10, 10]), 0, 2, 4, 4, 4)
@@ -367,3 +372,22 @@ def test_grouped_kernels_whole_layer_read_nothing_back(monkeypatch, combined):
     if not combined:
         y = torch.zeros_like(x).index_add(0, tok, y * w_N.unsqueeze(1))
     torch.testing.assert_close(y, y_ref)
+
+
+def test_padded_forward_runs_where_it_fits(monkeypatch):
+    """Many experts with few rows take the CPU's padded batched forward, few experts or busy
+    ones the blocked one; both equal the per-token loop (the CASES above run both)."""
+    calls = []
+    real = _expert_cpu._forward_padded
+    monkeypatch.setattr(_expert_cpu, "_forward_padded", lambda *a: calls.append(1) or real(*a))
+    assert _expert_cpu._padded_fits([1, 0, 3] * 8) and not _expert_cpu._padded_fits([1, 0, 3])
+    assert not _expert_cpu._padded_fits([40] + [1] * 20) and not _expert_cpu._padded_fits([0] * 15 + [1] * 5)
+    t, d, f, e, k = 64, 48, 40, 32, 2
+    idx_TK, keep_TK = _routing(t, k, e)
+    p = _params(e, f, d, True, False, torch.float32)
+    x = torch.randn(t, d)
+    w_TK = torch.rand(t, k)
+    with torch.no_grad():
+        y = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", Mode(combined=True, split=False))
+        torch.testing.assert_close(y, _loop(x, idx_TK, keep_TK, w_TK, p, "silu"), atol=1e-5, rtol=1e-4)
+    assert calls
