@@ -27,13 +27,18 @@ once (no negative cycles exist, since the assignment is optimal for its loads).
 
 Guarantee: the returned total affinity is the optimum up to floating-point rounding (done in
 float64; relaxations use a 1e-12 relative tolerance, so at most T·1e-12·(1 + max|a|) below
-the optimum). Cost: (number of tokens off their argmax-balanced position) augmentations,
-each O(T·E + E²·path length) vectorised work; the tie step is one vectorised check, plus a
-Python loop over the tokens with several optimal experts (pairs within the tolerance count as
-tied), O(E² + T) each. Deterministic (CPU float64). Compared with fairseq's ``balanced_assignment.cpp``
-(a Jacobi auction with a fixed epsilon = range/50 and a 100-round cap, approximate), this
-solver is exact. The iteration is data-dependent: on a GPU the op copies the scores to the
-host (a sync, like fairseq's loop) and solves there.
+the optimum). Start: each token on its best expert under approximate prices from a short
+Jacobi auction (``_auction_prices``; any prices give a start that is optimal for its own
+loads, good ones give nearly balanced loads). Cost: the auction's rounds (each a top-2 over
+the unplaced tokens and a sort of at most T bids), then (number of tokens off balance at the
+start) augmentations, each O(T·E + E²·path length) vectorised work; the tie step is one
+vectorised check, plus a Python loop over the tokens with several optimal experts (pairs
+within the tolerance count as tied), O(E² + T) each. Measured at T 4096, E 128, 2 threads:
+about 135 ms on random scores and 105 ms when every token prefers one expert (the argmax
+start alone took 0.26 s and 5.6 s). Deterministic (CPU float64). Compared with fairseq's
+``balanced_assignment.cpp`` (a Jacobi auction with a fixed epsilon = range/50 and a
+100-round cap, approximate), this solver is exact. The iteration is data-dependent: on a GPU
+the op copies the scores to the host (a sync, like fairseq's loop) and solves there.
 
 The assignment is not differentiable (integer output); BASE's gradient reaches the
 centroids only through the sigmoid gate computed outside the op.
@@ -47,6 +52,10 @@ import torch
 from torch import Tensor
 
 _REL_TOL = 1e-12
+# The warm-start auction (_auction_prices): a phase stops with this many tokens unplaced, and
+# all phases together run at most this many rounds.
+_AUCTION_LEFT = 64
+_AUCTION_ROUNDS = 400
 
 
 def expert_capacities(n_tokens: int, n_experts: int) -> Tensor:
@@ -77,6 +86,57 @@ def _edge_row(a_TE: Tensor, assign_T: Tensor, u: int, w_EE: Tensor, tok_EE: Tens
     w_EE[u, u] = float("inf")
 
 
+def _auction_prices(a_TE: Tensor, cap_E: Tensor) -> Tensor:
+    """float64 [E]: expert prices p from a Jacobi auction with epsilon-scaling (Bertsekas;
+    experts hold ``cap_E`` slots each), stopped early: they only warm-start the exact solver.
+
+    Each round every unassigned token bids for its best expert under a - p, raising its
+    price by the margin over its second best plus eps; each expert keeps its ``cap_E`` highest
+    bids (ties: the earlier bid, then the lower token) and, once full, is priced at the
+    lowest bid it keeps. A phase ends when at most ``_AUCTION_LEFT`` tokens are unassigned
+    (the rounds that place the last few dominate an auction's cost); eps shrinks 8x per
+    phase, from range/8 to range/(16 T)."""
+    n_tok, n_exp = a_TE.shape
+    p_E = torch.zeros(n_exp, dtype=torch.float64)
+    span = float(a_TE.max() - a_TE.min())
+    if span == 0.0 or n_exp < 2:
+        return p_E
+    eps, eps_min, rounds = span / 8, span / (16 * n_tok), 0
+    arange_T = torch.arange(n_tok)
+    while True:
+        owner_T = torch.full((n_tok,), -1, dtype=torch.int64)
+        bid_T = torch.zeros(n_tok, dtype=torch.float64)
+        while rounds < _AUCTION_ROUNDS:
+            free_U = (owner_T < 0).nonzero()[:, 0]
+            if free_U.numel() <= _AUCTION_LEFT:
+                break
+            rounds += 1
+            top = (a_TE[free_U] - p_E).topk(2, dim=1)
+            e1_U = top.indices[:, 0]
+            held_H = (owner_T >= 0).nonzero()[:, 0]
+            tok_C = torch.cat([held_H, free_U])
+            exp_C = torch.cat([owner_T[held_H], e1_U])
+            bid_C = torch.cat([bid_T[held_H], p_E[e1_U] + (top.values[:, 0] - top.values[:, 1]) + eps])
+            # Per expert, bids in descending order: rank < capacity is kept.
+            order = torch.sort(bid_C, descending=True, stable=True).indices
+            order = order[torch.sort(exp_C[order], stable=True).indices]
+            exp_O = exp_C[order]
+            counts_E = torch.bincount(exp_O, minlength=n_exp)
+            rank_O = arange_T[: order.numel()] - (torch.cumsum(counts_E, 0) - counts_E)[exp_O]
+            keep_O = rank_O < cap_E[exp_O]
+            owner_T[tok_C] = -1
+            kept_tok, kept_exp, kept_bid = tok_C[order[keep_O]], exp_O[keep_O], bid_C[order[keep_O]]
+            owner_T[kept_tok], bid_T[kept_tok] = kept_exp, kept_bid
+            full_E = torch.bincount(kept_exp, minlength=n_exp) >= cap_E
+            low_E = torch.full((n_exp,), float("inf"), dtype=torch.float64).scatter_reduce(
+                0, kept_exp, kept_bid, "amin"
+            )
+            p_E = torch.where(full_E, low_E, p_E)
+        if eps <= eps_min or rounds >= _AUCTION_ROUNDS:
+            return p_E
+        eps = max(eps / 8, eps_min)
+
+
 def solve_balanced_assignment(scores_TE: Tensor) -> Tensor:
     """int64 [T] expert of each token: the balanced assignment maximising total affinity
     (see the module docstring). Pure torch on CPU float64; returns on ``scores_TE``'s device."""
@@ -87,8 +147,12 @@ def solve_balanced_assignment(scores_TE: Tensor) -> Tensor:
         return torch.empty(0, dtype=torch.int64, device=device)
     cap_E = expert_capacities(n_tok, n_exp)
     tol = _REL_TOL * (1.0 + float(a_TE.abs().max()))
-    # Unconstrained optimum: argmax, ties to the lower index (a stable descending sort).
-    assign_T = torch.sort(a_TE, dim=1, descending=True, stable=True).indices[:, 0].clone()
+    # Start: each token on its best expert under approximate dual prices (an auction's), ties
+    # to the lower index (torch.argmax returns the first maximum). Whatever the prices, that assignment is
+    # optimal for its own loads, which is all the exact augmentations below need; good
+    # prices only make the loads nearly balanced, so few augmentations remain.
+    r_TE = a_TE - _auction_prices(a_TE, cap_E)
+    assign_T = r_TE.argmax(1)
     load_E = torch.bincount(assign_T, minlength=n_exp)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
     # Edge costs between experts: w_EE[u, v] = the cheapest move of a token on u to v, made

@@ -137,3 +137,21 @@ def test_reference_sinkhorn_balances_and_stops():
     torch.testing.assert_close(sinkhorn_plan(z, 1, 0.0), d0[:, None] * c * d1)
     assert torch.equal(sinkhorn_plan(z, 50, 1e-3), sinkhorn_plan(z, 5000, 1e-3))
     assert sinkhorn_plan(torch.empty(0, 3), 10, 1e-4).shape == (0, 3)
+
+
+@pytest.mark.parametrize("case", ["random", "skewed", "quantised"])
+def test_auction_warm_start_changes_nothing(case, monkeypatch):
+    """The auction only warm-starts the exact solver: with it and without it (zero prices,
+    the plain argmax start) the assignment is the same, ties included."""
+    from moespec.ops import balanced_assignment as ba
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(300, 12, generator=g)
+    if case == "skewed":  # every token prefers expert 2
+        a[:, 2] += 4.0
+    if case == "quantised":
+        a = (a * 2).round() / 2
+    warm = solve_balanced_assignment(a)
+    monkeypatch.setattr(ba, "_AUCTION_ROUNDS", 0)
+    assert torch.equal(warm, solve_balanced_assignment(a))
+    assert torch.bincount(warm, minlength=12).tolist() == list(expert_capacities(300, 12))
