@@ -171,11 +171,19 @@ def lower_layer(
             sizes = b.method(group, "token_sizes", x, origin=layer.losses.origin)
         both = b.method(group, "gather_aux", sizes, *aux_args, origin=layer.losses.origin)
         aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
+    y = _merge_heads(b, layer, y)
+    if not training and not (stats or ep):
+        # Eval: the losses and statistics run only when read (MoELayer.aux_loss and
+        # routing_stats call `aux` then); the graph returns their inputs. With a token group
+        # they stay eager: `gather_aux` is a collective every rank must join.
+        g.output((y, rt.logits_TE, *aux_args, *aux_kwargs.values()))
+        g.lint()
+        gm = fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_eval")
+        gm.lazy_aux = tuple(aux_kwargs)  # the keyword inputs of `aux`, after its 10 positional ones
+        return gm
     aux = g.call_module("aux", aux_args, aux_kwargs)
     named = enumerate(OUTPUTS[2:])
-    outs = [_merge_heads(b, layer, y), rt.logits_TE] + [
-        b.item(aux, i, layer.losses.origin, n) for i, n in named
-    ]
+    outs = [y, rt.logits_TE] + [b.item(aux, i, layer.losses.origin, n) for i, n in named]
     g.output(tuple(outs))
     g.lint()
     return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")

@@ -57,7 +57,10 @@ class MoELayer(nn.Module):
     gradient), ``router_logits`` the [T, E] router logits (before noise, in the router dtype)
     and ``routing_stats`` a dict of tensors (no host sync): ``routed_per_expert``,
     ``tokens_per_expert`` (after capacity), ``dropped_fraction``, ``router_entropy``,
-    ``load_ratio`` (max/min routed load)."""
+    ``load_ratio`` (max/min routed load). In eval mode the loss and the statistics are
+    computed when first read (the aux-loss work is skipped for calls nobody reads it from),
+    except under expert parallelism or ``scope: global``, where computing them is a
+    collective."""
 
     def __init__(
         self, ir: MoELayerNode, *, seed: int = 0, generator: torch.Generator | None = None, meta: bool = False
@@ -87,9 +90,40 @@ class MoELayer(nn.Module):
             self.schedule = nn.Module()
             self.schedule.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self._lower()
-        self.aux_loss: Tensor | None = None
+        self.aux_loss = None
         self.router_logits: Tensor | None = None
-        self.routing_stats: dict[str, Tensor] = {}
+        self.routing_stats = {}
+
+    # aux_loss and routing_stats: set by a training call, or computed from an eval call's
+    # pending inputs when first read.
+    @property
+    def aux_loss(self) -> Tensor | None:
+        """The last call's weighted auxiliary loss (see the class docstring)."""
+        self._resolve_aux()
+        return self.__dict__["_aux_loss"]
+
+    @aux_loss.setter
+    def aux_loss(self, value: Tensor | None) -> None:
+        self.__dict__.update(_aux_loss=value, _pending_aux=None)
+
+    @property
+    def routing_stats(self) -> dict[str, Tensor]:
+        """The last call's routing statistics (see the class docstring)."""
+        self._resolve_aux()
+        return self.__dict__["_routing_stats"]
+
+    @routing_stats.setter
+    def routing_stats(self, value: dict[str, Tensor]) -> None:
+        self.__dict__.update(_routing_stats=value, _pending_aux=None)
+
+    def _resolve_aux(self) -> None:
+        pending = self.__dict__.get("_pending_aux")
+        if pending is not None:
+            args, kwargs = pending
+            aux, *stats = self.aux(*args, **kwargs)
+            self.__dict__.update(
+                _aux_loss=aux, _routing_stats=dict(zip(OUTPUTS[3:], stats, strict=True)), _pending_aux=None
+            )
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # `.to(dtype)` / `.half()` cast every floating buffer; a running controller's state
@@ -114,14 +148,17 @@ class MoELayer(nn.Module):
         graphs = {t: lower_layer(self.ir, self, training=t, ep=ep, stats=stats) for t in (True, False)}
         object.__setattr__(self, "_graphs", graphs)
         object.__setattr__(self, "_forwards", {t: _shared_forward(gm) for t, gm in graphs.items()})
+        # Per mode, the keyword names of an eval graph's pending aux inputs (None: eager aux).
+        # A plain value, equal across layers of one spec: compiled layers share one guard.
+        object.__setattr__(self, "_lazy_aux", {t: getattr(gm, "lazy_aux", None) for t, gm in graphs.items()})
 
     def __getstate__(self) -> dict:
         # Pickle / deepcopy: generated graph code is rebuilt on load, and the last call's
         # outputs (still attached to an autograd graph) are not part of the layer's state.
         state = self.__dict__.copy()
-        for key in ("_graphs", "_forwards"):
+        for key in ("_graphs", "_forwards", "_lazy_aux"):
             state.pop(key, None)
-        state.update(aux_loss=None, router_logits=None, routing_stats={})
+        state.update(_aux_loss=None, router_logits=None, _routing_stats={}, _pending_aux=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -243,9 +280,15 @@ class MoELayer(nn.Module):
         seq_len = x.shape[1] if x.dim() == 3 else 0
         fwd = self._forwards[self.training]
         sched = [v.to(x.device) for v in self.schedule_values().values()]
-        y_TD, logits_TE, aux, *stats = fwd(self, x_TD, *extra, *sched, *self._draw(x_TD), seq_len)
-        self.aux_loss, self.router_logits = aux, logits_TE
-        self.routing_stats = dict(zip(OUTPUTS[3:], stats, strict=True))
+        y_TD, logits_TE, *rest = fwd(self, x_TD, *extra, *sched, *self._draw(x_TD), seq_len)
+        self.router_logits = logits_TE
+        lazy = self._lazy_aux[self.training]
+        if lazy is not None:  # eval: the aux module runs when aux_loss / routing_stats are read
+            n_pos = len(rest) - len(lazy)
+            self.__dict__["_pending_aux"] = (tuple(rest[:n_pos]), dict(zip(lazy, rest[n_pos:], strict=True)))
+        else:
+            self.aux_loss, *stats = rest
+            self.routing_stats = dict(zip(OUTPUTS[3:], stats, strict=True))
         if self.training:
             with torch.no_grad():
                 lowering(self.ir).after_forward(self, self.routing_stats)
