@@ -187,14 +187,82 @@ def layer_for_bench(
     return module, loaded.spec.name, device or loaded.spec.target.device
 
 
+INFER_TOKENS = (1, 8, 64, 256, 2048)
+
+
+def bench_infer(
+    module: MoELayer,
+    *,
+    spec_name: str,
+    tokens: tuple[int, ...] = INFER_TOKENS,
+    repeat: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: Progress | None = None,
+    allow_large: bool = False,
+) -> BenchResult:
+    """Inference: eval forward under ``torch.no_grad`` at each token count of ``tokens``, from
+    decode (one token) to prefill; one pass per count, medians of ``repeat`` runs."""
+    if not tokens or min(tokens) < 1 or repeat < 1 or warmup < 0:
+        raise ValueError("bench --infer needs token counts >= 1, repeat >= 1 and warmup >= 0")
+    check_fits(
+        f"benchmarking {max(tokens)} tokens",
+        activation_bytes(module.ir, max(tokens)),
+        allow_large=allow_large,
+        hint="use fewer tokens",
+    )
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BuildError(f"cannot bench on {dev}: CUDA is not available here (pass --device cpu)")
+    module = module.to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    flops = module.ir.numbers.flops_per_token
+    passes, was_training = [], module.training
+    module.eval()
+    try:
+        for t in tokens:
+            x = torch.randn(t, module.d_model, generator=gen).to(dev, module.dtype)
+
+            def forward(x: torch.Tensor = x) -> None:
+                with torch.no_grad():
+                    module(x)
+
+            name = f"forward, {t} token{'s' if t != 1 else ''}"
+            times = _time(forward, name, warmup, repeat, dev, progress)
+            med = statistics.median(times)
+            passes.append(PassTiming(name, med, min(times), t / med, flops * t / med, times))
+    finally:
+        module.train(was_training)
+    n = module.ir.numbers
+    return BenchResult(
+        spec_name=spec_name,
+        layer=module.ir.name,
+        device=str(dev),
+        dtype=str(module.dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        tokens=max(tokens),
+        d_model=module.d_model,
+        n_experts=n.n_experts,
+        experts_per_token=n.experts_per_token,
+        params_total=n.params_total,
+        flops_per_token=flops,
+        warmup=warmup,
+        repeat=repeat,
+        passes=passes,
+    )
+
+
 def result_table(res: BenchResult):
     """``(heading, rich Table, footnote)`` for printing a :class:`BenchResult`."""
     from rich.table import Table
 
     runs = f"{res.repeat} run{'s' if res.repeat != 1 else ''}"
+    infer = res.passes and res.passes[0].name.startswith("forward, ")
+    size = "eval forward (inference), no_grad," if infer else f"{res.tokens} tokens x"
     head = (
         f"{res.spec_name}/{res.layer} on {res.device} ({res.threads} threads), {res.dtype}: "
-        f"{res.tokens} tokens x d_model {res.d_model}, {res.n_experts} experts "
+        f"{size} d_model {res.d_model}, {res.n_experts} experts "
         f"(k={res.experts_per_token:g}); median of {runs} after {res.warmup} warmup"
     )
     table = Table()

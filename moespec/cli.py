@@ -219,7 +219,7 @@ def _bench_nproc(args: argparse.Namespace, spec: str, overrides: list[str]) -> i
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from moespec.bench import bench_layer, layer_for_bench, result_table
+    from moespec.bench import INFER_TOKENS, bench_infer, bench_layer, layer_for_bench, result_table
 
     one = _one_spec(args, "spec file or artifact directory")
     if isinstance(one, int):
@@ -228,6 +228,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.repeat < 1 or args.warmup < 0:
         return _usage("moespec bench: --tokens and --repeat must be >= 1, --warmup >= 0")
     if args.nproc is not None:
+        if args.infer:
+            return _usage("moespec bench: --infer runs in one process (it does not take --nproc)")
         return _bench_nproc(args, spec, overrides)
     module, name, device = layer_for_bench(
         spec, overrides, layer=args.layer, seed=args.seed, device=args.device, allow_large=args.allow_large
@@ -240,17 +242,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 tasks.setdefault(pass_name, bar.add_task(pass_name, total=total))
                 bar.update(tasks[pass_name], completed=step)
 
-        res = bench_layer(
-            module,
-            spec_name=name,
-            tokens=args.tokens,
-            repeat=args.repeat,
-            warmup=args.warmup,
-            device=device,
-            seed=args.seed,
-            progress=progress,
-            allow_large=args.allow_large,
-        )
+        common = dict(spec_name=name, repeat=args.repeat, warmup=args.warmup, device=device, seed=args.seed,
+                      progress=progress, allow_large=args.allow_large)  # fmt: skip
+        if args.infer:
+            res = bench_infer(module, tokens=INFER_TOKENS, **common)
+        else:
+            res = bench_layer(module, tokens=args.tokens, **common)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
     else:
@@ -367,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="run expert-parallel over N local CPU processes (gloo; --tokens per rank) and split the step",
+    )
+    bn.add_argument(
+        "--infer",
+        action="store_true",
+        help="inference table: eval forward at 1, 8, 64, 256 and 2048 tokens (decode to prefill)",
     )
     bn.add_argument("--json", action="store_true", help="machine-readable output")
     bn.set_defaults(func=cmd_bench)

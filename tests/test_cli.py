@@ -139,3 +139,14 @@ def test_a_missing_spec_file_is_still_not_found(capsys, tmp_path: Path) -> None:
 def test_multi_group_build_names_the_flag(capsys, tmp_path: Path) -> None:
     assert main(["build", str(ROOT / "specs" / "debug-groups.yaml"), "-o", str(tmp_path / "o")]) == 1
     assert "`--layer NAME` on the command line" in capsys.readouterr().err
+
+
+def test_bench_infer_prints_the_decode_to_prefill_table(capsys):
+    tiny = str(Path(__file__).resolve().parents[1] / "specs" / "debug-tiny.yaml")
+    assert main(["bench", tiny, "--infer", "--repeat", "1", "--warmup", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    names = [p["name"] for p in res["passes"]]
+    assert names == ["forward, 1 token"] + [f"forward, {t} tokens" for t in (8, 64, 256, 2048)]
+    assert all(p["median_s"] > 0 for p in res["passes"])
+    assert main(["bench", tiny, "--infer", "--nproc", "2"]) == 2
+    assert "--infer runs in one process" in capsys.readouterr().err
