@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from moespec.ops import release_buffers
     from moespec.parallel import parallelize, reduce_gradients
     from moespec.runtime.layer import MoELayer
+    from moespec.runtime.replay import RoutingRecording, record_routing, replay_routing
 
 # name -> module that defines it (imported lazily: each pulls in torch).
 _LAZY = {
@@ -44,6 +45,9 @@ _LAZY = {
     "build_artifact": "moespec.export.artifact",
     "MoELayer": "moespec.runtime.layer",
     "release_buffers": "moespec.ops",
+    "record_routing": "moespec.runtime.replay",
+    "replay_routing": "moespec.runtime.replay",
+    "RoutingRecording": "moespec.runtime.replay",
 }
 
 
@@ -64,6 +68,7 @@ __all__ = [
     "MoELayer",
     "MoespecError",
     "Origin",
+    "RoutingRecording",
     "Spec",
     "SpecError",
     "TargetError",
@@ -74,7 +79,9 @@ __all__ = [
     "load",
     "load_spec",
     "parallelize",
+    "record_routing",
     "reduce_gradients",
     "release_buffers",
+    "replay_routing",
     "set_step",
 ]

@@ -140,23 +140,7 @@ def bench_layer(
     finally:
         module.train(was_training)
         module.zero_grad(set_to_none=True)
-    n = module.ir.numbers
-    return BenchResult(
-        spec_name=spec_name,
-        layer=module.ir.name,
-        device=str(dev),
-        dtype=str(module.dtype).removeprefix("torch."),
-        threads=torch.get_num_threads(),
-        tokens=tokens,
-        d_model=module.d_model,
-        n_experts=n.n_experts,
-        experts_per_token=n.experts_per_token,
-        params_total=n.params_total,
-        flops_per_token=flops,
-        warmup=warmup,
-        repeat=repeat,
-        passes=passes,
-    )
+    return _result(module, spec_name, dev, tokens, warmup, repeat, passes)
 
 
 def layer_for_bench(
@@ -185,6 +169,27 @@ def layer_for_bench(
     loaded = load_spec(path, overrides)
     module = build(loaded, layer=layer, seed=seed, device=device, allow_large=allow_large)
     return module, loaded.spec.name, device or loaded.spec.target.device
+
+
+def _result(module: MoELayer, spec_name: str, dev: torch.device, tokens: int, warmup: int, repeat: int,
+            passes: list[PassTiming]) -> BenchResult:  # fmt: skip
+    n = module.ir.numbers
+    return BenchResult(
+        spec_name=spec_name,
+        layer=module.ir.name,
+        device=str(dev),
+        dtype=str(module.dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        tokens=tokens,
+        d_model=module.d_model,
+        n_experts=n.n_experts,
+        experts_per_token=n.experts_per_token,
+        params_total=n.params_total,
+        flops_per_token=n.flops_per_token,
+        warmup=warmup,
+        repeat=repeat,
+        passes=passes,
+    )
 
 
 INFER_TOKENS = (1, 8, 64, 256, 2048)
@@ -234,23 +239,7 @@ def bench_infer(
             passes.append(PassTiming(name, med, min(times), t / med, flops * t / med, times))
     finally:
         module.train(was_training)
-    n = module.ir.numbers
-    return BenchResult(
-        spec_name=spec_name,
-        layer=module.ir.name,
-        device=str(dev),
-        dtype=str(module.dtype).removeprefix("torch."),
-        threads=torch.get_num_threads(),
-        tokens=max(tokens),
-        d_model=module.d_model,
-        n_experts=n.n_experts,
-        experts_per_token=n.experts_per_token,
-        params_total=n.params_total,
-        flops_per_token=flops,
-        warmup=warmup,
-        repeat=repeat,
-        passes=passes,
-    )
+    return _result(module, spec_name, dev, max(tokens), warmup, repeat, passes)
 
 
 def result_table(res: BenchResult):

@@ -38,6 +38,9 @@ from moespec.lower.routers import SoftNodes, lowering
 from moespec.spec.routers.base import ExtraInput
 
 OPS = torch.ops.moespec
+# The inputs of a router that takes a routing replay (RouterLowering.replay), after the
+# extra inputs: the recorded choices [T, K] and, when replaying recorded weights, those.
+REPLAY_INPUTS = ("replay_idx_TK", "replay_w_TK")
 OUTPUTS = (
     "y_TD",
     "router_logits",
@@ -83,6 +86,8 @@ def lower_layer(
     g = b.g
     x = g.placeholder("x_TD")
     inputs = {e.name: g.placeholder(e.name) for e in extra_inputs(layer)}
+    if lowering(layer).replay:  # routing replay's choices (empty tensors when not replaying)
+        inputs |= {n: g.placeholder(n) for n in REPLAY_INPUTS}
     # Scheduled values reach the router as `inputs["router.k"]` etc.
     inputs |= {p: g.placeholder("sched_" + p.replace(".", "_")) for p in schedule_inputs(layer)}
     rand = {ri.name: g.placeholder(ri.name) for ri in random_inputs(layer, training)}
@@ -106,7 +111,7 @@ def lower_layer(
         outs = [_merge_heads(b, layer, y), rt.logits_TS] + [
             b.item(stats, i, layer.losses.origin, n) for i, n in named
         ]
-        g.output(tuple(outs))
+        g.output((*outs, None, None))  # no per-token choices to record
         g.lint()
         return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")
     weight, idx, active = rt.weight_TK, rt.idx_TK, rt.active_TK
@@ -176,7 +181,7 @@ def lower_layer(
         # Eval: the losses and statistics run only when read (MoELayer.aux_loss and
         # routing_stats call `aux` then); the graph returns their inputs. With a token group
         # they stay eager: `gather_aux` is a collective every rank must join.
-        g.output((y, rt.logits_TE, *aux_args, *aux_kwargs.values()))
+        g.output((y, rt.logits_TE, *aux_args, *aux_kwargs.values(), idx, weight))
         g.lint()
         gm = fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_eval")
         gm.lazy_aux = tuple(aux_kwargs)  # the keyword inputs of `aux`, after its 10 positional ones
@@ -184,7 +189,7 @@ def lower_layer(
     aux = g.call_module("aux", aux_args, aux_kwargs)
     named = enumerate(OUTPUTS[2:])
     outs = [y, rt.logits_TE] + [b.item(aux, i, layer.losses.origin, n) for i, n in named]
-    g.output(tuple(outs))
+    g.output((*outs, idx, weight))  # last: the chosen experts and weights, for routing replay
     g.lint()
     return fx.GraphModule(root, g, class_name=f"MoELayer_{layer.name}_{'train' if training else 'eval'}")
 

@@ -86,3 +86,24 @@ def sum_shared(h_ND: Tensor, s: int) -> Tensor:
 def gate_shared(y_TD: Tensor, x_TD: Tensor, gate_D: Tensor) -> Tensor:
     """Qwen-MoE shared-expert gate: sigmoid(x · w_gate) · y."""
     return torch.sigmoid(x_TD @ gate_D.to(x_TD.dtype)).unsqueeze(-1) * y_TD
+
+
+def replay_route(weight_TK: Tensor, idx_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor,
+                 replay_idx_TK: Tensor, replay_w_TK: Tensor, order: str, renormalize: bool,
+                 scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Routing replay of a top-k router: ``(weight_TK, idx_TK)`` unchanged when
+    ``replay_idx_TK`` is empty; else the recorded experts, weighted as the router weighs its
+    own choice (softmax over their logits for topk_then_softmax; their scores, renormalised if
+    asked; times ``scale``), so the router still gets gradients, or by the recorded weights
+    ``replay_w_TK`` when given (then no gradient reaches the router through them)."""
+    if replay_idx_TK.numel() == 0:
+        return weight_TK, idx_TK
+    idx_TK = replay_idx_TK
+    if replay_w_TK.numel() > 0:
+        return replay_w_TK.to(weight_TK.dtype), idx_TK
+    if order == "topk_then_softmax":
+        return logits_TE.gather(1, idx_TK).softmax(-1) * scale, idx_TK
+    p_TK = probs_TE.gather(1, idx_TK)
+    if renormalize:
+        p_TK = p_TK / p_TK.sum(-1, keepdim=True)
+    return p_TK * scale, idx_TK

@@ -23,6 +23,7 @@ from moespec.ir.nodes import MoELayerNode
 from moespec.lower.aux import AuxLossAndStats
 from moespec.lower.fx import OUTPUTS, extra_inputs, lower_layer, random_inputs
 from moespec.lower.routers import lowering
+from moespec.runtime.replay import after_call, routing_inputs
 from moespec.runtime.schedules import evaluate
 from moespec.runtime.target import check_expert_parallel
 
@@ -280,7 +281,10 @@ class MoELayer(nn.Module):
         seq_len = x.shape[1] if x.dim() == 3 else 0
         fwd = self._forwards[self.training]
         sched = [v.to(x.device) for v in self.schedule_values().values()]
-        y_TD, logits_TE, *rest = fwd(self, x_TD, *extra, *sched, *self._draw(x_TD), seq_len)
+        replay = routing_inputs(self, x_TD) if lowering(self.ir).replay else []
+        outs = fwd(self, x_TD, *extra, *replay, *sched, *self._draw(x_TD), seq_len)
+        y_TD, logits_TE, *rest, idx_TK, weight_TK = outs
+        after_call(self, idx_TK, weight_TK)
         self.router_logits = logits_TE
         lazy = self._lazy_aux[self.training]
         if lazy is not None:  # eval: the aux module runs when aux_loss / routing_stats are read

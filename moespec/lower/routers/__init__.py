@@ -74,7 +74,11 @@ class SoftNodes:
 
 
 class RouterLowering:
-    """Base class: override ``lower``; the hooks have no-op defaults."""
+    """Base class: override ``lower``; the hooks have no-op defaults. ``replay`` says whether
+    the router takes a routing replay (``moespec.replay_routing``): its graph then reads the
+    inputs ``replay_idx_TK`` / ``replay_w_TK`` (empty when not replaying)."""
+
+    replay = False
 
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         """Random tensors the graph takes as inputs, in the reference's draw order."""

@@ -59,6 +59,8 @@ def limit_k(
 
 @LOWERINGS.register("topk")
 class TopKLowering(RouterLowering):
+    replay = True
+
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         r, out = layer.router.config, []
         if training and r.jitter > 0:
@@ -119,6 +121,11 @@ class TopKLowering(RouterLowering):
         weight, idx, probs = (
             b.item(route, i, at, n) for i, n in enumerate(("weight_TK", "idx_TK", "probs_TE"))
         )
+        # Routing replay: the recorded experts instead of the router's own choice.
+        replay = (inputs["replay_idx_TK"], inputs["replay_w_TK"])
+        replayed = b.fn(helpers.replay_route, weight, idx, noisy, probs, *replay, r.order, r.renormalize,
+                        r.scaling_factor, origin=at)  # fmt: skip
+        weight, idx = b.item(replayed, 0, at, "weight_TK"), b.item(replayed, 1, at, "idx_TK")
         if "second_u_T" in inputs:
             u = inputs["second_u_T"]
             active = b.fn(helpers.gshard_keep_second, weight, u, r.scaling_factor, origin=at)

@@ -1,0 +1,155 @@
+"""Routing replay: recording a model's routing and replaying it (moespec.record_routing /
+replay_routing). Oracles: the layer's own routing (same inputs), the recording itself
+(another model routes as recorded), and a hand-written top-k layer whose router is masked
+to the recorded experts (gradients), for softmax-then-top-k with renormalisation and
+top-k-then-softmax; capacity applies to the replayed choice; unsupported routers and
+mismatched recordings fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moespec
+
+SPECS = Path(__file__).resolve().parents[2] / "specs"
+MIXTRAL = str(SPECS / "mixtral-8x7b.yaml")
+SMALL = ("d_model=32", "layer.experts.routed.0.d_ff=48", "target.dtype=fp32")
+
+
+def _model(seed: int, *extra: str) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        moespec.build(MIXTRAL, (*SMALL, *extra), seed=seed),
+        moespec.build(MIXTRAL, (*SMALL, *extra), seed=seed + 1),
+    )
+
+
+def test_replaying_the_same_inputs_reproduces_the_forward():
+    model = _model(0).train()
+    x = torch.randn(2, 6, 32)
+    with moespec.record_routing(model) as rec:
+        y = model(x)
+    assert set(rec.experts) == {"0", "1"} and rec.experts["0"][0].shape == (12, 2)
+    aux = [m.aux_loss for m in model]
+    with moespec.replay_routing(model, rec):
+        y2 = model(x)
+    assert torch.equal(y, y2)
+    for m, a in zip(model, aux, strict=True):
+        torch.testing.assert_close(m.aux_loss, a)
+
+
+def test_another_model_routes_as_recorded():
+    source, target = _model(0).eval(), _model(10).eval()
+    x = torch.randn(9, 32)
+    with torch.no_grad(), moespec.record_routing(source) as rec:
+        source(x)
+        source(x * 2)  # two calls: replayed in order
+    with (
+        pytest.raises(RuntimeError, match="already recording or replaying"),
+        moespec.replay_routing(target, rec),
+        moespec.record_routing(target),
+    ):
+        pass
+    with torch.no_grad(), moespec.replay_routing(target, rec):
+        target(x)
+        target(x * 2)
+        with pytest.raises(RuntimeError, match="called 3 times, but the recording holds 2"):
+            target(x)
+    # What the target's layers used: tokens_per_expert follows the recorded choice.
+    with torch.no_grad(), moespec.replay_routing(target, rec):
+        target(x)
+        counts = target[0].routing_stats["routed_per_expert"]
+    assert torch.equal(counts, torch.bincount(rec.experts["0"][0].flatten(), minlength=8))
+
+
+def _masked_reference(layer, x_TD, idx_TK, order):
+    """A top-k layer written out, its router masked to the recorded experts: -inf outside
+    them, so the softmax over the kept logits (renormalised top-k or top-k-then-softmax,
+    which agree on a masked row) gives the weights; experts applied token by token."""
+    logits_TE = F.linear(x_TD, layer.router.weight)
+    mask_TE = torch.full_like(logits_TE, float("-inf")).scatter(1, idx_TK, 0.0)
+    w_TE = (logits_TE + mask_TE).softmax(-1)
+    ex = layer.experts.get_submodule("0")
+    out = []
+    for t in range(x_TD.shape[0]):
+        acc = torch.zeros_like(x_TD[t])
+        for e in idx_TK[t].tolist():
+            h = F.silu(x_TD[t] @ ex.w_gate[e].T) * (x_TD[t] @ ex.w_up[e].T)
+            acc = acc + w_TE[t, e] * (h @ ex.w_down[e].T)
+        out.append(acc)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("order", ["softmax_then_topk", "topk_then_softmax"])
+def test_gradients_match_a_router_masked_to_the_recording(order):
+    over = (f"layer.router.order={order}", "~layer.losses") + (
+        ("layer.router.renormalize=true",) if order == "softmax_then_topk" else ()
+    )
+    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=3).train()
+    other = moespec.build(MIXTRAL, (*SMALL, *over), seed=4)
+    x = torch.randn(7, 32)
+    with torch.no_grad(), moespec.record_routing(other) as rec:
+        other(x)
+    idx = rec.experts[""][0]
+    with moespec.replay_routing(layer, rec):
+        y = layer(x)
+    probe = torch.linspace(-1, 1, y.numel()).view_as(y)
+    (y * probe).sum().backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    ref = _masked_reference(layer, x, idx, order)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+    (ref * probe).sum().backward()
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert got["router.weight"].abs().sum() > 0  # the router still learns
+
+
+def test_recorded_weights_and_capacity():
+    over = ("layer.capacity={kind: factor, train_factor: 1.0, eval_factor: 1.0}",)
+    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=3).train()
+    x = torch.randn(16, 32)
+    with torch.no_grad(), moespec.record_routing(layer, weights=True) as rec:
+        layer(x)
+    rec.experts[""][0][:] = torch.tensor([0, 1])  # every token on experts 0 and 1: over capacity
+    with moespec.replay_routing(layer, rec, weights="recorded"):
+        layer(x)
+    kept = layer.routing_stats["tokens_per_expert"]
+    assert kept[2:].sum() == 0 and (kept[:2] <= 4).all()  # capacity 16 * 2 / 8 = 4 per expert
+    with (
+        pytest.raises(ValueError, match="weights=True"),
+        moespec.replay_routing(layer, moespec.RoutingRecording(rec.experts), weights="recorded"),
+    ):
+        pass
+
+
+def test_bad_requests_fail_clearly():
+    soft = moespec.build(
+        str(SPECS / "soft-moe.yaml"),
+        (
+            "d_model=16",
+            "layer.experts.routed.0.d_ff=8",
+            "layer.experts.routed.0.count=4",
+            "target.dtype=fp32",
+        ),
+    )
+    with (
+        pytest.raises(ValueError, match=r"soft_moe router\) has no per-token choice to replay"),
+        moespec.record_routing(soft),
+    ):
+        pass
+    layer = moespec.build(MIXTRAL, SMALL)
+    with moespec.record_routing(layer) as rec:
+        layer(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="do not match"), moespec.replay_routing(_model(0), rec):
+        pass
+    with pytest.raises(ValueError, match="has 5 tokens, the recording 3"), moespec.replay_routing(layer, rec):
+        layer(torch.randn(5, 32))
+    with (
+        pytest.raises(ValueError, match="'router' or 'recorded'"),
+        moespec.replay_routing(layer, rec, weights="mine"),
+    ):
+        pass
