@@ -153,3 +153,18 @@ def test_bad_requests_fail_clearly():
         moespec.replay_routing(layer, rec, weights="mine"),
     ):
         pass
+
+
+def test_replay_under_torch_compile():
+    source = moespec.build(MIXTRAL, SMALL, seed=1).train()
+    layer = moespec.build(MIXTRAL, SMALL, seed=5).train()
+    x = torch.randn(7, 32)
+    with moespec.record_routing(source) as rec:
+        source(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with moespec.replay_routing(layer, rec):
+        got = compiled(x)
+    with moespec.replay_routing(layer, rec):
+        want = layer(x)
+    assert torch.equal(got, want)
+    assert torch.equal(compiled(x), layer(x))  # outside the block: its own routing again
