@@ -168,3 +168,28 @@ def test_replay_under_torch_compile():
         want = layer(x)
     assert torch.equal(got, want)
     assert torch.equal(compiled(x), layer(x))  # outside the block: its own routing again
+
+
+def test_cosine_router_replays_and_others_are_refused():
+    xmoe = str(SPECS / "x-moe.yaml")
+    small = (
+        "d_model=32",
+        "layer.experts.routed.0.d_ff=16",
+        "layer.experts.routed.0.count=6",
+        "target.dtype=fp32",
+    )
+    a, b = moespec.build(xmoe, small, seed=1), moespec.build(xmoe, small, seed=2)
+    x = torch.randn(5, 32)
+    with moespec.record_routing(a) as rec:
+        a(x)
+    with moespec.replay_routing(b, rec):
+        b(x)
+    assert torch.equal(
+        b.routing_stats["routed_per_expert"], torch.bincount(rec.experts[""][0].flatten(), minlength=6)
+    )
+    hashed = moespec.build(str(SPECS / "hash-layers.yaml"), ("d_model=16", "target.dtype=fp32"))
+    with (
+        pytest.raises(ValueError, match=r"hash router\) does not support routing replay yet"),
+        moespec.record_routing(hashed),
+    ):
+        pass

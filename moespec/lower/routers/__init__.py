@@ -129,6 +129,20 @@ def topk_route_op(layer: MoELayerNode, sampling: bool = False) -> torch._ops.OpO
     return OPS.triton_topk_route if layer.backend == "triton" and not sampling else OPS.topk_route
 
 
+def replayed(b: Builder, layer: MoELayerNode, route: tuple[fx.Node, fx.Node, fx.Node], logits_TE: fx.Node,
+             inputs: dict[str, fx.Node], order: str, renormalize: bool,
+             scale: float) -> tuple[fx.Node, fx.Node]:  # fmt: skip
+    """``(weight_TK, idx_TK)`` of a top-k ``route`` (weight, idx, probs) after routing replay
+    (``helpers.replay_route``: unchanged unless the layer is replaying a recording)."""
+    from moespec.lower import helpers
+
+    weight, idx, probs = route
+    at = layer.router.origin
+    node = b.fn(helpers.replay_route, weight, idx, logits_TE, probs, inputs["replay_idx_TK"],
+                inputs["replay_w_TK"], order, renormalize, scale, origin=at)  # fmt: skip
+    return b.item(node, 0, at, "weight_TK"), b.item(node, 1, at, "idx_TK")
+
+
 def plain_topk(b: Builder, layer: MoELayerNode, logits_TE: fx.Node, k: int, renormalize: bool) -> fx.Node:
     """``moespec.topk_route`` as a plain softmax-then-top-k router: no expert bias, noise,
     groups or scaling; returns the op's node (weight_TK, idx_TK, probs_TE)."""

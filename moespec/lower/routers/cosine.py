@@ -21,6 +21,7 @@ from moespec.lower.routers import (
     RouteNodes,
     RouterLowering,
     plain_topk,
+    replayed,
     router_input,
     router_param,
 )
@@ -51,6 +52,8 @@ def cosine_scores(
 
 @LOWERINGS.register("cosine")
 class CosineLowering(RouterLowering):
+    replay = True
+
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
@@ -65,4 +68,6 @@ class CosineLowering(RouterLowering):
         weight, idx, probs = (
             b.item(route, i, at, n) for i, n in enumerate(("weight_TK", "idx_TK", "probs_TE"))
         )
+        weight, idx = replayed(b, layer, (weight, idx, probs), logits, inputs, "softmax_then_topk",
+                               r.renormalize, 1.0)  # fmt: skip
         return RouteNodes(logits, probs, weight, idx)

@@ -23,6 +23,7 @@ from moespec.lower.routers import (
     RouteNodes,
     RouterLowering,
     linear_logits,
+    replayed,
     router_param,
     topk_route_op,
 )
@@ -122,10 +123,8 @@ class TopKLowering(RouterLowering):
             b.item(route, i, at, n) for i, n in enumerate(("weight_TK", "idx_TK", "probs_TE"))
         )
         # Routing replay: the recorded experts instead of the router's own choice.
-        replay = (inputs["replay_idx_TK"], inputs["replay_w_TK"])
-        replayed = b.fn(helpers.replay_route, weight, idx, noisy, probs, *replay, r.order, r.renormalize,
-                        r.scaling_factor, origin=at)  # fmt: skip
-        weight, idx = b.item(replayed, 0, at, "weight_TK"), b.item(replayed, 1, at, "idx_TK")
+        weight, idx = replayed(b, layer, (weight, idx, probs), noisy, inputs, r.order, r.renormalize,
+                               r.scaling_factor)  # fmt: skip
         if "second_u_T" in inputs:
             u = inputs["second_u_T"]
             active = b.fn(helpers.gshard_keep_second, weight, u, r.scaling_factor, origin=at)
