@@ -135,20 +135,7 @@ def _backward(ctx, grad_weight_TK, _grad_idx, grad_probs_TE):
 topk_route.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("moespec::triton_topk_route", mutates_args=())
-def triton_topk_route(
-    logits_TE: Tensor,
-    expert_bias_E: Tensor,
-    gumbel_TE: Tensor,
-    k: int,
-    score: str,
-    order: str,
-    renormalize: bool,
-    scale: float,
-    n_groups: int,
-    topk_groups: int,
-    group_score: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _triton_topk_route(logits_TE: Tensor, expert_bias_E: Tensor, gumbel_TE: Tensor, *config) -> tuple:
     """:func:`topk_route` computed by the fused Triton router kernel (``target.backend:
     triton``); second-expert sampling (a non-empty ``gumbel_TE``) is not part of it: the
     lowering keeps :func:`topk_route` for GShard's sampling router."""
@@ -156,10 +143,13 @@ def triton_topk_route(
         raise ValueError("triton_topk_route has no second-expert sampling; use moespec::topk_route")
     from moespec.ops import _route_triton
 
-    return _route_triton.forward(
-        logits_TE, expert_bias_E, k, score, order, renormalize, scale, n_groups, topk_groups, group_score
-    )
+    return _route_triton.forward(logits_TE, expert_bias_E, *config)
 
 
+# The same schema as topk_route (taken from it, not written twice), fake and autograd.
+_SCHEMA = str(topk_route._opoverload._schema)
+triton_topk_route = torch.library.custom_op(
+    "moespec::triton_topk_route", _triton_topk_route, mutates_args=(), schema=_SCHEMA[_SCHEMA.index("(") :]
+)
 triton_topk_route.register_fake(_)
 triton_topk_route.register_autograd(_backward, setup_context=_setup)
