@@ -34,6 +34,12 @@ LAUNCHES: Counter[str] = Counter()
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def _dense(*tensors: Tensor | None) -> tuple:
+    """The tensors made contiguous (None stays None): the kernels index rows as base + row *
+    width, so a strided view (a column slice, a transposed copy) would be read wrong."""
+    return tuple(t if t is None else t.contiguous() for t in tensors)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -166,6 +172,8 @@ def forward(
     weight_N: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same results as ``_expert_cpu.forward`` (up to the summation order of the GEMMs)."""
+    x_TD, token_idx_N, weight_N = _dense(x_TD, token_idx_N, weight_N)
+    w = ExpertWeights(*_dense(*w))
     ks = kernel_set(_specialisation(x_TD, w, w.has_bias, activation))
     (n_exp, f, d), n_rows, glu = w.w_up_EFD.shape, token_idx_N.shape[0], w.glu
     offs = offsets_E1[first : first + n_exp + 1]
@@ -194,7 +202,7 @@ def forward(
             ks, b, sched, offs, h_NF, w.w_down_EDF, rows_ND, transposed=True, bias=bias, scale=weight_N
         )
     order = _TokenOrder.of(token_idx_N, offs, x_TD.shape[0])
-    return _combine(ks, rows_ND, order, torch.empty_like(x_TD)), up_NF, gate_NF
+    return _combine(ks, rows_ND, order, x_TD.new_empty(x_TD.shape)), up_NF, gate_NF
 
 
 def backward(
@@ -211,6 +219,10 @@ def backward(
     weight_N: Tensor | None,
 ) -> ExpertGrads:
     """Same results as ``_expert_cpu.backward`` (up to the summation order of the GEMMs)."""
+    grad_y, x_TD, token_idx_N, up_NF, gate_NF, weight_N = _dense(
+        grad_y, x_TD, token_idx_N, up_NF, gate_NF, weight_N
+    )
+    w = ExpertWeights(*_dense(*w))
     ks = kernel_set(_specialisation(x_TD, w, has_bias, activation))
     (n_exp, f, d), n_rows, glu, combine = w.w_up_EFD.shape, token_idx_N.shape[0], w.glu, weight_N is not None
     offs = offsets_E1[first : first + n_exp + 1]
@@ -235,7 +247,8 @@ def backward(
     if n_rows:
         _rows_gemm(ks, b, sched, offs, d_up_NF, w.w_up_EFD, gx_ND, transposed=False,
                    a2=d_gate_NF if glu else None, w2=w.w_gate_EFD if glu else None)  # fmt: skip
-    grad_x_TD = _combine(ks, gx_ND, _TokenOrder.of(token_idx_N, offs, x_TD.shape[0]), torch.empty_like(x_TD))
+    order = _TokenOrder.of(token_idx_N, offs, x_TD.shape[0])
+    grad_x_TD = _combine(ks, gx_ND, order, x_TD.new_empty(x_TD.shape))
     # Weights: W_down from the (gathered, weighted) output gradient and h; W_up/W_gate from
     # d_up/d_gate and the gathered x.
     grad_w_down = _wgrad(

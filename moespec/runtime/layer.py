@@ -120,8 +120,16 @@ class MoELayer(nn.Module):
     def _resolve_aux(self) -> None:
         pending = self.__dict__.get("_pending_aux")
         if pending is not None:
-            args, kwargs = pending
-            aux, *stats = self.aux(*args, **kwargs)
+            # As if computed in the call: an eval call in its grad mode, not the reader's (a
+            # no_grad log read must not strip the loss of its gradient, nor a later .train()
+            # add training-only terms).
+            args, kwargs, grad = pending
+            was_training, self.aux.training = self.aux.training, False
+            try:
+                with torch.set_grad_enabled(grad):
+                    aux, *stats = self.aux(*args, **kwargs)
+            finally:
+                self.aux.training = was_training
             self.__dict__.update(
                 _aux_loss=aux, _routing_stats=dict(zip(OUTPUTS[3:], stats, strict=True)), _pending_aux=None
             )
@@ -157,9 +165,10 @@ class MoELayer(nn.Module):
         # Pickle / deepcopy: generated graph code is rebuilt on load, and the last call's
         # outputs (still attached to an autograd graph) are not part of the layer's state.
         state = self.__dict__.copy()
-        for key in ("_graphs", "_forwards", "_lazy_aux"):
+        for key in ("_graphs", "_forwards", "_lazy_aux", "_routing_tap"):
             state.pop(key, None)
         state.update(_aux_loss=None, router_logits=None, _routing_stats={}, _pending_aux=None)
+        # A copy is not part of a recording or replay (those belong to the original).
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -289,7 +298,8 @@ class MoELayer(nn.Module):
         lazy = self._lazy_aux[self.training]
         if lazy is not None:  # eval: the aux module runs when aux_loss / routing_stats are read
             n_pos = len(rest) - len(lazy)
-            self.__dict__["_pending_aux"] = (tuple(rest[:n_pos]), dict(zip(lazy, rest[n_pos:], strict=True)))
+            kwargs = dict(zip(lazy, rest[n_pos:], strict=True))
+            self.__dict__["_pending_aux"] = (tuple(rest[:n_pos]), kwargs, torch.is_grad_enabled())
         else:
             self.aux_loss, *stats = rest
             self.routing_stats = dict(zip(OUTPUTS[3:], stats, strict=True))

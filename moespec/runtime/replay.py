@@ -53,10 +53,12 @@ class _Recorder:
         if with_weights:
             rec.weights.setdefault(name, [])
 
-    def inputs(self, x_TD: Tensor) -> list[Tensor]:
+    def inputs(self, x_TD: Tensor, rows: int) -> list[Tensor]:
         return _none(x_TD)
 
     def after(self, idx_TK: Tensor, weight_TK: Tensor) -> None:
+        if _recomputing():  # activation checkpointing's rerun of a recorded call
+            return
         self.rec.experts[self.name].append(idx_TK.detach())
         if self.with_weights:
             self.rec.weights[self.name].append(weight_TK.detach())
@@ -66,7 +68,13 @@ class _Replayer:
     def __init__(self, rec: RoutingRecording, name: str, recorded_weights: bool) -> None:
         self.rec, self.name, self.recorded_weights, self.calls = rec, name, recorded_weights, 0
 
-    def inputs(self, x_TD: Tensor) -> list[Tensor]:
+    def inputs(self, x_TD: Tensor, rows: int) -> list[Tensor]:
+        if _recomputing():
+            raise RuntimeError(
+                f"routing replay: layer {self.name!r} is recomputed in backward (activation "
+                "checkpointing), which routing replay does not support yet: replay without "
+                "checkpointing the MoE layers"
+            )
         calls = self.rec.experts[self.name]
         if self.calls >= len(calls):
             raise RuntimeError(
@@ -74,9 +82,9 @@ class _Replayer:
                 f"recording holds {len(calls)} call(s) of it"
             )
         idx_TK = calls[self.calls]
-        if idx_TK.shape[0] != x_TD.shape[0]:
+        if idx_TK.shape[0] != rows:
             raise ValueError(
-                f"routing replay: call {self.calls} of layer {self.name!r} has {x_TD.shape[0]} tokens, "
+                f"routing replay: call {self.calls} of layer {self.name!r} routes {rows} rows, "
                 f"the recording {idx_TK.shape[0]}"
             )
         w_TK = self.rec.weights[self.name][self.calls] if self.recorded_weights else None
@@ -88,14 +96,21 @@ class _Replayer:
         pass
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass (eager activation checkpointing; a
+    compiled graph is traced once, outside any backward)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _none(x_TD: Tensor) -> list[Tensor]:
     return [x_TD.new_empty(0, dtype=torch.int64), x_TD.new_empty(0)]
 
 
 def routing_inputs(layer: MoELayer, x_TD: Tensor) -> list[Tensor]:
-    """The replay inputs of a layer's graph for this call (empty tensors: route as usual)."""
+    """The replay inputs of a layer's graph for this call (empty tensors: route as usual); the
+    router routes ``heads`` rows per token (multi-head MoE's sub-tokens)."""
     tap = layer.__dict__.get(_TAP)
-    return _none(x_TD) if tap is None else tap.inputs(x_TD)
+    return _none(x_TD) if tap is None else tap.inputs(x_TD, x_TD.shape[0] * layer.ir.heads)
 
 
 def after_call(layer: MoELayer, idx_TK: Tensor | None, weight_TK: Tensor | None) -> None:
@@ -168,6 +183,13 @@ def replay_routing(
         )
     if weights == "recorded" and set(recording.weights) != set(layers):
         raise ValueError("routing replay: weights='recorded' needs a recording made with weights=True")
+    if weights == "recorded":
+        for name, layer in layers.items():
+            if any(getattr(s, "param", None) == "router.k" for s in layer.ir.schedules):
+                raise ValueError(
+                    f"routing replay: layer {name!r} schedules router.k, which recomputes the weights "
+                    "of the kept experts: weights='recorded' cannot hold there (use weights='router')"
+                )
     for name, layer in layers.items():
         k = layer.ir.router.config.k if hasattr(layer.ir.router.config, "k") else None
         got = {tuple(t.shape[1:]) for t in recording.experts[name]}

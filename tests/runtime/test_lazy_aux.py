@@ -46,3 +46,28 @@ def test_training_computes_aux_every_call():
     calls = _counting(layer)
     layer(torch.randn(3, 32))
     assert len(calls) == 1 and layer.aux_loss.requires_grad
+
+
+def test_a_late_read_keeps_the_call_s_grad_mode_and_eval_mode():
+    layer = moespec.build(SPEC, SMALL, seed=1).eval()
+    x = torch.randn(6, 32)
+    y = layer(x)  # eval with grad (RL rollouts, eval-mode fine-tuning)
+    with torch.no_grad():
+        layer.train()  # neither the reader's no_grad nor a later mode change applies
+        loss = layer.aux_loss
+    assert loss.requires_grad
+    (y.sum() + loss).backward()
+    assert layer.router.weight.grad is not None
+
+
+def test_a_copy_is_not_tapped_and_holds_no_pending_call():
+    import copy
+
+    layer = moespec.build(SPEC, SMALL, seed=1).eval()
+    with moespec.record_routing(layer):
+        layer(torch.randn(4, 32))
+        twin = copy.deepcopy(layer)
+    assert "_routing_tap" not in twin.__dict__ and twin.__dict__.get("_pending_aux") is None
+    with moespec.record_routing(twin) as rec:
+        twin(torch.randn(4, 32))
+    assert len(rec.experts[""]) == 1

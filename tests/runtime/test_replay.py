@@ -146,7 +146,10 @@ def test_bad_requests_fail_clearly():
         layer(torch.randn(3, 32))
     with pytest.raises(ValueError, match="do not match"), moespec.replay_routing(_model(0), rec):
         pass
-    with pytest.raises(ValueError, match="has 5 tokens, the recording 3"), moespec.replay_routing(layer, rec):
+    with (
+        pytest.raises(ValueError, match="routes 5 rows, the recording 3"),
+        moespec.replay_routing(layer, rec),
+    ):
         layer(torch.randn(5, 32))
     with (
         pytest.raises(ValueError, match="'router' or 'recorded'"),
@@ -191,5 +194,45 @@ def test_cosine_router_replays_and_others_are_refused():
     with (
         pytest.raises(ValueError, match=r"hash router\) does not support routing replay yet"),
         moespec.record_routing(hashed),
+    ):
+        pass
+
+
+def test_multi_head_layers_replay_their_sub_tokens():
+    mh = str(SPECS / "mh-moe.yaml")
+    small = ("d_model=32", "layer.experts.routed.0.d_ff=16", "target.dtype=fp32")
+    a, b = moespec.build(mh, small, seed=1), moespec.build(mh, small, seed=2)
+    x = torch.randn(6, 32)
+    with moespec.record_routing(a) as rec:
+        a(x)
+    heads = a.ir.heads
+    assert heads > 1 and rec.experts[""][0].shape[0] == 6 * heads
+    with moespec.replay_routing(b, rec):
+        b(x)
+    n_exp = b.ir.experts.n_experts
+    want = torch.bincount(rec.experts[""][0].flatten(), minlength=n_exp)
+    assert torch.equal(b.routing_stats["routed_per_expert"], want)
+
+
+def test_checkpointed_recompute_is_not_recorded_and_replay_refuses_it():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = moespec.build(MIXTRAL, SMALL, seed=1).train()
+    x = torch.randn(5, 32, requires_grad=True)
+    with moespec.record_routing(layer) as rec:
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert len(rec.experts[""]) == 1
+    with moespec.replay_routing(layer, rec), pytest.raises(RuntimeError, match="activation checkpointing"):
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+
+
+def test_recorded_weights_refused_with_a_scheduled_k():
+    over = ("+layer.schedules=[{param: router.k, kind: linear, start: 2, end: 1, steps: 10}]",)
+    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=1)
+    with moespec.record_routing(layer, weights=True) as rec:
+        layer(torch.randn(3, 32))
+    with (
+        pytest.raises(ValueError, match=r"schedules router\.k"),
+        moespec.replay_routing(layer, rec, weights="recorded"),
     ):
         pass

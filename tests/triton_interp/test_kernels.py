@@ -172,3 +172,17 @@ def test_opcheck():
     q = [p[n] for n in FIELDS]
     torch.library.opcheck(OPS.triton_expert_ffn.default, (x, tok, offs, 0, *q, "silu"))
     torch.library.opcheck(OPS.triton_expert_ffn_combine.default, (x, tok, w_N, offs, 0, *q, "silu"))
+
+
+def test_strided_inputs_are_read_as_values():
+    """A column slice of a wider tensor (what a layer gets from x[..., :d]) gives the same
+    results as its contiguous copy: the kernels index rows densely, so the op packs them."""
+    x, idx, keep, w_TK, p = _case(7, 48, 40, 4, 2, True, False, torch.float32)
+    wide = torch.randn(7, 96)
+    wide[:, :48] = x.detach()
+    strided = wide[:, :48]
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        got = _triton(strided, idx, keep, w_TK, p, "silu", combined=True, groups=1)
+        want = _triton(strided.contiguous(), idx, keep, w_TK, p, "silu", combined=True, groups=1)
+    assert torch.equal(got, want)

@@ -73,3 +73,17 @@ def test_sampling_is_refused():
     with pytest.raises(ValueError, match="no second-expert sampling"):
         OPS.triton_topk_route(logits, torch.empty(0), torch.rand(3, 4), 2, "softmax", "softmax_then_topk",
                               False, 1.0, 0, 0, "max")  # fmt: skip
+
+
+@pytest.mark.parametrize("order", ["softmax_then_topk", "topk_then_softmax"])
+def test_nan_and_all_minus_inf_rows_pick_distinct_valid_experts(order):
+    """Rows torch's top-k orders by its NaN rule (NaN first) and rows with nothing finite: the
+    kernel picks what the reference picks, distinct experts, never an index past E."""
+    logits = torch.randn(3, 8)
+    logits[0, 5] = float("nan")
+    logits[1] = float("-inf")
+    args = (2, "softmax", order, False, 1.0, 0, 0, "max")
+    _, idx, _ = OPS.triton_topk_route(logits, torch.empty(0), torch.empty(0), *args)
+    _, want, _ = _reference(logits, None, *args)
+    assert torch.equal(idx, want), (idx, want)
+    assert int(idx.max()) < 8 and all(len(set(r)) == 2 for r in idx.tolist())
