@@ -58,8 +58,9 @@ _TABLES: dict[str, dict[str, Blocks]] = {
 }
 
 _forced: Blocks | None = None
-# The last (arch, key) looked up: `moespec tune` reads which entry its runs use.
-last_key: tuple[str, str] | None = None
+# Every (arch, key) looked up since the set was last cleared: `moespec tune` reads which
+# entries its runs use.
+used_keys: set[tuple[str, str]] = set()
 
 
 def arch_of(capability: tuple[int, int] | None) -> str:
@@ -105,9 +106,8 @@ def read_user_table(path: Path | None = None) -> dict[str, dict[str, Any]]:
 def blocks(arch: str, dtype_bits: int, n_rows: int, n_experts: int) -> Blocks:
     """The GEMM tile for a call: a forced candidate (``moespec tune``), else the user table's
     entry, else the built-in table's."""
-    global last_key
     key = table_key(dtype_bits, n_rows, n_experts)
-    last_key = (arch, key)
+    used_keys.add((arch, key))
     if _forced is not None:
         return _forced
     user = _user_cached().get(arch, {}).get(key)
