@@ -13,8 +13,8 @@ default) or by the recorded weights (``weights="recorded"``). Capacity and drop 
 to the replayed choice as to a fresh one. A recording made on one model replays on another
 with the same layer names and expert counts (an RL rollout's inference model, say).
 
-Routers that replay: ``kind: topk`` (Mixtral, Switch, GShard, DeepSeek, Qwen, OLMoE, ...) and
-``kind: cosine`` (X-MoE).
+Routers that replay: ``kind: topk`` (Mixtral, Switch, GShard, DeepSeek, Qwen, OLMoE, ...),
+``kind: cosine`` (X-MoE) and ``kind: sinkhorn``.
 Soft MoE has no per-token choice to replay; the other router kinds are refused with an
 error naming them until their lowering supports it.
 """
@@ -131,7 +131,7 @@ def _layers(model: nn.Module) -> dict[str, MoELayer]:
             what = (
                 "has no per-token choice to replay"
                 if m.ir.router.kind == "soft_moe"
-                else ("does not support routing replay yet (kinds topk and cosine do)")
+                else ("does not support routing replay yet (kinds topk, cosine and sinkhorn do)")
             )
             raise ValueError(
                 f"routing replay: layer {name or '<model>'!r} ({m.ir.router.kind} router) {what}"

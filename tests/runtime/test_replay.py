@@ -236,3 +236,24 @@ def test_recorded_weights_refused_with_a_scheduled_k():
         moespec.replay_routing(layer, rec, weights="recorded"),
     ):
         pass
+
+
+def test_sinkhorn_router_replays_with_gradients_through_its_scores():
+    spec = str(SPECS / "sinkhorn.yaml")
+    small = (
+        "d_model=32",
+        "layer.experts.routed.0.d_ff=16",
+        "layer.experts.routed.0.count=6",
+        "target.dtype=fp32",
+    )
+    a, b = moespec.build(spec, small, seed=1).train(), moespec.build(spec, small, seed=2).train()
+    x = torch.randn(8, 32)
+    with moespec.record_routing(a) as rec:
+        a(x)
+    with moespec.replay_routing(b, rec):
+        y = b(x)
+    assert torch.equal(
+        b.routing_stats["routed_per_expert"], torch.bincount(rec.experts[""][0].flatten(), minlength=6)
+    )
+    y.square().sum().backward()
+    assert b.router.weight.grad.abs().sum() > 0

@@ -15,7 +15,7 @@ from torch import Tensor, fx
 from moespec.common.select import stable_topk
 from moespec.ir.nodes import MoELayerNode
 from moespec.lower.builder import Builder
-from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, linear_logits
+from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, linear_logits, replayed
 
 OPS = torch.ops.moespec
 
@@ -27,6 +27,8 @@ def sinkhorn_select(logits_TE: Tensor, k: int, iterations: int, tol: float) -> T
 
 @LOWERINGS.register("sinkhorn")
 class SinkhornLowering(RouterLowering):
+    replay = True
+
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
@@ -41,4 +43,8 @@ class SinkhornLowering(RouterLowering):
         else:
             idx = b.fn(stable_topk, b.fn(torch.detach, probs, origin=at), r.k, origin=at)
         weight = b.fn(torch.gather, probs, 1, idx, origin=at)
+        # Replay: the recorded experts, weighted by their scores as the router weighs its own.
+        weight, idx = replayed(
+            b, layer, (weight, idx, probs), logits, inputs, "softmax_then_topk", False, 1.0
+        )
         return RouteNodes(logits, probs, weight, idx)
