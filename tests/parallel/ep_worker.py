@@ -121,6 +121,39 @@ def _check_case(case: str, rank: int, world: int, mesh) -> None:
             _close(f"{case} buffer {name}", buf, single.get_buffer(name))
 
 
+def _check_replay(rank: int, world: int, mesh) -> None:
+    """Routing replay under expert parallelism: a recording of another model on all tokens,
+    each rank replaying its tokens' slice, equals one process replaying the whole recording
+    (output, aux loss, statistics, every gradient)."""
+    import moespec
+    from moespec.parallel import parallelize
+
+    path, sizes = SPECS / "debug-tiny.yaml", [5, 6, 2, 3][:world]
+    source = moespec.build(path, seed=9)
+    single = moespec.build(path, seed=3)
+    layer = parallelize(moespec.build(path, [f"placement.expert_parallel={world}"], seed=3), mesh)
+    xs = _inputs(sizes, False, single.d_model)
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x_all = torch.cat(xs)
+    with torch.no_grad(), moespec.record_routing(source) as rec:
+        source(x_all)
+    mine = moespec.RoutingRecording({"": [rec.experts[""][0][start:stop]]})
+    x, x_all = xs[rank].clone().requires_grad_(), x_all.requires_grad_()
+    with moespec.replay_routing(layer, mine):
+        y = layer(x)
+    with moespec.replay_routing(single, rec):
+        y_all = single(x_all)
+    _close("replay y", y, y_all[start:stop])
+    _close("replay aux_loss", layer.aux_loss, single.aux_loss)
+    for key, value in layer.routing_stats.items():
+        _close(f"replay routing_stats[{key}]", value, single.routing_stats[key])
+    r_all = torch.randn(y_all.shape, generator=torch.Generator().manual_seed(2))
+    (y * r_all[start:stop]).sum().add(layer.aux_loss).backward()
+    (y_all * r_all).sum().add(single.aux_loss).backward()
+    _close("replay grad x", x.grad, x_all.grad[start:stop])
+    _compare_grads("replay", layer, single)
+
+
 GLOBAL = [
     "layer.losses.load_balance={kind: switch, weight: 0.5, scope: global}",
     "layer.losses.z_loss={weight: 0.1, scope: global}",
@@ -353,6 +386,8 @@ def _run(rank: int, world: int, port: int, tmp: str, cases: list[str]) -> None:
                 _check_global(rank, world)
             elif case == "errors":
                 _check_errors(rank, world, mesh)
+            elif case == "replay":
+                _check_replay(rank, world, mesh)
             elif case == "checkpoint":
                 _check_checkpoint(rank, world, mesh, tmp)
             elif case in PER_RANK_CASES:

@@ -28,7 +28,8 @@ def test_two_ranks_every_case() -> None:
     sequence-scope loss, heterogeneous widths with shared and zero-compute experts (local
     shards), round-robin and explicit mappings, all tokens on one rank's experts, a rank with
     no tokens, top-p with its entropy loss, expert choice, Soft MoE, BASE and Sinkhorn routing
-    within each rank, the errors, and an artifact loaded with a mesh."""
+    within each rank, the errors, an artifact loaded with a mesh, and routing replay (each rank
+    replaying its tokens' slice of a recording)."""
     run_worker(
         2,
         "topk_capacity",
@@ -45,6 +46,7 @@ def test_two_ranks_every_case() -> None:
         "sinkhorn_per_rank",
         "errors",
         "artifact",
+        "replay",
     )
 
 
