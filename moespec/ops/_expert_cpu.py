@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moespec.ops import _buffers, _parallel
+from moespec.ops import _expert_cpu_small as _small
 from moespec.ops._expert_weights import ExpertGrads, ExpertWeights
 from moespec.ops.activations import act, act_backward_
 from moespec.ops.gemm import expert_blocks
@@ -53,10 +54,6 @@ _PARALLEL_MAX_BLOCK_MACS = 1 << 26
 # reading the expert's weights, which BLAS's own threads share better than one worker does
 # (Mixtral-like, 64 tokens: 5.0 ms serial vs 6.7 ms on workers, eval forward).
 _PARALLEL_MIN_ROWS = 96
-# The padded batched forward (_forward_padded): groups of at least this many experts, at most
-# this many rows on the busiest one, and at least half the experts with rows.
-_PADDED_MIN_EXPERTS = 16
-_PADDED_MAX_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -219,6 +216,9 @@ def forward(
     ``weight_N`` their weighted sum per token [T, D]."""
     d, (n_exp, f) = x_TD.shape[1], w.w_up_EFD.shape[:2]
     glu, combine = w.glu, weight_N is not None
+    bounds = offsets_E1.tolist()
+    if bounds[first + n_exp] - bounds[first] <= _small.FEW_ROWS:  # decode: a few rows in all
+        return _small.forward_few(x_TD, token_idx_N, bounds, first, w, activation, weight_N)
     grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
     new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
     up_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi)
@@ -226,8 +226,8 @@ def forward(
     # The expert rows; with weight_N a temporary (only the group's rows are read).
     y_ND = new(grp.n_rows, d) if combine else _zero_outside(new(grp.n_rows, d), grp.lo, grp.hi)
     counts = grp.counts(n_exp)
-    if _padded_fits(counts):
-        _forward_padded(x_TD, grp, counts, w, activation, (up_NF, gate_NF, y_ND))
+    if _small.padded_fits(counts):
+        _small.forward_padded(x_TD, grp.idx_rows, grp.lo, counts, w, activation, (up_NF, gate_NF, y_ND))
     else:
         _forward_blocks(x_TD, grp, w, activation, (up_NF, gate_NF, y_ND))
     if combine:  # the routing weight scales the expert's output row (as transformers' MoE blocks do)
@@ -259,48 +259,6 @@ def _forward_blocks(x_TD: Tensor, grp: Group, w: ExpertWeights, activation: str,
         _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
 
     _run(grp, block, grp.workers(d, f), None)
-
-
-def _padded_fits(counts: list[int]) -> bool:
-    """Whether the padded batched path pays: many experts holding few rows each (decode, short
-    prompts of fine-grained MoEs), where a GEMM call per expert costs more than the work."""
-    n_exp, busiest = len(counts), max(counts, default=0)
-    active = sum(c > 0 for c in counts)
-    return n_exp >= _PADDED_MIN_EXPERTS and 2 * active >= n_exp and 0 < busiest <= _PADDED_MAX_ROWS
-
-
-def _forward_padded(x_TD: Tensor, grp: Group, counts: list[int], w: ExpertWeights, activation: str,
-                    outs: tuple[Tensor, Tensor, Tensor]) -> None:  # fmt: skip
-    """The forward as three batched GEMMs over every expert of the group, each expert's rows
-    padded with zero rows to the busiest expert's count r ([E, r, D] @ [E, D, F]); the
-    padding rows are computed and dropped. Same results as the blocked path, up to the
-    GEMMs' summation order."""
-    up_NF, gate_NF, y_ND = outs
-    n_exp, r, rows = len(counts), max(counts), grp.hi - grp.lo
-    d, f = x_TD.shape[1], w.w_up_EFD.shape[1]
-    starts = [0]
-    for c in counts[:-1]:
-        starts.append(starts[-1] + c)
-    e_R = torch.repeat_interleave(torch.arange(n_exp), torch.tensor(counts), output_size=rows)
-    slot_R = e_R * r + torch.arange(rows) - torch.tensor(starts)[e_R]  # row's place in [E * r]
-    x_ErD = x_TD.new_zeros(n_exp * r, d).index_copy_(0, slot_R, x_TD.index_select(0, grp.idx_rows))
-    x_ErD = x_ErD.view(n_exp, r, d)
-    up_ErF = torch.bmm(x_ErD, w.w_up_EFD.transpose(1, 2))
-    if w.has_bias:
-        up_ErF += w.b_up_EF.unsqueeze(1)
-    if w.glu:
-        gate_ErF = torch.bmm(x_ErD, w.w_gate_EFD.transpose(1, 2))
-        if w.has_bias:
-            gate_ErF += w.b_gate_EF.unsqueeze(1)
-        torch.index_select(gate_ErF.view(-1, f), 0, slot_R, out=gate_NF[grp.lo : grp.hi])
-        h_ErF = act(activation, gate_ErF).mul_(up_ErF)
-    else:
-        h_ErF = act(activation, up_ErF)
-    torch.index_select(up_ErF.view(-1, f), 0, slot_R, out=up_NF[grp.lo : grp.hi])
-    y_ErD = torch.bmm(h_ErF, w.w_down_EDF.transpose(1, 2))
-    if w.has_bias:
-        y_ErD += w.b_down_ED.unsqueeze(1)
-    torch.index_select(y_ErD.view(-1, d), 0, slot_R, out=y_ND[grp.lo : grp.hi])
 
 
 def backward(

@@ -19,7 +19,7 @@ import torch
 
 import moespec.ops.dispatch  # noqa: F401
 import moespec.ops.expert_ffn as expert_ffn
-from moespec.ops import _buffers, _expert_cpu, _parallel, gemm
+from moespec.ops import _buffers, _expert_cpu, _expert_cpu_small, _parallel, gemm
 from moespec.ops.activations import act
 
 OPS = torch.ops.moespec
@@ -378,10 +378,12 @@ def test_padded_forward_runs_where_it_fits(monkeypatch):
     """Many experts with few rows take the CPU's padded batched forward, few experts or busy
     ones the blocked one; both equal the per-token loop (the CASES above run both)."""
     calls = []
-    real = _expert_cpu._forward_padded
-    monkeypatch.setattr(_expert_cpu, "_forward_padded", lambda *a: calls.append(1) or real(*a))
-    assert _expert_cpu._padded_fits([1, 0, 3] * 8) and not _expert_cpu._padded_fits([1, 0, 3])
-    assert not _expert_cpu._padded_fits([40] + [1] * 20) and not _expert_cpu._padded_fits([0] * 15 + [1] * 5)
+    real = _expert_cpu_small.forward_padded
+    monkeypatch.setattr(_expert_cpu_small, "forward_padded", lambda *a: calls.append(1) or real(*a))
+    assert _expert_cpu_small.padded_fits([1, 0, 3] * 8) and not _expert_cpu_small.padded_fits([1, 0, 3])
+    assert not _expert_cpu_small.padded_fits([40] + [1] * 20) and not _expert_cpu_small.padded_fits(
+        [0] * 15 + [1] * 5
+    )
     t, d, f, e, k = 64, 48, 40, 32, 2
     idx_TK, keep_TK = _routing(t, k, e)
     p = _params(e, f, d, True, False, torch.float32)
@@ -391,3 +393,24 @@ def test_padded_forward_runs_where_it_fits(monkeypatch):
         y = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", Mode(combined=True, split=False))
         torch.testing.assert_close(y, _loop(x, idx_TK, keep_TK, w_TK, p, "silu"), atol=1e-5, rtol=1e-4)
     assert calls
+
+
+@pytest.mark.parametrize("combined", [True, False], ids=["combined", "rows"])
+def test_few_rows_forward_runs_for_decode(monkeypatch, combined):
+    """A handful of rows (decode) take the CPU's lean path; forward and every gradient equal
+    the per-token loop (mlp with bias here; the CASES above cover glu at T=1)."""
+    calls = []
+    real = _expert_cpu_small.forward_few
+    monkeypatch.setattr(_expert_cpu_small, "forward_few", lambda *a: calls.append(1) or real(*a))
+    t, d, f, e, k = 3, 48, 40, 4, 2
+    idx_TK, keep_TK = _routing(t, k, e)
+    p = _params(e, f, d, False, True, torch.float32)
+    x = torch.randn(t, d, requires_grad=True)
+    w_TK = torch.rand(t, k, requires_grad=True)
+    mode = Mode(combined=combined, split=False)
+    y, got = _grads(lambda: _fused(x, idx_TK, keep_TK, w_TK, p, "gelu", mode), x, w_TK, p)
+    want_y, want = _grads(lambda: _loop(x, idx_TK, keep_TK, w_TK, p, "gelu"), x, w_TK, p)
+    assert calls
+    torch.testing.assert_close(y, want_y, atol=1e-5, rtol=1e-4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
