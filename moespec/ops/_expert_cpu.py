@@ -217,7 +217,7 @@ def forward(
     d, (n_exp, f) = x_TD.shape[1], w.w_up_EFD.shape[:2]
     glu, combine = w.glu, weight_N is not None
     bounds = offsets_E1.tolist()
-    if bounds[first + n_exp] - bounds[first] <= _small.FEW_ROWS:  # decode: a few rows in all
+    if bounds[first + n_exp] - bounds[first] <= _small.FEW_ROWS:  # decode, short prompts
         return _small.forward_few(x_TD, token_idx_N, bounds, first, w, activation, weight_N)
     grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
     new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731

@@ -79,6 +79,8 @@ def _fused(x, idx_TK, keep_TK, w_TK, p, activation, mode: Mode = ROWS):
     params=[
         "rows",
         "combined",
+        "few-rows",
+        "few-combined",
         "grouped-rows",
         "grouped-combined",
         "grouped-whole-rows",
@@ -87,9 +89,12 @@ def _fused(x, idx_TK, keep_TK, w_TK, p, activation, mode: Mode = ROWS):
 )
 def kernels(request, monkeypatch) -> Mode:
     """Which op (expert_ffn + a plain combine, or expert_ffn_combine) and which kernels: the
-    CPU's blocked ones, or the grouped ones of other devices. "whole": one expert group (the
+    CPU's blocked ones, its few-rows ones (``_expert_cpu_small``), or the grouped ones of
+    other devices. "whole": one expert group (the
     grouped kernels' sync-free path) with torch's grouped_mm allowed on the CPU."""
     grouped, whole = request.param.startswith("grouped"), "whole" in request.param
+    if not request.param.startswith("few"):  # the blocked (and padded) CPU paths at these sizes
+        monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
     monkeypatch.setattr(expert_ffn, "_BLOCKED_CPU", not grouped)
     monkeypatch.setattr(gemm, "_GMM_ON_CPU", whole)
     return Mode(combined=request.param.endswith("combined"), split=not whole)
@@ -255,6 +260,7 @@ def forced(request, monkeypatch, two_threads):
     """The parallel path and recycled buffers at tiny shapes, on 2 threads."""
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
     monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
     if request.param == "small_blocks":  # experts span several blocks
         monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
@@ -307,6 +313,7 @@ def test_workers_count_experts_not_blocks(two_threads, monkeypatch):
     worker, so BLAS keeps every thread for its GEMMs."""
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
     monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
     one = _expert_cpu.Group.of(torch.arange(10), torch.tensor([0, 10, 10]), 0, 2, 4, 4, 4)
@@ -380,6 +387,7 @@ def test_padded_forward_runs_where_it_fits(monkeypatch):
     calls = []
     real = _expert_cpu_small.forward_padded
     monkeypatch.setattr(_expert_cpu_small, "forward_padded", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
     assert _expert_cpu_small.padded_fits([1, 0, 3] * 8) and not _expert_cpu_small.padded_fits([1, 0, 3])
     assert not _expert_cpu_small.padded_fits([40] + [1] * 20) and not _expert_cpu_small.padded_fits(
         [0] * 15 + [1] * 5
