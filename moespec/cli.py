@@ -263,9 +263,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    from moespec.tune import tune
+    from moespec.tune import result_table, tune
 
     one = _one_spec(args)
     if isinstance(one, int):
@@ -275,17 +274,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return _usage("moespec tune: --tokens and --repeat must be >= 1")
     res = tune(spec, overrides, tokens=args.tokens, repeat=args.repeat, layer=args.layer, seed=args.seed,
                table=Path(args.table) if args.table else None)  # fmt: skip
-    table = Table(title=f"{res.spec_name}: {res.arch} {res.key}, {res.tokens} tokens, forward+backward")
-    for col in ("block m", "n", "k", "warps", "stages", "ms"):
-        table.add_column(col, justify="right")
-    for b, ms in sorted(res.times_ms.items(), key=lambda kv: kv[1]):
-        mark = " *" if b == res.best else ""
-        table.add_row(str(b.m), str(b.n), str(b.k), str(b.warps), str(b.stages), f"{ms:.3f}{mark}")
-    for b, err in res.errors.items():
-        table.add_row(str(b.m), str(b.n), str(b.k), str(b.warps), str(b.stages), err[:60])
+    table, foot = result_table(res)
     console = Console(width=None if os.isatty(1) else 120)
     console.print(table)
-    console.print(f"wrote {res.arch} {res.key} = {res.best} to {res.table}", highlight=False)
+    console.print(foot, highlight=False)
     return 0
 
 

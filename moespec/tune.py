@@ -137,3 +137,21 @@ def tune(
     for key in keys:
         res.table = tuning.write_entry(arch, key, res.best, note, table)
     return res
+
+
+def result_table(res: TuneResult):
+    """``(rich Table, footnote)`` for printing a :class:`TuneResult` (fastest first, the chosen
+    one starred, failed candidates with their error)."""
+    from rich.table import Table
+
+    table = Table(title=f"{res.spec_name}: {res.arch} {res.key}, {res.tokens} tokens, forward+backward")
+    for col in ("block m", "n", "k", "warps", "stages", "ms"):
+        table.add_column(col, justify="right")
+    rows = [
+        (b, f"{ms:.3f}" + (" *" if b == res.best else ""))
+        for b, ms in sorted(res.times_ms.items(), key=lambda kv: kv[1])
+    ]
+    rows += [(b, err[:60]) for b, err in res.errors.items()]
+    for b, cell in rows:
+        table.add_row(str(b.m), str(b.n), str(b.k), str(b.warps), str(b.stages), cell)
+    return table, f"wrote {res.arch} {res.key} = {res.best} to {res.table}"
