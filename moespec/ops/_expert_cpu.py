@@ -88,18 +88,6 @@ class Group:
     def n_rows(self) -> int:
         return self.token_idx_N.shape[0]
 
-    @property
-    def idx_rows(self) -> Tensor:
-        """The group's rows' token indices."""
-        return self.token_idx_N[self.lo : self.hi]
-
-    def counts(self, n_exp: int) -> list[int]:
-        """Rows of each of the group's experts (host ints)."""
-        out = [0] * n_exp
-        for e, size in zip(self.experts, self.sizes, strict=True):
-            out[e] += size
-        return out
-
     def split(self, t_NX: Tensor) -> tuple[Tensor, ...]:
         """Per-block views of a tensor with one row per routed row."""
         return t_NX[self.lo : self.hi].split(self.sizes)
@@ -217,7 +205,7 @@ def forward(
     d, (n_exp, f) = x_TD.shape[1], w.w_up_EFD.shape[:2]
     glu, combine = w.glu, weight_N is not None
     bounds = offsets_E1.tolist()
-    if bounds[first + n_exp] - bounds[first] <= _small.FEW_ROWS:  # decode, short prompts
+    if _small.takes([bounds[first + e + 1] - bounds[first + e] for e in range(n_exp)]):
         return _small.forward_few(x_TD, token_idx_N, bounds, first, w, activation, weight_N)
     grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
     new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
@@ -225,11 +213,7 @@ def forward(
     gate_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi) if glu else x_TD.new_empty(0)
     # The expert rows; with weight_N a temporary (only the group's rows are read).
     y_ND = new(grp.n_rows, d) if combine else _zero_outside(new(grp.n_rows, d), grp.lo, grp.hi)
-    counts = grp.counts(n_exp)
-    if _small.padded_fits(counts):
-        _small.forward_padded(x_TD, grp.idx_rows, grp.lo, counts, w, activation, (up_NF, gate_NF, y_ND))
-    else:
-        _forward_blocks(x_TD, grp, w, activation, (up_NF, gate_NF, y_ND))
+    _forward_blocks(x_TD, grp, w, activation, (up_NF, gate_NF, y_ND))
     if combine:  # the routing weight scales the expert's output row (as transformers' MoE blocks do)
         return _token_sum(grp, y_ND, x_TD.shape[0], weight_N), up_NF, gate_NF
     return y_ND, up_NF, gate_NF

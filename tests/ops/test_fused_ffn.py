@@ -93,8 +93,8 @@ def kernels(request, monkeypatch) -> Mode:
     other devices. "whole": one expert group (the
     grouped kernels' sync-free path) with torch's grouped_mm allowed on the CPU."""
     grouped, whole = request.param.startswith("grouped"), "whole" in request.param
-    if not request.param.startswith("few"):  # the blocked (and padded) CPU paths at these sizes
-        monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
+    if not request.param.startswith("few"):  # the blocked CPU path at these sizes
+        monkeypatch.setattr(_expert_cpu_small, "takes", lambda counts: False)
     monkeypatch.setattr(expert_ffn, "_BLOCKED_CPU", not grouped)
     monkeypatch.setattr(gemm, "_GMM_ON_CPU", whole)
     return Mode(combined=request.param.endswith("combined"), split=not whole)
@@ -135,7 +135,7 @@ CASES = [
     (7, 48, 100, 6, 1, "glu", "gelu_tanh", True, None, 0.3),
     (64, 48, 100, 8, 2, "mlp", "relu", False, 3, 0.0),  # all tokens on expert 3
     (64, 100, 48, 8, 3, "glu", "silu", True, None, 0.2),
-    # Many experts with few rows each: the CPU's padded batched forward (_expert_cpu)
+    # Many experts with few rows each
     (64, 48, 40, 32, 2, "glu", "silu", True, None, 0.2),
     (7, 100, 48, 16, 3, "mlp", "gelu_tanh", False, None, 0.0),
 ]
@@ -260,7 +260,7 @@ def forced(request, monkeypatch, two_threads):
     """The parallel path and recycled buffers at tiny shapes, on 2 threads."""
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_ROWS", 0)
-    monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
+    monkeypatch.setattr(_expert_cpu_small, "takes", lambda counts: False)
     monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
     if request.param == "small_blocks":  # experts span several blocks
         monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
@@ -313,7 +313,7 @@ def test_workers_count_experts_not_blocks(two_threads, monkeypatch):
     worker, so BLAS keeps every thread for its GEMMs."""
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(_expert_cpu, "_PARALLEL_MIN_ROWS", 0)
-    monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
+    monkeypatch.setattr(_expert_cpu_small, "takes", lambda counts: False)
     monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
     one = _expert_cpu.Group.of(torch.arange(10), torch.tensor([0, 10, 10]), 0, 2, 4, 4, 4)
@@ -381,32 +381,10 @@ def test_grouped_kernels_whole_layer_read_nothing_back(monkeypatch, combined):
     torch.testing.assert_close(y, y_ref)
 
 
-def test_padded_forward_runs_where_it_fits(monkeypatch):
-    """Many experts with few rows take the CPU's padded batched forward, few experts or busy
-    ones the blocked one; both equal the per-token loop (the CASES above run both)."""
-    calls = []
-    real = _expert_cpu_small.forward_padded
-    monkeypatch.setattr(_expert_cpu_small, "forward_padded", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(_expert_cpu_small, "FEW_ROWS", 0)
-    assert _expert_cpu_small.padded_fits([1, 0, 3] * 8) and not _expert_cpu_small.padded_fits([1, 0, 3])
-    assert not _expert_cpu_small.padded_fits([40] + [1] * 20) and not _expert_cpu_small.padded_fits(
-        [0] * 15 + [1] * 5
-    )
-    t, d, f, e, k = 64, 48, 40, 32, 2
-    idx_TK, keep_TK = _routing(t, k, e)
-    p = _params(e, f, d, True, False, torch.float32)
-    x = torch.randn(t, d)
-    w_TK = torch.rand(t, k)
-    with torch.no_grad():
-        y = _fused(x, idx_TK, keep_TK, w_TK, p, "silu", Mode(combined=True, split=False))
-        torch.testing.assert_close(y, _loop(x, idx_TK, keep_TK, w_TK, p, "silu"), atol=1e-5, rtol=1e-4)
-    assert calls
-
-
 @pytest.mark.parametrize("combined", [True, False], ids=["combined", "rows"])
 def test_few_rows_forward_runs_for_decode(monkeypatch, combined):
-    """A handful of rows (decode) take the CPU's lean path; forward and every gradient equal
-    the per-token loop (mlp with bias here; the CASES above cover glu at T=1)."""
+    """A handful of rows (decode) take the CPU's few-rows path; forward and every gradient equal
+    the per-token loop (mlp with bias here; the CASES above run it too, the few-* modes)."""
     calls = []
     real = _expert_cpu_small.forward_few
     monkeypatch.setattr(_expert_cpu_small, "forward_few", lambda *a: calls.append(1) or real(*a))
@@ -422,3 +400,9 @@ def test_few_rows_forward_runs_for_decode(monkeypatch, combined):
     torch.testing.assert_close(y, want_y, atol=1e-5, rtol=1e-4)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_few_rows_rule():
+    takes = _expert_cpu_small.takes
+    assert takes([3, 0, 5]) and takes([0] * 100 + [200]) and takes([60] * 8)  # few rows; few per expert
+    assert not takes([256] * 8) and not takes([300])  # many rows per expert: the blocked path
