@@ -40,7 +40,7 @@ from moespec.ops import _buffers, _parallel
 from moespec.ops import _expert_cpu_small as _small
 from moespec.ops._expert_weights import ExpertGrads, ExpertWeights
 from moespec.ops.activations import act, act_backward_
-from moespec.ops.gemm import expert_blocks
+from moespec.ops.gemm import expert_blocks, linear_into
 
 _BLOCK_BYTES = 4 << 20  # one block's widest temporary, [rows, max(F, D)], at most this
 _MIN_BLOCK_ROWS = 256
@@ -72,10 +72,8 @@ class Group:
     units: list[list[int]]
 
     @staticmethod
-    def of(
-        token_idx_N: Tensor, offsets_E1: Tensor, first: int, n_exp: int, d: int, f: int, elt: int
-    ) -> Group:
-        bounds = offsets_E1.tolist()
+    def of(token_idx_N: Tensor, bounds: list[int], first: int, n_exp: int, d: int, f: int, elt: int) -> Group:
+        """The group of ``bounds`` (the offsets as host ints)."""
         lo, hi = bounds[first], bounds[first + n_exp]
         rows = max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (max(f, d) * elt))
         blocks = list(expert_blocks(bounds, first, n_exp, rows)) if hi > lo else []
@@ -184,13 +182,6 @@ def _zero_outside(t: Tensor, lo: int, hi: int) -> Tensor:
     return t
 
 
-def _linear(a: Tensor, w_t: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    """out = a @ w_t (+ b), written into ``out``."""
-    if b is None:
-        return torch.mm(a, w_t, out=out)
-    return torch.addmm(b, a, w_t, out=out)
-
-
 def forward(
     x_TD: Tensor,
     token_idx_N: Tensor,
@@ -207,7 +198,7 @@ def forward(
     bounds = offsets_E1.tolist()
     if _small.takes([bounds[first + e + 1] - bounds[first + e] for e in range(n_exp)]):
         return _small.forward_few(x_TD, token_idx_N, bounds, first, w, activation, weight_N)
-    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
+    grp = Group.of(token_idx_N, bounds, first, n_exp, d, f, x_TD.element_size())
     new = lambda *shape: _buffers.empty(shape, x_TD.dtype, x_TD.device)  # noqa: E731
     up_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi)
     gate_NF = _zero_outside(new(grp.n_rows, f), grp.lo, grp.hi) if glu else x_TD.new_empty(0)
@@ -234,13 +225,13 @@ def _forward_blocks(x_TD: Tensor, grp: Group, w: ExpertWeights, activation: str,
     def block(i: int, _tmp: Tensor | None) -> None:
         e = grp.experts[i]
         x_BD = x_TD.index_select(0, grp.idx_b[i])
-        up_BF = _linear(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
+        up_BF = linear_into(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
         if gate_b is not None:
-            gate_BF = _linear(x_BD, w_gate[e], b_gate[e] if b_gate else None, gate_b[i])
+            gate_BF = linear_into(x_BD, w_gate[e], b_gate[e] if b_gate else None, gate_b[i])
             h_BF = act(activation, gate_BF).mul_(up_BF)
         else:
             h_BF = act(activation, up_BF)
-        _linear(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
+        linear_into(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
 
     _run(grp, block, grp.workers(d, f), None)
 
@@ -263,7 +254,7 @@ def backward(
     ``w.b_down_ED`` is read, and only then, with bias (``has_bias``)."""
     n_exp, f, d = w.w_up_EFD.shape
     glu, combine = w.glu, weight_N is not None
-    grp = Group.of(token_idx_N, offsets_E1, first, n_exp, d, f, x_TD.element_size())
+    grp = Group.of(token_idx_N, offsets_E1.tolist(), first, n_exp, d, f, x_TD.element_size())
     grad_x_ND = _buffers.empty((grp.n_rows, d), x_TD.dtype, x_TD.device)  # the group's rows, summed per token
     grad_w_up = _buffers.empty_like(w.w_up_EFD)
     grad_w_gate = _buffers.empty_like(w.w_gate_EFD) if glu else x_TD.new_empty(0)

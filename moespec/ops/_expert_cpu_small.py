@@ -12,11 +12,11 @@ results are the blocked path's up to the GEMMs' summation order.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from moespec.ops._expert_weights import ExpertWeights
 from moespec.ops.activations import act
+from moespec.ops.gemm import linear_into
 
 # forward_few takes a group of at most FEW_ROWS routed rows, or of at most FEW_ROWS_PER_EXPERT
 # rows per expert with rows: measured in eval at the Mixtral-like (E8) and fine-grained (E128)
@@ -48,15 +48,15 @@ def forward_few(x_TD: Tensor, token_idx_N: Tensor, bounds: list[int], first: int
     spans = [(e, r0, r1) for e, r0, r1 in spans if r1 > r0]
     for e, r0, r1 in spans:
         x_BD = x_RD[r0 - lo : r1 - lo]
-        _linear(x_BD, w.w_up_EFD[e], w.b_up_EF[e] if bias else None, up_NF[r0:r1])
+        linear_into(x_BD, w.w_up_EFD[e].t(), w.b_up_EF[e] if bias else None, up_NF[r0:r1])
         if glu:
-            _linear(x_BD, w.w_gate_EFD[e], w.b_gate_EF[e] if bias else None, gate_NF[r0:r1])
+            linear_into(x_BD, w.w_gate_EFD[e].t(), w.b_gate_EF[e] if bias else None, gate_NF[r0:r1])
     h_RF = act(activation, gate_NF[lo:hi]).mul_(up_NF[lo:hi]) if glu else act(activation, up_NF[lo:hi])
     y_RD = x_TD.new_empty(hi - lo, d)
     for e, r0, r1 in spans:
-        _linear(
+        linear_into(
             h_RF[r0 - lo : r1 - lo],
-            w.w_down_EDF[e],
+            w.w_down_EDF[e].t(),
             w.b_down_ED[e] if bias else None,
             y_RD[r0 - lo : r1 - lo],
         )
@@ -68,10 +68,3 @@ def forward_few(x_TD: Tensor, token_idx_N: Tensor, bounds: list[int], first: int
     # are added per token in row order (index_add_ on the CPU is sequential: deterministic).
     y_RD.mul_(weight_N[lo:hi].to(y_RD.dtype).unsqueeze(1))
     return x_TD.new_zeros(x_TD.shape).index_add_(0, tok_R, y_RD), up_NF, gate_NF
-
-
-def _linear(a_BK: Tensor, w_MK: Tensor, b_M: Tensor | None, out: Tensor | None) -> Tensor:
-    """a @ w^T (+ b), into ``out`` when given."""
-    if b_M is None:
-        return torch.mm(a_BK, w_MK.t(), out=out) if out is not None else torch.mm(a_BK, w_MK.t())
-    return torch.addmm(b_M, a_BK, w_MK.t(), out=out) if out is not None else torch.addmm(b_M, a_BK, w_MK.t())

@@ -133,6 +133,14 @@ def _gmm_wgrad_padded(g_NM: Tensor, x_NK: Tensor, offsets_E1: Tensor, n_experts:
     return torch.where((counts_E == 0)[:, None, None], 0, res)
 
 
+def linear_into(a_BK: Tensor, w_KM: Tensor, b_M: Tensor | None, out_BM: Tensor) -> Tensor:
+    """out = a @ w (+ b), written into ``out`` (``w`` may be a transposed view: BLAS takes
+    the transpose flag)."""
+    if b_M is None:
+        return torch.mm(a_BK, w_KM, out=out_BM)
+    return torch.addmm(b_M, a_BK, w_KM, out=out_BM)
+
+
 def expert_blocks(
     bounds: list[int], first: int, n_experts: int, max_rows: int
 ) -> Iterator[tuple[int, int, int]]:

@@ -316,9 +316,9 @@ def test_workers_count_experts_not_blocks(two_threads, monkeypatch):
     monkeypatch.setattr(_expert_cpu_small, "takes", lambda counts: False)
     monkeypatch.setattr(_expert_cpu, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(_expert_cpu, "_BLOCK_BYTES", 1)
-    one = _expert_cpu.Group.of(torch.arange(10), torch.tensor([0, 10, 10]), 0, 2, 4, 4, 4)
+    one = _expert_cpu.Group.of(torch.arange(10), [0, 10, 10], 0, 2, 4, 4, 4)
     assert len(one.experts) == 5 and one.workers(4, 4) == 1
-    two = _expert_cpu.Group.of(torch.arange(10), torch.tensor([0, 6, 10]), 0, 2, 4, 4, 4)
+    two = _expert_cpu.Group.of(torch.arange(10), [0, 6, 10], 0, 2, 4, 4, 4)
     assert two.workers(4, 4) == 2
 
 
