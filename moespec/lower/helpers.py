@@ -98,12 +98,24 @@ def replay_route(weight_TK: Tensor, idx_TK: Tensor, logits_TE: Tensor, probs_TE:
     ``replay_w_TK`` when given (then no gradient reaches the router through them)."""
     if replay_idx_TK.numel() == 0:
         return weight_TK, idx_TK
-    idx_TK = replay_idx_TK
     if replay_w_TK.numel() > 0:
-        return replay_w_TK.to(weight_TK.dtype), idx_TK
+        return replay_w_TK.to(weight_TK.dtype), replay_idx_TK
+    return topk_weights(replay_idx_TK, logits_TE, probs_TE, order, renormalize, scale), replay_idx_TK
+
+
+def topk_weights(idx_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor, order: str, renormalize: bool,
+                 scale: float, keep_TK: Tensor | None = None) -> Tensor:  # fmt: skip
+    """The weights a top-k router gives the experts ``idx_TK`` (those of ``keep_TK`` only,
+    the others 0, when given): softmax over their logits (topk_then_softmax), or their
+    scores, renormalised if asked; times ``scale``."""
     if order == "topk_then_softmax":
-        return logits_TE.gather(1, idx_TK).softmax(-1) * scale, idx_TK
+        z_TK = logits_TE.gather(1, idx_TK)
+        if keep_TK is not None:
+            z_TK = z_TK.masked_fill(~keep_TK, float("-inf"))
+        return z_TK.softmax(-1) * scale
     p_TK = probs_TE.gather(1, idx_TK)
+    if keep_TK is not None:
+        p_TK = p_TK * keep_TK
     if renormalize:
         p_TK = p_TK / p_TK.sum(-1, keepdim=True)
-    return p_TK * scale, idx_TK
+    return p_TK * scale

@@ -32,7 +32,6 @@ OPS = torch.ops.moespec
 
 
 def limit_k(
-    weight_TK: Tensor,
     idx_TK: Tensor,
     noisy_TE: Tensor,
     probs_TE: Tensor,
@@ -47,14 +46,7 @@ def limit_k(
     the first k_t of the sorted top-K): softmax over the kept logits, or the kept scores
     renormalised, or the scores as they are."""
     keep_1K = (torch.arange(idx_TK.shape[1], device=idx_TK.device) < k_t).unsqueeze(0)
-    if order == "topk_then_softmax":
-        z_TK = noisy_TE.gather(1, idx_TK).masked_fill(~keep_1K, float("-inf"))
-        weight_TK = z_TK.softmax(-1) * scale
-    elif renormalize:
-        p_TK = probs_TE.gather(1, idx_TK) * keep_1K
-        weight_TK = p_TK / p_TK.sum(-1, keepdim=True) * scale
-    else:
-        weight_TK = weight_TK * keep_1K
+    weight_TK = helpers.topk_weights(idx_TK, noisy_TE, probs_TE, order, renormalize, scale, keep_1K)
     return weight_TK, active_TK & keep_1K
 
 
@@ -132,7 +124,7 @@ class TopKLowering(RouterLowering):
             active = b.fn(torch.ones_like, idx, dtype=torch.bool, origin=at)
         k_t = inputs.get("router.k")
         if k_t is not None:
-            limited = b.fn(limit_k, weight, idx, noisy, probs, active, k_t, r.order, r.renormalize,
+            limited = b.fn(limit_k, idx, noisy, probs, active, k_t, r.order, r.renormalize,
                            r.scaling_factor, origin=at)  # fmt: skip
             weight, active = b.item(limited, 0, at, "weight_TK"), b.item(limited, 1, at, "active_TK")
         return RouteNodes(logits, probs, weight, idx, active, noisy_TE=noisy, std_TE=std, k_active=k_t)
