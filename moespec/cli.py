@@ -273,7 +273,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.repeat < 1:
         return _usage("moespec tune: --tokens and --repeat must be >= 1")
     res = tune(spec, overrides, tokens=args.tokens, repeat=args.repeat, layer=args.layer, seed=args.seed,
-               table=Path(args.table) if args.table else None)  # fmt: skip
+               roles=not args.no_roles, table=Path(args.table) if args.table else None)  # fmt: skip
     table, foot = result_table(res)
     console = Console(width=None if os.isatty(1) else 120)
     console.print(table)
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--repeat", type=int, default=5, help="timed runs per candidate (default: 5)")
     tn.add_argument("--layer", help="layer group to tune (required when the spec has several)")
     tn.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
+    tn.add_argument(
+        "--no-roles", action="store_true", help="one tile for every kernel (skip the role-by-role pass)"
+    )
     tn.add_argument(
         "--table", help="tuning table to write (default: $MOESPEC_TUNING or ~/.cache/moespec/tuning.json)"
     )

@@ -3,9 +3,12 @@ a spec's shapes and write the fastest into the user tuning table.
 
 Each candidate runs the layer's forward+backward (the spec's triton layer, ``tokens`` tokens)
 ``repeat`` times after one untimed run (which compiles it); the median decides. A candidate
-that fails to compile or launch (too much shared memory, say) is reported and skipped. The
-entry is written for the table key the layer's calls use (architecture, dtype class, shape
-bucket: ``moespec.codegen.tuning``), with the measured times beside it.
+that fails to compile or launch (too much shared memory, say) is reported and skipped.
+Two passes: every kernel role with the same tile (the generic entry), then role by role with
+the others at the generic best (a role entry is written where it beats the generic one by
+more than ``ROLE_GAIN``). The entries are written for the table keys the layer's calls use
+(architecture, dtype class, shape bucket: ``moespec.codegen.tuning``), with the measured
+times beside them.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from moespec.errors import BuildError, TargetError
 CANDIDATES: dict[str, tuple[Blocks, ...]] = {
     "16": (
         Blocks(128, 128, 64, 8, 3),
+        Blocks(128, 128, 64, 8, 4),
+        Blocks(128, 128, 64, 4, 3),
         Blocks(128, 128, 32, 4, 4),
         Blocks(64, 128, 64, 4, 3),
         Blocks(128, 64, 64, 4, 3),
         Blocks(64, 64, 64, 4, 4),
         Blocks(128, 256, 64, 8, 3),
+        Blocks(256, 128, 64, 8, 3),
     ),
     "32": (
         Blocks(64, 64, 32, 4, 3),
@@ -41,17 +47,24 @@ CANDIDATES: dict[str, tuple[Blocks, ...]] = {
 }
 
 
+# A role's own entry is written only where it beats the generic tile by more than this share
+# (smaller differences are within the timing noise of a few repeats).
+ROLE_GAIN = 0.02
+ALL = "all"  # the pass where every role runs the same tile
+
+
 @dataclass
 class TuneResult:
-    """What ``moespec tune`` measured and wrote."""
+    """What ``moespec tune`` measured and wrote: times and errors per (role or ``"all"``,
+    candidate); ``best`` per role or ``"all"`` (roles only where their entry was written)."""
 
     spec_name: str
     arch: str
-    key: str  # the table entries written, comma-separated
+    key: str  # the table keys written, comma-separated
     tokens: int
-    times_ms: dict[Blocks, float] = field(default_factory=dict)
-    errors: dict[Blocks, str] = field(default_factory=dict)
-    best: Blocks | None = None
+    times_ms: dict[tuple[str, Blocks], float] = field(default_factory=dict)
+    errors: dict[tuple[str, Blocks], str] = field(default_factory=dict)
+    best: dict[str, Blocks] = field(default_factory=dict)
     table: Path | None = None
 
 
@@ -80,6 +93,7 @@ def tune(
     layer: str | None = None,
     seed: int = 0,
     candidates: tuple[Blocks, ...] | None = None,
+    roles: bool = True,
     table: Path | None = None,
 ) -> TuneResult:
     """Tune the spec's triton layer here (CUDA; the CPU only under TRITON_INTERPRET=1, where
@@ -116,18 +130,32 @@ def tune(
     arch, keys = used[0][0], [k for _, k in used]
     res = TuneResult(loaded.spec.name, arch, ", ".join(keys), tokens)
     timed = _timer(device)
-    for cand in candidates or CANDIDATES[keys[0].split("/")[0]]:
+    cands = candidates or CANDIDATES[keys[0].split("/")[0]]
+
+    def measure(role: str, forced: Blocks | dict[str, Blocks]) -> None:
+        cand = forced if isinstance(forced, Blocks) else forced[role]
         try:
-            with tuning.forced(cand):
+            with tuning.forced(forced):
                 step()  # compile
-                res.times_ms[cand] = statistics.median(timed(step) for _ in range(repeat))
+                res.times_ms[role, cand] = statistics.median(timed(step) for _ in range(repeat))
         except Exception as e:  # a candidate the GPU cannot run: reported, not fatal
-            res.errors[cand] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not res.times_ms:
+            res.errors[role, cand] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    for cand in cands:
+        measure(ALL, cand)
+    best_all = _fastest(res, ALL)
+    if best_all is None:
         raise BuildError(f"moespec tune: no candidate ran ({res.errors})")
-    res.best = min(res.times_ms, key=res.times_ms.__getitem__)
+    res.best[ALL] = best_all
+    role_best: dict[str, Blocks] = {}
+    for role in tuning.ROLES if roles else ():
+        for cand in cands:
+            measure(role, {role: cand})
+        best = _fastest(res, role)
+        base = res.times_ms[ALL, best_all]
+        if best is not None and res.times_ms[role, best] < (1 - ROLE_GAIN) * base:
+            role_best[role] = res.best[role] = best
     note = {
-        "ms_fwd_bwd": round(res.times_ms[res.best], 4),
         "tokens": tokens,
         "spec": loaded.spec.name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter",
@@ -135,8 +163,18 @@ def tune(
     # One candidate runs every kernel of the layer, so it is the measured best for each entry
     # the layer's calls used (its groups may fall in different shape buckets).
     for key in keys:
-        res.table = tuning.write_entry(arch, key, res.best, note, table)
+        res.table = tuning.write_entry(
+            arch, key, best_all, {"ms_fwd_bwd": round(res.times_ms[ALL, best_all], 4), **note}, table
+        )
+        for role, b in role_best.items():
+            ms = round(res.times_ms[role, b], 4)
+            tuning.write_entry(arch, f"{key}/{role}", b, {"ms_fwd_bwd": ms, **note}, table)
     return res
+
+
+def _fastest(res: TuneResult, role: str) -> Blocks | None:
+    times = {b: ms for (r, b), ms in res.times_ms.items() if r == role}
+    return min(times, key=times.__getitem__) if times else None
 
 
 def result_table(res: TuneResult):
@@ -145,13 +183,15 @@ def result_table(res: TuneResult):
     from rich.table import Table
 
     table = Table(title=f"{res.spec_name}: {res.arch} {res.key}, {res.tokens} tokens, forward+backward")
-    for col in ("block m", "n", "k", "warps", "stages", "ms"):
+    for col in ("role", "block m", "n", "k", "warps", "stages", "ms"):
         table.add_column(col, justify="right")
+    order = {r: i for i, r in enumerate((ALL, *tuning.ROLES))}
     rows = [
-        (b, f"{ms:.3f}" + (" *" if b == res.best else ""))
-        for b, ms in sorted(res.times_ms.items(), key=lambda kv: kv[1])
+        (role, b, f"{ms:.3f}" + (" *" if res.best.get(role) == b else ""))
+        for (role, b), ms in sorted(res.times_ms.items(), key=lambda kv: (order[kv[0][0]], kv[1]))
     ]
-    rows += [(b, err[:60]) for b, err in res.errors.items()]
-    for b, cell in rows:
-        table.add_row(str(b.m), str(b.n), str(b.k), str(b.warps), str(b.stages), cell)
-    return table, f"wrote {res.arch} {res.key} = {res.best} to {res.table}"
+    rows += [(role, b, err[:60]) for (role, b), err in res.errors.items()]
+    for role, b, cell in rows:
+        table.add_row(role, str(b.m), str(b.n), str(b.k), str(b.warps), str(b.stages), cell)
+    written = ", ".join(f"{r} = {b}" for r, b in res.best.items())
+    return table, f"wrote {res.arch} {res.key}: {written} to {res.table}"

@@ -2,11 +2,16 @@
 
 Keyed by the architecture (``sm90``, ``sm80``, ``default``; ``interpret`` for Triton's CPU
 interpreter, where small blocks keep the tests fast), the dtype class (``16``: bf16/fp16 on
-the tensor cores; ``32``: fp32 in exact ``ieee`` dots) and the shape bucket: ``small`` when an
-expert averages at most 64 rows (decode, short prompts), else ``large``. The built-in entries
-are starting points; ``moespec tune SPEC`` measures candidates on the GPU at hand and writes
-the best into the user table (``$MOESPEC_TUNING``, default ``<cache>/tuning.json``), whose
-entries take precedence.
+the tensor cores; ``32``: fp32 in exact ``ieee`` dots) and the shape bucket by the rows an
+expert averages: ``small`` up to 64 (decode, short prompts), ``mid`` up to 512 (many small
+experts: Qwen3-30B-A3B, DeepSeek-V3 at a few thousand tokens), else ``large``.
+
+An entry ``<class>/<bucket>`` holds every kernel's tile; ``<class>/<bucket>/<role>`` overrides
+it for one kernel role (``ROLES``), since the kernels differ in what bounds them (the weight
+gradient reduces over rows, the activation backward's epilogue holds five tiles). The built-in
+entries are starting points; ``moespec tune SPEC`` measures candidates on the GPU at hand,
+first for all roles together and then role by role, and writes the best into the user table
+(``$MOESPEC_TUNING``, default ``<cache>/tuning.json``), whose entries take precedence.
 """
 
 from __future__ import annotations
@@ -35,29 +40,42 @@ class Blocks:
     stages: int
 
 
+# The kernels that read a tile from the table. For ``wgrad`` the tile is the weight's two dims
+# (m x n) and k rows per step; a generic entry gives it an n x n tile (its rows block is n).
+ROLES = ("up", "rows", "down_bwd", "wgrad")
+
+
 _TABLES: dict[str, dict[str, Blocks]] = {
     "sm90": {
         "16/large": Blocks(128, 128, 64, 8, 3),
+        "16/mid": Blocks(128, 128, 64, 8, 3),
         "16/small": Blocks(32, 128, 64, 4, 3),
         "32/large": Blocks(64, 64, 32, 4, 3),
+        "32/mid": Blocks(64, 64, 32, 4, 3),
         "32/small": Blocks(32, 64, 32, 4, 3),
     },
     "sm80": {
         "16/large": Blocks(128, 128, 32, 4, 4),
+        "16/mid": Blocks(128, 128, 32, 4, 4),
         "16/small": Blocks(32, 128, 64, 4, 3),
         "32/large": Blocks(64, 64, 32, 4, 3),
+        "32/mid": Blocks(64, 64, 32, 4, 3),
         "32/small": Blocks(32, 64, 32, 4, 3),
     },
     "default": {
         "16/large": Blocks(64, 64, 32, 4, 3),
+        "16/mid": Blocks(64, 64, 32, 4, 3),
         "16/small": Blocks(32, 64, 32, 4, 2),
         "32/large": Blocks(32, 64, 32, 4, 2),
+        "32/mid": Blocks(32, 64, 32, 4, 2),
         "32/small": Blocks(32, 64, 32, 4, 2),
     },
-    "interpret": {f"{c}/{b}": Blocks(16, 32, 16, 1, 1) for c in ("16", "32") for b in ("small", "large")},
+    "interpret": {
+        f"{c}/{b}": Blocks(16, 32, 16, 1, 1) for c in ("16", "32") for b in ("small", "mid", "large")
+    },
 }
 
-_forced: Blocks | None = None
+_forced: dict[str, Blocks] = {}
 # Every (arch, key) looked up since the set was last cleared: `moespec tune` reads which
 # entries its runs use.
 used_keys: set[tuple[str, str]] = set()
@@ -78,8 +96,14 @@ def arch_of(capability: tuple[int, int] | None) -> str:
 def table_key(dtype_bits: int, n_rows: int, n_experts: int) -> str:
     """``<dtype class>/<bucket>`` of a call: the entry its GEMMs use."""
     cls = "32" if dtype_bits == 32 else "16"
-    bucket = "small" if n_rows <= 64 * max(1, n_experts) else "large"
+    per_expert = n_rows / max(1, n_experts)
+    bucket = "small" if per_expert <= 64 else "mid" if per_expert <= 512 else "large"
     return f"{cls}/{bucket}"
+
+
+def _valid_key(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) in (2, 3) and parts[0] in ("16", "32") and (len(parts) == 2 or parts[2] in ROLES)
 
 
 def user_table_path() -> Path:
@@ -97,21 +121,33 @@ def read_user_table(path: Path | None = None) -> dict[str, dict[str, Any]]:
         for arch, entries in data.items():
             for key, entry in entries.items():
                 Blocks(*entry["blocks"])
-                assert isinstance(arch, str) and key.count("/") == 1
+                assert isinstance(arch, str) and _valid_key(key), f"bad key {key!r}"
     except (ValueError, TypeError, KeyError, AssertionError) as e:
         raise ValueError(f"{path}: not a moespec tuning table ({e}); delete it or run `moespec tune`") from e
     return data
 
 
-def blocks(arch: str, dtype_bits: int, n_rows: int, n_experts: int) -> Blocks:
-    """The GEMM tile for a call: a forced candidate (``moespec tune``), else the user table's
-    entry, else the built-in table's."""
+def blocks(arch: str, dtype_bits: int, n_rows: int, n_experts: int, role: str = "up") -> Blocks:
+    """The tile of one kernel role for a call: a forced candidate (``moespec tune``), else the
+    user table's entry for the role, its generic entry, the built-in role entry, the built-in
+    generic entry, in that order."""
+    assert role in ROLES, role
     key = table_key(dtype_bits, n_rows, n_experts)
     used_keys.add((arch, key))
-    if _forced is not None:
-        return _forced
-    user = _user_cached().get(arch, {}).get(key)
-    return Blocks(*user["blocks"]) if user else _TABLES[arch][key]
+    if role in _forced:
+        return _forced[role]
+    user = _user_cached().get(arch, {})
+    if f"{key}/{role}" in user:
+        return Blocks(*user[f"{key}/{role}"]["blocks"])
+    if key in user:
+        return _generic(Blocks(*user[key]["blocks"]), role)
+    table = _TABLES[arch]
+    return table.get(f"{key}/{role}") or _generic(table[key], role)
+
+
+def _generic(b: Blocks, role: str) -> Blocks:
+    """A generic entry's tile for ``role``."""
+    return Blocks(b.n, b.n, b.k, b.warps, b.stages) if role == "wgrad" else b
 
 
 _user_cache: tuple[tuple[str, float], dict] | None = None
@@ -128,10 +164,13 @@ def _user_cached() -> dict[str, dict[str, Any]]:
 
 
 @contextmanager
-def forced(b: Blocks) -> Iterator[None]:
-    """Every kernel call inside uses ``b`` (``moespec tune``'s candidates)."""
+def forced(b: Blocks | dict[str, Blocks]) -> Iterator[None]:
+    """Every kernel call inside uses ``b`` (``moespec tune``'s candidates): one tile for every
+    role, or a tile per role named (the others keep their table entries)."""
     global _forced
-    old, _forced = _forced, b
+    new = {r: _generic(b, r) for r in ROLES} if isinstance(b, Blocks) else dict(b)
+    assert set(new) <= set(ROLES), new
+    old, _forced = _forced, {**_forced, **new}
     try:
         yield
     finally:

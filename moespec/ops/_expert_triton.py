@@ -54,9 +54,23 @@ def _specialisation(x_TD: Tensor, w: ExpertWeights, has_bias: bool, activation: 
     return Specialisation(activation, w.glu, has_bias, _DTYPES[x_TD.dtype])
 
 
-def _blocks(x_TD: Tensor, n_rows: int, n_exp: int) -> tuning.Blocks:
-    cap = None if interpreting() else torch.cuda.get_device_capability(x_TD.device)
-    return tuning.blocks(tuning.arch_of(cap), x_TD.element_size() * 8, n_rows, n_exp)
+class _Tiles:
+    """The tuning table's tile per kernel role for one call, and the row-tile schedule of each
+    row block size in use (built once per size)."""
+
+    def __init__(self, x_TD: Tensor, offs_E1: Tensor, n_rows: int) -> None:
+        cap = None if interpreting() else torch.cuda.get_device_capability(x_TD.device)
+        self._key = (tuning.arch_of(cap), x_TD.element_size() * 8, n_rows, offs_E1.shape[0] - 1)
+        self._offs, self._n_rows = offs_E1, n_rows
+        self._scheds: dict[int, _Schedule] = {}
+
+    def __getitem__(self, role: str) -> tuning.Blocks:
+        return tuning.blocks(*self._key, role=role)
+
+    def sched(self, b: tuning.Blocks) -> _Schedule:
+        if b.m not in self._scheds:
+            self._scheds[b.m] = _Schedule.of(self._offs, self._n_rows, b.m)
+        return self._scheds[b.m]
 
 
 @dataclass(frozen=True)
@@ -112,11 +126,13 @@ def _combine(ks, rows_ND: Tensor, order: _TokenOrder, out_TD: Tensor) -> Tensor:
     return out_TD
 
 
-def _rows_gemm(ks, b: tuning.Blocks, sched: _Schedule, offs: Tensor, a: Tensor, w: Tensor, out: Tensor, *,
+def _rows_gemm(ks, tiles: _Tiles, offs: Tensor, a: Tensor, w: Tensor, out: Tensor, *,
                transposed: bool, a2: Tensor | None = None, w2: Tensor | None = None,
                bias: Tensor | None = None, scale: Tensor | None = None) -> None:  # fmt: skip
     """out[n] = a[n] W[e] (+ a2[n] W2[e]) (+ bias[e]) (* scale[n]) over the group's rows, with
     W[e] = w[e]^T when ``transposed`` (w is [E, M, K]) else w[e] (w is [E, K, M])."""
+    b = tiles["rows"]
+    sched = tiles.sched(b)
     s1, s2 = w.shape[1:]
     k, m = (s2, s1) if transposed else (s1, s2)
     s_wk, s_wm = (1, s2) if transposed else (s2, 1)
@@ -132,18 +148,19 @@ def _rows_gemm(ks, b: tuning.Blocks, sched: _Schedule, offs: Tensor, a: Tensor, 
     )  # fmt: skip
 
 
-def _wgrad(ks, b: tuning.Blocks, offs: Tensor, a: Tensor, bmat: Tensor, token_idx_N: Tensor, *,
+def _wgrad(ks, tiles: _Tiles, offs: Tensor, a: Tensor, bmat: Tensor, token_idx_N: Tensor, *,
            a_gather: bool, b_gather: bool, scale: Tensor | None = None) -> Tensor:  # fmt: skip
     """out[e] = sum over expert e's rows of (scale a)^T b: [E, M, K]."""
+    b = tiles["wgrad"]
     n_exp, m, k = offs.shape[0] - 1, a.shape[1], bmat.shape[1]
     out = a.new_empty(n_exp, m, k)
-    n_tiles_m, n_tiles_k = _cdiv(m, b.n), _cdiv(k, b.n)
+    n_tiles_m, n_tiles_k = _cdiv(m, b.m), _cdiv(k, b.n)
     LAUNCHES["expert_wgrad"] += 1
     ks.expert_wgrad[(n_tiles_m * n_tiles_k, n_exp)](
         a, bmat, token_idx_N, a.new_empty(0) if scale is None else scale, out, offs,
         m, k, n_tiles_m, n_tiles_k,
         A_GATHER=a_gather, B_GATHER=b_gather, HAS_SCALE=scale is not None,
-        BLOCK_M=b.n, BLOCK_K=b.n, BLOCK_N=b.k, num_warps=b.warps, num_stages=b.stages,
+        BLOCK_M=b.m, BLOCK_K=b.n, BLOCK_N=b.k, num_warps=b.warps, num_stages=b.stages,
     )  # fmt: skip
     return out
 
@@ -177,8 +194,9 @@ def forward(
     ks = kernel_set(_specialisation(x_TD, w, w.has_bias, activation))
     (n_exp, f, d), n_rows, glu = w.w_up_EFD.shape, token_idx_N.shape[0], w.glu
     offs = offsets_E1[first : first + n_exp + 1]
-    b = _blocks(x_TD, n_rows, n_exp)
-    sched = _Schedule.of(offs, n_rows, b.m)
+    tiles = _Tiles(x_TD, offs, n_rows)
+    b = tiles["up"]
+    sched = tiles.sched(b)
     up_NF = x_TD.new_zeros(n_rows, f)
     gate_NF = x_TD.new_zeros(n_rows, f) if glu else x_TD.new_empty(0)
     h_NF = x_TD.new_empty(n_rows, f)
@@ -194,13 +212,11 @@ def forward(
     if weight_N is None:
         y_ND = x_TD.new_zeros(n_rows, d)
         if n_rows:
-            _rows_gemm(ks, b, sched, offs, h_NF, w.w_down_EDF, y_ND, transposed=True, bias=bias)
+            _rows_gemm(ks, tiles, offs, h_NF, w.w_down_EDF, y_ND, transposed=True, bias=bias)
         return y_ND, up_NF, gate_NF
     rows_ND = x_TD.new_empty(n_rows, d)
     if n_rows:
-        _rows_gemm(
-            ks, b, sched, offs, h_NF, w.w_down_EDF, rows_ND, transposed=True, bias=bias, scale=weight_N
-        )
+        _rows_gemm(ks, tiles, offs, h_NF, w.w_down_EDF, rows_ND, transposed=True, bias=bias, scale=weight_N)
     order = _TokenOrder.of(token_idx_N, offs, x_TD.shape[0])
     return _combine(ks, rows_ND, order, x_TD.new_empty(x_TD.shape)), up_NF, gate_NF
 
@@ -226,8 +242,9 @@ def backward(
     ks = kernel_set(_specialisation(x_TD, w, has_bias, activation))
     (n_exp, f, d), n_rows, glu, combine = w.w_up_EFD.shape, token_idx_N.shape[0], w.glu, weight_N is not None
     offs = offsets_E1[first : first + n_exp + 1]
-    b = _blocks(x_TD, n_rows, n_exp)
-    sched = _Schedule.of(offs, n_rows, b.m)
+    tiles = _Tiles(x_TD, offs, n_rows)
+    b = tiles["down_bwd"]
+    sched = tiles.sched(b)
     n_tiles_f = _cdiv(f, b.n)
     d_up_NF = x_TD.new_empty(n_rows, f)
     d_gate_NF = x_TD.new_empty(n_rows, f) if glu else x_TD.new_empty(0)
@@ -245,18 +262,18 @@ def backward(
     # Input rows' gradient: d_up W_up (+ d_gate W_gate), then summed per token.
     gx_ND = x_TD.new_zeros(n_rows, d)
     if n_rows:
-        _rows_gemm(ks, b, sched, offs, d_up_NF, w.w_up_EFD, gx_ND, transposed=False,
+        _rows_gemm(ks, tiles, offs, d_up_NF, w.w_up_EFD, gx_ND, transposed=False,
                    a2=d_gate_NF if glu else None, w2=w.w_gate_EFD if glu else None)  # fmt: skip
     order = _TokenOrder.of(token_idx_N, offs, x_TD.shape[0])
     grad_x_TD = _combine(ks, gx_ND, order, x_TD.new_empty(x_TD.shape))
     # Weights: W_down from the (gathered, weighted) output gradient and h; W_up/W_gate from
     # d_up/d_gate and the gathered x.
     grad_w_down = _wgrad(
-        ks, b, offs, grad_y, h_NF, token_idx_N, a_gather=combine, b_gather=False, scale=weight_N
+        ks, tiles, offs, grad_y, h_NF, token_idx_N, a_gather=combine, b_gather=False, scale=weight_N
     )
-    grad_w_up = _wgrad(ks, b, offs, d_up_NF, x_TD, token_idx_N, a_gather=False, b_gather=True)
+    grad_w_up = _wgrad(ks, tiles, offs, d_up_NF, x_TD, token_idx_N, a_gather=False, b_gather=True)
     grad_w_gate = (
-        _wgrad(ks, b, offs, d_gate_NF, x_TD, token_idx_N, a_gather=False, b_gather=True)
+        _wgrad(ks, tiles, offs, d_gate_NF, x_TD, token_idx_N, a_gather=False, b_gather=True)
         if glu
         else x_TD.new_empty(0)
     )
