@@ -37,10 +37,17 @@ def require_triton(device_type: str) -> None:
             "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported); use a "
             "CUDA device or backend: torch",
         )
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         raise TargetError(
             "target.backend", "triton, but the triton package is not installed (pip install triton)"
         )
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    # Asked on every kernel call: the import system's search is cached for the process (a
+    # package installed while it runs is seen by the next process).
+    return importlib.util.find_spec("triton") is not None
 
 
 def cache_root() -> Path:

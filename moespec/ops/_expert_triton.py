@@ -17,6 +17,7 @@ kernels (tile schedule, token order) is a few torch ops with no host sync.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -54,13 +55,18 @@ def _specialisation(x_TD: Tensor, w: ExpertWeights, has_bias: bool, activation: 
     return Specialisation(activation, w.glu, has_bias, _DTYPES[x_TD.dtype])
 
 
+@functools.cache
+def _arch(index: int | None) -> str:
+    return tuning.arch_of(torch.cuda.get_device_capability(index))
+
+
 class _Tiles:
     """The tuning table's tile per kernel role for one call, and the row-tile schedule of each
     row block size in use (built once per size)."""
 
     def __init__(self, x_TD: Tensor, offs_E1: Tensor, n_rows: int) -> None:
-        cap = None if interpreting() else torch.cuda.get_device_capability(x_TD.device)
-        self._key = (tuning.arch_of(cap), x_TD.element_size() * 8, n_rows, offs_E1.shape[0] - 1)
+        arch = "interpret" if interpreting() else _arch(x_TD.device.index)
+        self._key = (arch, x_TD.element_size() * 8, n_rows, offs_E1.shape[0] - 1)
         self._offs, self._n_rows = offs_E1, n_rows
         self._scheds: dict[int, _Schedule] = {}
 
@@ -106,13 +112,14 @@ class _TokenOrder:
 
     @staticmethod
     def of(token_idx_N: Tensor, offs_E1: Tensor, n_tokens: int) -> _TokenOrder:
-        ar = torch.arange(token_idx_N.shape[0], device=token_idx_N.device)
+        dev = token_idx_N.device
+        ar = torch.arange(token_idx_N.shape[0], device=dev)
         valid = (ar >= offs_E1[0]) & (ar < offs_E1[-1])
         key_N = torch.where(valid, token_idx_N, n_tokens)
-        order = torch.argsort(key_N, stable=True)
-        counts = torch.bincount(key_N, minlength=n_tokens + 1)[:n_tokens]
-        tok_offsets = torch.zeros(n_tokens + 1, dtype=torch.int64, device=token_idx_N.device)
-        tok_offsets[1:] = counts.cumsum(0)
+        sorted_N, order = torch.sort(key_N, stable=True)
+        # Token t's rows start where the sorted keys reach t: a search, not a bincount (which
+        # reads the largest key back to the host on CUDA and stalls the launch queue).
+        tok_offsets = torch.searchsorted(sorted_N, torch.arange(n_tokens + 1, device=dev))
         return _TokenOrder(order, tok_offsets)
 
 
