@@ -88,6 +88,18 @@ def gate_shared(y_TD: Tensor, x_TD: Tensor, gate_D: Tensor) -> Tensor:
     return torch.sigmoid(x_TD @ gate_D.to(x_TD.dtype)).unsqueeze(-1) * y_TD
 
 
+def replayed_choice(idx_TK: Tensor, replay_idx_TK: Tensor) -> Tensor:
+    """Routing replay of a router whose weights follow from its choice alone (hash, BASE):
+    the recorded experts when replaying (``replay_idx_TK`` not empty), else ``idx_TK``."""
+    return idx_TK if replay_idx_TK.numel() == 0 else replay_idx_TK
+
+
+def replayed_weight(weight_TK: Tensor, replay_w_TK: Tensor) -> Tensor:
+    """The recorded weights when replaying them (``replay_w_TK`` not empty; no gradient
+    reaches the router through them), else ``weight_TK``."""
+    return weight_TK if replay_w_TK.numel() == 0 else replay_w_TK.to(weight_TK.dtype)
+
+
 def replay_route(weight_TK: Tensor, idx_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor,
                  replay_idx_TK: Tensor, replay_w_TK: Tensor, order: str, renormalize: bool,
                  scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip

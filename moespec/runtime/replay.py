@@ -14,7 +14,9 @@ to the replayed choice as to a fresh one. A recording made on one model replays 
 with the same layer names and expert counts (an RL rollout's inference model, say).
 
 Routers that replay: ``kind: topk`` (Mixtral, Switch, GShard, DeepSeek, Qwen, OLMoE, ...),
-``kind: cosine`` (X-MoE) and ``kind: sinkhorn``.
+``kind: cosine`` (X-MoE), ``kind: sinkhorn``, ``kind: hash`` (the recorded experts instead of
+the table's, weighted 1/k) and ``kind: base`` (the recorded experts instead of the balanced
+assignment, which then does not run; the sigmoid gate of the current centroids).
 Soft MoE has no per-token choice to replay; the other router kinds are refused with an
 error naming them until their lowering supports it.
 """
@@ -120,6 +122,12 @@ def after_call(layer: MoELayer, idx_TK: Tensor | None, weight_TK: Tensor | None)
         tap.after(idx_TK, weight_TK)
 
 
+def _replaying_kinds() -> list[str]:
+    from moespec.lower.routers import LOWERINGS
+
+    return sorted(kind for kind, low in LOWERINGS.items.items() if low.replay)
+
+
 def _layers(model: nn.Module) -> dict[str, MoELayer]:
     from moespec.runtime.layer import MoELayer
 
@@ -131,7 +139,7 @@ def _layers(model: nn.Module) -> dict[str, MoELayer]:
             what = (
                 "has no per-token choice to replay"
                 if m.ir.router.kind == "soft_moe"
-                else ("does not support routing replay yet (kinds topk, cosine and sinkhorn do)")
+                else f"does not support routing replay yet (kinds {', '.join(_replaying_kinds())} do)"
             )
             raise ValueError(
                 f"routing replay: layer {name or '<model>'!r} ({m.ir.router.kind} router) {what}"
@@ -191,7 +199,7 @@ def replay_routing(
                     "of the kept experts: weights='recorded' cannot hold there (use weights='router')"
                 )
     for name, layer in layers.items():
-        k = layer.ir.router.config.k if hasattr(layer.ir.router.config, "k") else None
+        k = lowering(layer.ir).replay_k(layer.ir)
         got = {tuple(t.shape[1:]) for t in recording.experts[name]}
         if k is not None and got - {(k,)}:
             raise ValueError(

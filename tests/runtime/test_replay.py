@@ -190,10 +190,10 @@ def test_cosine_router_replays_and_others_are_refused():
     assert torch.equal(
         b.routing_stats["routed_per_expert"], torch.bincount(rec.experts[""][0].flatten(), minlength=6)
     )
-    hashed = moespec.build(str(SPECS / "hash-layers.yaml"), ("d_model=16", "target.dtype=fp32"))
+    relu = moespec.build(str(SPECS / "remoe.yaml"), ("d_model=16", "target.dtype=fp32"))
     with (
-        pytest.raises(ValueError, match=r"hash router\) does not support routing replay yet"),
-        moespec.record_routing(hashed),
+        pytest.raises(ValueError, match=r"relu router\) does not support routing replay yet \(kinds base, "),
+        moespec.record_routing(relu),
     ):
         pass
 
@@ -257,3 +257,72 @@ def test_sinkhorn_router_replays_with_gradients_through_its_scores():
     )
     y.square().sum().backward()
     assert b.router.weight.grad.abs().sum() > 0
+
+
+HASH = ("d_model=16", "layer.experts.routed.0.d_ff=8", "layer.router.vocab_size=50", "target.dtype=fp32")
+
+
+def test_hash_router_replays_another_tables_routing():
+    """Oracle: the target layer with the source's hash table loaded routes as the replay."""
+    spec = str(SPECS / "hash-layers.yaml")
+    a = moespec.build(spec, (*HASH, "layer.router.seed=1"), seed=1)
+    b = moespec.build(spec, (*HASH, "layer.router.seed=2"), seed=2)
+    assert not torch.equal(a.router.table, b.router.table)
+    x, ids = torch.randn(2, 7, 16), torch.randint(0, 50, (2, 7))
+    with moespec.record_routing(a) as rec:
+        a(x, input_ids=ids)
+    assert torch.equal(rec.experts[""][0], a.router.table[ids.flatten()])
+    with moespec.replay_routing(b, rec):
+        got = b(x, input_ids=ids)
+    stats = b.routing_stats["routed_per_expert"]
+    b.router.table.copy_(a.router.table)
+    want = b(x, input_ids=ids)
+    assert torch.equal(got, want)
+    assert torch.equal(stats, b.routing_stats["routed_per_expert"])
+
+
+BASE = ("d_model=16", "layer.experts.routed.0.d_ff=8", "layer.experts.routed.0.count=4", "target.dtype=fp32")
+
+
+def _base_reference(layer, x_TD, idx_T, alpha_T=None):
+    """BASE written out: y = a·f_e(x) + (1 - a)·x with a = sigmoid(x·c_e) (or the given gates),
+    f_e a ReLU MLP with biases, e the given expert of each token."""
+    ex = layer.experts.get_submodule("0")
+    if alpha_T is None:
+        alpha_T = torch.sigmoid((x_TD * layer.router.centroids[idx_T]).sum(-1, keepdim=True))
+    h = torch.relu(torch.einsum("td,tfd->tf", x_TD, ex.w_up[idx_T]) + ex.b_up[idx_T])
+    f = torch.einsum("tf,tdf->td", h, ex.w_down[idx_T]) + ex.b_down[idx_T]
+    return alpha_T * f + (1 - alpha_T) * x_TD
+
+
+def test_base_layer_replays_without_solving(monkeypatch):
+    spec = str(SPECS / "base-layers.yaml")
+    a, b = moespec.build(spec, BASE, seed=1).train(), moespec.build(spec, BASE, seed=2).train()
+    x = torch.randn(12, 16)
+    with moespec.record_routing(a, weights=True) as rec:
+        y = a(x)
+    assert torch.equal(torch.bincount(rec.experts[""][0].flatten(), minlength=4), torch.full((4,), 3))
+
+    class NoSolver:
+        def __getattr__(self, name):
+            raise AssertionError(f"the solver ran ({name}) while replaying")
+
+    from moespec.lower.routers import base_layer
+
+    monkeypatch.setattr(base_layer, "OPS", NoSolver())
+    with moespec.replay_routing(a, rec):
+        assert torch.equal(a(x), y)  # the same inputs: the same forward, no solver
+    xb = x.clone().requires_grad_()
+    with moespec.replay_routing(b, rec):
+        got = b(xb)
+    want = _base_reference(b, x, rec.experts[""][0][:, 0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.square().sum().backward()
+    assert b.router.centroids.grad.abs().sum() > 0  # the gate of the replayed experts trains
+    with moespec.replay_routing(b, rec, weights="recorded"):
+        b.zero_grad()
+        out = b(x)
+    want = _base_reference(b, x, rec.experts[""][0][:, 0], alpha_T=rec.weights[""][0])  # a's gates
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    assert b.router.centroids.grad is None or b.router.centroids.grad.abs().sum() == 0

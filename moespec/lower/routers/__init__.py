@@ -80,6 +80,10 @@ class RouterLowering:
 
     replay = False
 
+    def replay_k(self, layer: MoELayerNode) -> int | None:
+        """Experts per token a replayed recording must hold (None: any)."""
+        return getattr(layer.router.config, "k", None)
+
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         """Random tensors the graph takes as inputs, in the reference's draw order."""
         return []
