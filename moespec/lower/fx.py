@@ -177,6 +177,8 @@ def lower_layer(
         both = b.method(group, "gather_aux", sizes, *aux_args, origin=layer.losses.origin)
         aux_args = tuple(b.item(both, i, layer.losses.origin) for i in range(len(aux_args)))
     y = _merge_heads(b, layer, y)
+    if lowering(layer).replay_marks_unused:  # what a recording keeps: unused slots marked -1
+        idx = b.fn(helpers.marked_choice, idx, active, origin=layer.router.origin)
     if not training and not (stats or ep):
         # Eval: the losses and statistics run only when read (MoELayer.aux_loss and
         # routing_stats call `aux` then); the graph returns their inputs. With a token group

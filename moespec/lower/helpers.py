@@ -100,6 +100,26 @@ def replayed_weight(weight_TK: Tensor, replay_w_TK: Tensor) -> Tensor:
     return weight_TK if replay_w_TK.numel() == 0 else replay_w_TK.to(weight_TK.dtype)
 
 
+def marked_choice(idx_TK: Tensor, active_TK: Tensor) -> Tensor:
+    """The choice a recording keeps for a router whose number of experts varies per token:
+    the chosen experts, -1 in the slots a token does not use."""
+    return torch.where(active_TK, idx_TK, -1)
+
+
+def replayed_selection(selected_TE: Tensor, replay_idx_TE: Tensor) -> Tensor:
+    """Routing replay of a dense-form router: the recorded selection (the slots not marked -1)
+    when replaying, else ``selected_TE``."""
+    return selected_TE if replay_idx_TE.numel() == 0 else replay_idx_TE >= 0
+
+
+def replayed_gates(gates_TE: Tensor, replay_idx_TE: Tensor) -> Tensor:
+    """A dense-form router's gates restricted to the recorded selection when replaying (the
+    router's own gate values, 0 off the recording), else ``gates_TE``."""
+    if replay_idx_TE.numel() == 0:
+        return gates_TE
+    return gates_TE * (replay_idx_TE >= 0).to(gates_TE.dtype)
+
+
 def replay_route(weight_TK: Tensor, idx_TK: Tensor, logits_TE: Tensor, probs_TE: Tensor,
                  replay_idx_TK: Tensor, replay_w_TK: Tensor, order: str, renormalize: bool,
                  scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip

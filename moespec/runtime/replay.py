@@ -15,8 +15,12 @@ with the same layer names and expert counts (an RL rollout's inference model, sa
 
 Routers that replay: ``kind: topk`` (Mixtral, Switch, GShard, DeepSeek, Qwen, OLMoE, ...),
 ``kind: cosine`` (X-MoE), ``kind: sinkhorn``, ``kind: hash`` (the recorded experts instead of
-the table's, weighted 1/k) and ``kind: base`` (the recorded experts instead of the balanced
-assignment, which then does not run; the sigmoid gate of the current centroids).
+the table's, weighted 1/k), ``kind: base`` (the recorded experts instead of the balanced
+assignment, which then does not run; the sigmoid gate of the current centroids), and the
+routers whose number of experts varies per token, whose recordings mark a token's unused
+slots -1: ``kind: top_p``, ``relu`` (ReMoE), ``dselect_k`` (all over every expert, the
+router's own gates restricted to the recorded ones, renormalised where the router
+renormalises) and ``adaptive_gating`` (two slots).
 Soft MoE has no per-token choice to replay; the other router kinds are refused with an
 error naming them until their lowering supports it.
 """
@@ -122,6 +126,15 @@ def after_call(layer: MoELayer, idx_TK: Tensor | None, weight_TK: Tensor | None)
         tap.after(idx_TK, weight_TK)
 
 
+# Router kinds where replaying a per-token choice has no meaning, and why.
+_NO_REPLAY = {
+    "soft_moe": "has no per-token choice to replay",
+    "expert_choice": (
+        "chooses tokens per expert, not experts per token: routing replay covers token-choice routers"
+    ),
+}
+
+
 def _replaying_kinds() -> list[str]:
     from moespec.lower.routers import LOWERINGS
 
@@ -136,10 +149,9 @@ def _layers(model: nn.Module) -> dict[str, MoELayer]:
         raise ValueError("routing replay: the model holds no moespec MoE layer")
     for name, m in layers.items():
         if not lowering(m.ir).replay:
-            what = (
-                "has no per-token choice to replay"
-                if m.ir.router.kind == "soft_moe"
-                else f"does not support routing replay yet (kinds {', '.join(_replaying_kinds())} do)"
+            what = _NO_REPLAY.get(
+                m.ir.router.kind,
+                f"does not support routing replay yet (kinds {', '.join(_replaying_kinds())} do)",
             )
             raise ValueError(
                 f"routing replay: layer {name or '<model>'!r} ({m.ir.router.kind} router) {what}"
@@ -206,9 +218,10 @@ def replay_routing(
                 f"routing replay: layer {name!r} routes to k={k} experts, the recording to {got}"
             )
         n_exp = layer.ir.experts.n_experts
-        if any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_exp) for t in recording.experts[name]):
+        low = -1 if lowering(layer.ir).replay_marks_unused else 0  # -1: a slot the token leaves unused
+        if any(t.numel() and (int(t.min()) < low or int(t.max()) >= n_exp) for t in recording.experts[name]):
             raise ValueError(
-                f"routing replay: the recording of layer {name!r} names experts outside 0..{n_exp - 1}"
+                f"routing replay: the recording of layer {name!r} names experts outside {low}..{n_exp - 1}"
             )
     with _tapped(layers, {name: _Replayer(recording, name, weights == "recorded") for name in layers}):
         yield

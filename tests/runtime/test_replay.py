@@ -190,10 +190,10 @@ def test_cosine_router_replays_and_others_are_refused():
     assert torch.equal(
         b.routing_stats["routed_per_expert"], torch.bincount(rec.experts[""][0].flatten(), minlength=6)
     )
-    relu = moespec.build(str(SPECS / "remoe.yaml"), ("d_model=16", "target.dtype=fp32"))
+    ec = moespec.build(str(SPECS / "expert-choice.yaml"), ("d_model=16", "target.dtype=fp32"))
     with (
-        pytest.raises(ValueError, match=r"relu router\) does not support routing replay yet \(kinds base, "),
-        moespec.record_routing(relu),
+        pytest.raises(ValueError, match=r"expert_choice router\) chooses tokens per expert"),
+        moespec.record_routing(ec),
     ):
         pass
 
@@ -326,3 +326,67 @@ def test_base_layer_replays_without_solving(monkeypatch):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     out.square().sum().backward()
     assert b.router.centroids.grad is None or b.router.centroids.grad.abs().sum() == 0
+
+
+VARIABLE = ("d_model=16", "layer.experts.routed.0.d_ff=8", "layer.experts.routed.0.count=6")
+VARIABLE = (*VARIABLE, "target.dtype=fp32")
+
+
+def _kept(logits_TE, rec_TK, gates_TE):
+    """[T, K] gates of the recorded slots (0 where the recording marks a slot unused)."""
+    return torch.where(rec_TK >= 0, gates_TE.gather(1, rec_TK.clamp(min=0)), 0.0)
+
+
+def _adaptive_kept(logits_TE, rec_TK):
+    """adaptive gating's `kept` weights: the softmax probabilities of the recorded experts,
+    normalised over the slots in use."""
+    g_TK = _kept(logits_TE, rec_TK, logits_TE.softmax(-1))
+    return g_TK / g_TK.sum(-1, keepdim=True)
+
+
+# spec, the hand-written gates of the recorded experts from the router's logits (None: checked
+# through the routing only)
+VARIABLE_ROUTERS = {
+    "top-p-dynamic": lambda lg, rec: _kept(lg, rec, lg.softmax(-1)),  # probabilities, no renormalising
+    "remoe": lambda lg, rec: _kept(lg, rec, torch.relu(lg)),
+    "adaptive-gating": _adaptive_kept,
+    "dselect-k": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIABLE_ROUTERS))
+def test_routers_with_a_variable_number_of_experts_replay(name):
+    """The recording marks unused slots -1; replaying it on the same model reproduces the
+    forward, on another model routes as recorded (counts), and the output equals the
+    recorded experts, run by the plain reference, weighted by the router's current gates
+    written out by hand."""
+    from moespec.reference.experts import expert_forward
+    from moespec.spec.load import load_spec
+
+    spec = str(SPECS / f"{name}.yaml")
+    over = (*VARIABLE, *(("layer.router.threshold=0.003",) if name == "adaptive-gating" else ()))
+    a, b = moespec.build(spec, over, seed=1).train(), moespec.build(spec, over, seed=2).train()
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
+    with moespec.record_routing(a) as rec:
+        y = a(x)
+    rec_TK = rec.experts[""][0]
+    # some token leaves a slot unused (DSelect-k's smooth gates select every expert at init)
+    assert rec_TK.min() == (0 if name == "dselect-k" else -1)
+    with moespec.replay_routing(a, rec):
+        assert torch.equal(a(x), y)
+    with moespec.replay_routing(b, rec):
+        got = b(x)
+    want_E = torch.bincount(rec_TK[rec_TK >= 0], minlength=6)
+    assert torch.equal(b.routing_stats["routed_per_expert"], want_E)
+    gates = VARIABLE_ROUTERS[name]
+    if gates is None:
+        return
+    experts = load_spec(spec, over).spec.layer.experts
+    params = dict(b.named_parameters())
+    g_TK = gates(x @ b.router.weight.T, rec_TK)
+    want = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(rec_TK[t].tolist()):
+            if e >= 0:
+                want[t] += g_TK[t, j] * expert_forward(e, x[t : t + 1], params, experts)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -79,9 +79,12 @@ class RouterLowering:
     inputs ``replay_idx_TK`` / ``replay_w_TK`` (empty when not replaying)."""
 
     replay = False
+    # The number of experts varies per token (top-p, ReLU, DSelect-k, adaptive gating): a
+    # recording marks the slots a token does not use -1 (``helpers.marked_choice``).
+    replay_marks_unused = False
 
     def replay_k(self, layer: MoELayerNode) -> int | None:
-        """Experts per token a replayed recording must hold (None: any)."""
+        """Slots per token a replayed recording must hold (None: any)."""
         return getattr(layer.router.config, "k", None)
 
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
@@ -99,6 +102,17 @@ class RouterLowering:
     def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
         """Training-mode state update after a forward (under no_grad), e.g. a bias or an
         L1 coefficient controller; ``stats`` is the layer's ``routing_stats``."""
+
+
+class DenseReplay(RouterLowering):
+    """Routing replay of a dense-form router (slot e is expert e): the recording holds, per
+    token, every expert with the unselected ones marked -1."""
+
+    replay = True
+    replay_marks_unused = True
+
+    def replay_k(self, layer: MoELayerNode) -> int | None:
+        return layer.experts.n_experts
 
 
 JITTER = RandomInput("jitter_u_TD", "uniform", "TD", True)

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
+from moespec.lower import helpers
 from moespec.lower.builder import Builder
 from moespec.lower.routers import (
     LOWERINGS,
+    DenseReplay,
     RouteNodes,
-    RouterLowering,
     dense_slots,
     router_input,
     router_param,
@@ -65,7 +66,7 @@ def dselect_k_weights(
 
 
 @LOWERINGS.register("dselect_k")
-class DSelectKLowering(RouterLowering):
+class DSelectKLowering(DenseReplay):
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
@@ -78,6 +79,10 @@ class DSelectKLowering(RouterLowering):
         ent_w = r.entropy_weight if training else 0.0
         reach_w = r.reachability_weight if training and not power_of_2 else 0.0
         out = b.fn(dselect_k_weights, xr, *w, r.k, n, r.gamma, ent_w, reach_w, origin=at)
-        gates, idx, sel = (b.item(out, i, at, nm) for i, nm in enumerate(("w_TE", "idx_TE", "selected_TE")))
+        w_te, idx, sel = (b.item(out, i, at, nm) for i, nm in enumerate(("w_TE", "idx_TE", "selected_TE")))
         extra = b.fn(operator.getitem, out, 3, origin=at) if ent_w > 0 or reach_w > 0 else None
-        return RouteNodes(gates, gates, gates, idx, sel, dense=True, extra_loss=extra)
+        # Routing replay: the recorded experts, with the selectors' current weights for them.
+        sel = b.fn(helpers.replayed_selection, sel, inputs["replay_idx_TK"], origin=at)
+        gates = b.fn(helpers.replayed_gates, w_te, inputs["replay_idx_TK"], origin=at)
+        gates = b.fn(helpers.replayed_weight, gates, inputs["replay_w_TK"], origin=at)
+        return RouteNodes(w_te, w_te, gates, idx, sel, dense=True, extra_loss=extra)

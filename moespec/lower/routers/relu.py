@@ -15,8 +15,9 @@ from torch import Tensor, fx, nn
 
 from moespec.common.controllers import update_l1_coeff
 from moespec.ir.nodes import MoELayerNode
+from moespec.lower import helpers
 from moespec.lower.builder import Builder, RandomInput
-from moespec.lower.routers import JITTER, LOWERINGS, RouteNodes, RouterLowering, dense_slots, linear_logits
+from moespec.lower.routers import JITTER, LOWERINGS, DenseReplay, RouteNodes, dense_slots, linear_logits
 
 
 def remoe_l1_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
@@ -28,7 +29,7 @@ def remoe_l1_loss(r_TE: Tensor, l1_coeff: Tensor, k: int) -> Tensor:
 
 
 @LOWERINGS.register("relu")
-class ReLULowering(RouterLowering):
+class ReLULowering(DenseReplay):
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         if training and layer.router.config.jitter > 0:
             return [JITTER]
@@ -41,6 +42,10 @@ class ReLULowering(RouterLowering):
         _, logits = linear_logits(b, layer, x_TD, inputs)
         gates = b.fn(torch.relu, logits, origin=at)
         selected = b.fn(operator.gt, gates, 0, origin=at)
+        # Routing replay: the recorded experts, gated by the current ReLU (0 where it is 0).
+        selected = b.fn(helpers.replayed_selection, selected, inputs["replay_idx_TK"], origin=at)
+        gates = b.fn(helpers.replayed_gates, gates, inputs["replay_idx_TK"], origin=at)
+        gates = b.fn(helpers.replayed_weight, gates, inputs["replay_w_TK"], origin=at)
         idx = b.fn(dense_slots, selected, origin=at)
         probs = b.fn(torch.softmax, logits, -1, origin=at)
         # A copy of λ: after_forward updates the buffer in place before backward runs.

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from moespec.ir.nodes import MoELayerNode
+from moespec.lower import helpers
 from moespec.lower.builder import Builder
-from moespec.lower.routers import LOWERINGS, RouteNodes, RouterLowering, dense_slots, linear_logits
+from moespec.lower.routers import LOWERINGS, DenseReplay, RouteNodes, dense_slots, linear_logits
 
 
 def top_p_selected(probs_TE: Tensor, threshold: float, max_k: int) -> Tensor:
@@ -49,7 +50,7 @@ def weighted_entropy(logits_TE: Tensor, weight: float) -> Tensor:
 
 
 @LOWERINGS.register("top_p")
-class TopPLowering(RouterLowering):
+class TopPLowering(DenseReplay):
     def lower(
         self, b: Builder, layer: MoELayerNode, x_TD: fx.Node, inputs: dict[str, fx.Node], training: bool
     ) -> RouteNodes:
@@ -57,7 +58,10 @@ class TopPLowering(RouterLowering):
         _, logits = linear_logits(b, layer, x_TD, inputs)
         probs = b.fn(torch.softmax, logits, -1, origin=at)
         selected = b.fn(top_p_selected, probs, r.threshold, r.max_k or 0, origin=at)
+        # Routing replay: the recorded experts, weighted (and renormalised) as the router would.
+        selected = b.fn(helpers.replayed_selection, selected, inputs["replay_idx_TK"], origin=at)
         gates = b.fn(masked_gates, probs, selected, r.renormalize, origin=at)
+        gates = b.fn(helpers.replayed_weight, gates, inputs["replay_w_TK"], origin=at)
         idx = b.fn(dense_slots, selected, origin=at)
         extra = b.fn(weighted_entropy, logits, r.entropy_weight, origin=at) if r.entropy_weight > 0 else None
         return RouteNodes(logits, probs, gates, idx, selected, dense=True, extra_loss=extra)
