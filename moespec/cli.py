@@ -128,9 +128,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         sys.stdout.write(print_program(build_program(loaded.spec)))
         return 0
     if args.json:
-        print(json.dumps(explain_data(loaded, args.tokens), indent=2))
+        print(json.dumps(explain_data(loaded, args.tokens, args.seq_len), indent=2))
     else:
-        print_explain(loaded, args.tokens)
+        print_explain(loaded, args.tokens, args.seq_len)
     return 0
 
 
@@ -307,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         metavar="N",
         help="tokens per rank for the expert-parallel all-to-all bytes (default 4096)",
+    )
+    e.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="N",
+        help="sequence length of the whole model's attention FLOPs (default: model.max_seq_len)",
     )
     e.set_defaults(func=cmd_explain)
 
