@@ -68,8 +68,8 @@ def load(
     mesh: DeviceMesh | None = None,
     verify: bool = True,
     allow_large: bool = False,
-) -> MoELayer:
-    """The layer of the artifact directory ``path`` (:func:`moespec.runtime.load.load`: every
+) -> MoELayer | MoENetwork:
+    """The layer (or network) of the artifact directory ``path`` (:func:`moespec.runtime.load.load`: every
     check, ``device``, ``verify`` and ``allow_large`` as there). With ``mesh`` the layer is
     then made expert-parallel over its ``ep`` dimension (:func:`moespec.parallel.parallelize`):
     each rank keeps its experts of the artifact's weights."""
@@ -78,6 +78,8 @@ def load(
     layer = load_artifact(path, device, verify=verify, allow_large=allow_large)
     if mesh is None:
         return layer
+    if not isinstance(layer, MoELayer):
+        raise BuildError(f"{path}: holds a network; expert parallelism over a mesh takes one MoE layer")
     from moespec.parallel import parallelize
 
     parallelize(layer, mesh)

@@ -166,6 +166,10 @@ def layer_for_bench(
             raise BuildError(f"{path}: an artifact directory takes no overrides or --layer")
         manifest = read_manifest(path)
         module = load(path, device=device, allow_large=allow_large)
+        if not isinstance(module, MoELayer):
+            raise BuildError(
+                f"{path}: holds a network; moespec bench times one MoE layer (build it with --layer)"
+            )
         return module, manifest.spec_name, device or manifest.target.get("device", "cpu")
     loaded = load_spec(path, overrides)
     # A layer, even of a spec with a `model:` section: bench times one MoE layer.

@@ -149,6 +149,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from moespec.export.artifact import build_artifact
+    from moespec.export.network import network_summary_text
     from moespec.export.report import summary_text
 
     one = _one_spec(args)
@@ -160,7 +161,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         allow_large=args.allow_large, meta=args.meta,
     )  # fmt: skip
     print(f"wrote {art.path}/: {', '.join(sorted(p.name for p in art.path.iterdir()))}")
-    sys.stdout.write(summary_text(art.report))
+    network = art.manifest["layer"] == "<model>"  # moespec.runtime.layout.NETWORK
+    sys.stdout.write(network_summary_text(art.report) if network else summary_text(art.report))
     return 0
 
 
@@ -375,7 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="write an artifact directory: module.py, weights, lock, report")
     b.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
     b.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
-    b.add_argument("--layer", help="layer group to build (required when the spec has several)")
+    b.add_argument(
+        "--layer",
+        help="layer group to build (required when the spec has several and no model: section); with "
+        "model:, the network is built unless a layer design is named (`layer` for the base layer)",
+    )
     b.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation (default: 0)")
     b.add_argument("--force", action="store_true", help="replace DIR if it is an existing artifact")
     b.add_argument(

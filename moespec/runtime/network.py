@@ -184,12 +184,14 @@ def build_network(
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
     allow_large: bool = False,
+    artifact: bool = False,
 ) -> MoENetwork:
     """The network of ``spec`` (which has a `model:` section) on ``device`` (``target.device``
-    when None; the target checks and the memory check as for a layer)."""
+    when None; the target checks and the memory check as for a layer). ``artifact``: it is
+    only written out (no kernel runs, as for :func:`moespec.runtime.build.build_layer`)."""
     if spec.model is None:
         raise BuildError("the spec has no `model:` section; build a layer instead")
-    dev = check_runnable(build_program(spec), device)
+    dev = check_runnable(build_program(spec), device, kernels=not artifact)
     numbers = model_numbers(spec)
     # Weights in the target dtype, plus one fp32 tensor drawn at a time (the largest).
     largest = max(numbers.params_embedding, numbers.params_head) * 4

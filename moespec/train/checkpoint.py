@@ -3,7 +3,8 @@ state, the AdamW state and the RNG state, so a run resumes bit for bit.
 
 Keys: ``model.<name>`` (the state dict), ``optim.<i>.<field>`` (AdamW's per-parameter
 ``step``, ``exp_avg``, ``exp_avg_sq``, parameters in ``model.parameters()`` order) and
-``rng.torch`` (the global CPU generator's state: jitter and noise draw from it); the step
+``rng.torch`` (the global CPU generator's state: jitter and noise draw from it; ``rng.cuda``
+too where CUDA is present); the step
 is in the file's metadata. Files are ``checkpoints/step-NNNNNNNN.safetensors``, written
 atomically (a temporary sibling renamed into place).
 """
@@ -46,6 +47,8 @@ def save(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimize
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"optim.{index[id(p)]}.{field}"] = t.detach().contiguous().clone()
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # noise drawn on the GPU uses its generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     target = path_for(out, step)
     make_parents(target)
     tmp = temp_sibling(target)
@@ -76,4 +79,6 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     sd["state"] = {i: s for i, s in state.items() if i < len(params)}
     optimizer.load_state_dict(sd)
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return step

@@ -63,7 +63,7 @@ def test_artifact_holds_kernels_and_loads(tmp_path: Path):
     file, shrink = LAYERS["mixtral"]
     spec, overrides = str(SPECS / file), (*shrink, *TRITON)
     art = tmp_path / "art"
-    moespec.build_artifact(spec, art, overrides, seed=1)
+    moespec.build_artifact(spec, art, overrides, seed=1, layer="layer")
     kernels = sorted(p.name for p in (art / "kernels").iterdir())
     assert "expert_up__silu-glu-nobias-fp32.py" in kernels and len(kernels) == 7
     assert "topk_route__softmax-softmax_then_topk-renorm-max.py" in kernels
