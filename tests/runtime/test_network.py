@@ -237,3 +237,31 @@ def test_torch_compile_matches_eager():
     got = torch.compile(net, backend="aot_eager", fullgraph=True)(ids, labels=ids)
     torch.testing.assert_close(got.logits, want.logits)
     torch.testing.assert_close(got.loss, want.loss)
+
+
+@pytest.mark.parametrize(
+    ("file", "overrides"),
+    [
+        ("soft-moe.yaml", ["layer.router.group_size=7"]),
+        ("expert-choice.yaml", []),
+    ],
+)
+def test_encoder_takes_non_causal_routers(file, overrides):
+    """Soft MoE and expert choice route with later tokens: refused in a decoder (golden
+    model_decoder_not_causal), the shape they are made for in an encoder."""
+    small = [
+        "d_model=16",
+        "layer.experts.routed.0.d_ff=8",
+        "layer.experts.routed.0.count=4",
+        "target.dtype=fp32",
+    ]
+    data = load_spec(SPECS / file, [*small, *overrides]).spec.model_dump(mode="json", exclude={"extends"})
+    data["model"] = {**MODEL, "kind": "encoder", "classes": 3, "norm": {"kind": "layernorm"}}
+    net = moespec.build(data, seed=5)
+    ids, labels = _ids(3, 7), torch.tensor([0, 1, 2])
+    out = net(ids, labels=labels)
+    assert out.logits.shape == (3, 3)
+    out.loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    net.eval()
+    torch.testing.assert_close(net(ids).logits, _by_hand(net, ids, carry=True))
