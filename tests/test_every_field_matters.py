@@ -554,13 +554,13 @@ def _run(layer: moespec.api.MoELayer, out: dict[str, Any], x_scale: float) -> No
 def _run_network(net: MoENetwork, out: dict[str, Any]) -> None:
     """What a network is and computes: two training steps with labels, then eval."""
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, net.spec.model.vocab_size, (2, 8), generator=gen)
+    ids = torch.randint(0, net.ir.vocab_size, (2, 8), generator=gen)
     labels = ids if net.kind == "decoder_lm" else torch.randint(0, 2, (2,), generator=gen)
     _flat("net.state", net.state_dict(), out)
     for mode, steps in (("train", 2), ("eval", 1)):
         net.train(mode == "train")
         for i in range(steps):
-            has_head = net.kind == "decoder_lm" or net.spec.model.classes
+            has_head = net.kind == "decoder_lm" or net.ir.classes
             res = net(ids, labels=labels if has_head else None)
             _flat(f"net.{mode}{i}", res._asdict(), out)
             if mode == "train":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moespec.spec.model import AttentionSpec, DenseFFNSpec, NormSpec
+from moespec.ir.nodes import AttentionNode, DenseFFNNode
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -23,11 +23,11 @@ ACTIVATIONS = {
 }
 
 
-def make_norm(spec: NormSpec, width: int) -> nn.Module:
+def make_norm(kind: str, eps: float, width: int) -> nn.Module:
     """RMSNorm (weight only) or LayerNorm (weight and bias) over the last ``width`` features."""
-    if spec.kind == "rmsnorm":
-        return nn.RMSNorm(width, eps=spec.eps)
-    return nn.LayerNorm(width, eps=spec.eps)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(width, eps=eps)
+    return nn.LayerNorm(width, eps=eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -51,10 +51,11 @@ class Attention(nn.Module):
     """Multi-head self-attention with GQA, optional QK-norm and RoPE, run by
     ``F.scaled_dot_product_attention`` (causal for a decoder)."""
 
-    def __init__(self, spec: AttentionSpec, d_model: int, head_dim: int, eps: float, causal: bool) -> None:
+    def __init__(self, spec: AttentionNode, d_model: int, eps: float) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads or spec.heads, head_dim
-        self.causal, self.qk_norm = causal, spec.qk_norm
+        self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
+        self.causal, self.qk_norm = spec.causal, spec.qk_norm
+        head_dim = spec.head_dim
         q, kv = self.heads * head_dim, self.kv_heads * head_dim
         self.q_proj = nn.Linear(d_model, q, bias=spec.bias)
         self.k_proj = nn.Linear(d_model, kv, bias=spec.bias)
@@ -88,7 +89,7 @@ class Attention(nn.Module):
 class DenseFFN(nn.Module):
     """``mlp``: down(act(up(x))); ``glu``: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, spec: DenseFFNSpec, d_model: int) -> None:
+    def __init__(self, spec: DenseFFNNode, d_model: int) -> None:
         super().__init__()
         self.act = ACTIVATIONS[spec.activation]
         self.glu = spec.kind == "glu"

@@ -19,13 +19,12 @@ from torch import Tensor, nn
 from moespec.common.dtypes import TORCH_DTYPES
 from moespec.errors import BuildError
 from moespec.ir.build import build_program
-from moespec.ir.model_numbers import model_numbers
+from moespec.ir.nodes import Program
 from moespec.runtime.blocks import Attention, DenseFFN, make_norm, rope_tables
 from moespec.runtime.carry import State, check_suppliable, layer_inputs, publish
 from moespec.runtime.layer import MoELayer
 from moespec.runtime.memory import check_fits
 from moespec.runtime.target import check_runnable
-from moespec.spec.network import block_plan, head_dim
 from moespec.spec.schema import Spec
 
 IGNORE_INDEX = -100
@@ -61,23 +60,24 @@ class Block(nn.Module):
 class MoENetwork(nn.Module):
     """The network a spec's `model:` section describes (see the module docstring)."""
 
-    def __init__(self, spec: Spec, *, seed: int = 0, generator: torch.Generator | None = None) -> None:
-        """Weights drawn from ``seed`` (dense parts: N(0, model.init_std²), norms 1, biases 0;
-        each MoE block from its own seed drawn from it, by the layer's spec init);
-        ``generator`` drives the MoE layers' jitter, noise and random policies."""
+    def __init__(self, program: Program, *, seed: int = 0, generator: torch.Generator | None = None) -> None:
+        """The network of ``program.model`` (built from the IR alone), weights drawn from
+        ``seed`` (dense parts: N(0, init_std²), norms 1, biases 0; each MoE block from its own
+        seed drawn from it, by the layer's spec init); ``generator`` drives the MoE layers'
+        jitter, noise and random policies."""
         super().__init__()
-        m = spec.model
-        assert m is not None, "MoENetwork needs a spec with a `model:` section"
-        object.__setattr__(self, "spec", spec)
-        self.kind, self.d_model, self.max_seq_len = m.kind, spec.d_model, m.max_seq_len
-        self.dtype = TORCH_DTYPES[spec.target.dtype]
+        m = program.model
+        assert m is not None, "MoENetwork needs a program with a model"
+        object.__setattr__(self, "ir", m)
+        self.kind, self.d_model, self.max_seq_len = m.kind, m.d_model, m.max_seq_len
+        self.dtype = TORCH_DTYPES[program.dtype]
         init = torch.Generator().manual_seed(seed)
-        layers = {lay.name: lay for lay in build_program(spec).layers}
-        hd, d = head_dim(spec), spec.d_model
+        layers = {lay.name: lay for lay in program.layers}
+        d = m.d_model
         self.embed_tokens = nn.Embedding(m.vocab_size, d)
         blocks = []
-        for i, name in enumerate(block_plan(spec)):
-            attn = Attention(m.attention, d, hd, m.norm.eps, causal=m.kind == "decoder_lm")
+        for i, name in enumerate(m.blocks):
+            attn = Attention(m.attention, d, m.norm_eps)
             if name is None:
                 assert m.dense_ffn is not None
                 ffn: nn.Module = DenseFFN(m.dense_ffn, d)
@@ -85,17 +85,18 @@ class MoENetwork(nn.Module):
                 layer_seed = int(torch.randint(0, 2**62, (), generator=init))
                 ffn = MoELayer(layers[name], seed=layer_seed, generator=generator)
                 check_suppliable(ffn, f"block {i} ({name})")
-            blocks.append(Block(attn, ffn, make_norm(m.norm, d), make_norm(m.norm, d)))
+            norms = make_norm(m.norm, m.norm_eps, d), make_norm(m.norm, m.norm_eps, d)
+            blocks.append(Block(attn, ffn, *norms))
         self.blocks = nn.ModuleList(blocks)
-        self.norm = make_norm(m.norm, d)
-        out = m.vocab_size if m.kind == "decoder_lm" else getattr(m, "classes", None)
+        self.norm = make_norm(m.norm, m.norm_eps, d)
+        out = m.vocab_size if m.kind == "decoder_lm" else m.classes
         self.tied = m.kind == "decoder_lm" and m.tie_embeddings
         if out and not self.tied:
             self.lm_head = nn.Linear(d, out, bias=False)
         self._init_dense(init, m.init_std)
         self.to(self.dtype)
         # After the cast: the rotary tables stay fp32 (they are recomputed, never saved).
-        cos, sin = rope_tables(hd, m.max_seq_len, m.attention.rope_theta)
+        cos, sin = rope_tables(m.attention.head_dim, m.max_seq_len, m.attention.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -136,7 +137,7 @@ class MoENetwork(nn.Module):
         """Logits from the final hidden states: the LM head (or the tied embedding); for an
         encoder, of the pooled states (the pooled states themselves without ``classes``)."""
         if self.kind == "encoder":
-            h = h.mean(dim=1) if self.spec.model.pool == "mean" else h[:, 0]
+            h = h.mean(dim=1) if self.ir.pool == "mean" else h[:, 0]
         if self.tied:
             return F.linear(h, self.embed_tokens.weight)
         return self.lm_head(h) if hasattr(self, "lm_head") else h
@@ -191,8 +192,10 @@ def build_network(
     only written out (no kernel runs, as for :func:`moespec.runtime.build.build_layer`)."""
     if spec.model is None:
         raise BuildError("the spec has no `model:` section; build a layer instead")
-    dev = check_runnable(build_program(spec), device, kernels=not artifact)
-    numbers = model_numbers(spec)
+    program = build_program(spec)
+    dev = check_runnable(program, device, kernels=not artifact)
+    assert program.model is not None
+    numbers = program.model.numbers
     # Weights in the target dtype, plus one fp32 tensor drawn at a time (the largest).
     largest = max(numbers.params_embedding, numbers.params_head) * 4
     check_fits(
@@ -202,7 +205,7 @@ def build_network(
         allow_large=allow_large,
         hint="scale it down with overrides (model.blocks=..., d_model=..., model.vocab_size=...)",
     )
-    return MoENetwork(spec, seed=seed, generator=generator).to(dev)
+    return MoENetwork(program, seed=seed, generator=generator).to(dev)
 
 
 def param_count(module: nn.Module) -> int:

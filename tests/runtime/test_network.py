@@ -14,11 +14,11 @@ import torch
 
 import moespec
 from moespec.ir.model_numbers import model_numbers
+from moespec.ir.nodes import AttentionNode
 from moespec.runtime.blocks import Attention, rope_tables
 from moespec.runtime.layer import MoELayer
 from moespec.runtime.network import MoENetwork, param_count
 from moespec.spec.load import load_spec
-from moespec.spec.model import AttentionSpec
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
@@ -110,8 +110,10 @@ def _naive_attention(attn: Attention, x: torch.Tensor, theta: float, causal: boo
 @pytest.mark.parametrize("qk_norm", ["none", "head"])
 def test_attention_equals_a_naive_loop(causal, qk_norm):
     torch.manual_seed(0)
-    spec = AttentionSpec(heads=4, kv_heads=2, rope_theta=100.0, qk_norm=qk_norm)
-    attn = Attention(spec, d_model=16, head_dim=6, eps=1e-5, causal=causal)
+    node = AttentionNode(
+        heads=4, kv_heads=2, head_dim=6, rope_theta=100.0, qk_norm=qk_norm, bias=False, causal=causal
+    )
+    attn = Attention(node, d_model=16, eps=1e-5)
     cos, sin = rope_tables(6, 5, 100.0)
     x = torch.randn(2, 5, 16)
     torch.testing.assert_close(
