@@ -205,9 +205,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         task = bar.add_task("train", total=args.steps) if bar is not None else None
 
         def progress(done: int, total: int, row: dict | None) -> None:
+            text = f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s" if row else None
             if bar is not None:
-                text = f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s" if row else None
                 bar.update(task, completed=done, **({"description": text} if text else {}))
+            elif text:  # no terminal (a log file): one line per metrics row
+                print(f"step {done}/{total}  {text}", file=sys.stderr, flush=True)
 
         def on_start(i: int, name: str) -> None:
             if bar is not None:
