@@ -231,8 +231,16 @@ def test_layer_option_builds_one_layer():
     assert isinstance(moespec.build(SPECS / "debug-tiny.yaml"), MoELayer)
 
 
-def test_torch_compile_matches_eager():
-    net = moespec.build(TINY, seed=4).train()
+def _mpp() -> dict:
+    """MoE++ (gating residual across MoE blocks) in a tiny decoder."""
+    small = ["d_model=16", "layer.experts.routed.0.d_ff=8", "target.dtype=fp32"]
+    data = load_spec(SPECS / "moe-plus-plus.yaml", small).spec.model_dump(mode="json", exclude={"extends"})
+    return {**data, "model": MODEL}
+
+
+@pytest.mark.parametrize("which", ["tiny", "moe_plus_plus"])
+def test_torch_compile_matches_eager(which):
+    net = moespec.build(TINY if which == "tiny" else _mpp(), seed=4).train()
     ids = _ids()
     want = net(ids, labels=ids)
     # aot_eager keeps the test fast; the inductor backend compiles it too (about 20 s here).
