@@ -107,11 +107,14 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
 
 
 def write_plots(out: Path, rows: list[dict[str, Any]]) -> None:
-    """loss.png (loss and loss + aux over steps) and expert_load.png (each expert's share of
-    the routed tokens, one row per (MoE block, expert), one column per logged step)."""
+    """loss.png (the loss over steps) and expert_load.png (each expert's share of the routed
+    tokens, one row per (MoE block, expert) with a grey row between blocks, one column per
+    logged step)."""
     steps = [r["step"] for r in rows]
     plots.save_png(out / "loss.png", plots.line_plot([(steps, [r["loss"] for r in rows])]))
-    shares = [[s for block in r["expert_load"] for s in block] for r in rows]
+    shares = [
+        [s for i, block in enumerate(r["expert_load"]) for s in ([-1.0] if i else []) + block] for r in rows
+    ]
     grid = torch.tensor(shares, dtype=torch.float32).T if shares and shares[0] else torch.zeros(0, 0)
     plots.save_png(out / "expert_load.png", plots.heatmap(grid))
 

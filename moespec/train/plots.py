@@ -105,19 +105,22 @@ def line_plot(series: list[tuple[list[float], list[float]]]) -> Tensor:
 
 def heatmap(share_RC: Tensor) -> Tensor:
     """Rows (experts) by columns (logged steps) of values in [0, 1], white (0) to dark blue
-    (the largest value), each cell stretched to fill the plot area."""
+    (the largest value), each cell stretched to fill the plot area; negative rows are drawn
+    light grey (separators between MoE blocks)."""
     img = torch.full((H, W, 3), 255, dtype=torch.uint8)
     if share_RC.numel() == 0:
         return img
     r, c = share_RC.shape
     top = float(share_RC.max()) or 1.0
-    v = (share_RC / top).clamp(0, 1)
+    v = share_RC / top
     rows = (torch.arange(H - 2 * MARGIN) * r // (H - 2 * MARGIN)).clamp(max=r - 1)
     cols = (torch.arange(W - 2 * MARGIN) * c // (W - 2 * MARGIN)).clamp(max=c - 1)
     cell = v[rows][:, cols]
     blue = torch.tensor([8.0, 48.0, 107.0])
     white = torch.tensor([255.0, 255.0, 255.0])
-    img[MARGIN : H - MARGIN, MARGIN : W - MARGIN] = (white + cell[..., None] * (blue - white)).round().byte()
+    rgb = white + cell.clamp(0, 1)[..., None] * (blue - white)
+    rgb[cell < 0] = torch.tensor([200.0, 200.0, 200.0])
+    img[MARGIN : H - MARGIN, MARGIN : W - MARGIN] = rgb.round().byte()
     _text(img, 2, MARGIN - 12, _fmt(top))
     return img
 

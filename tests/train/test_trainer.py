@@ -118,3 +118,15 @@ def test_cli_train_and_compare(tmp_path, capsys):
         tmp_path / "cmp" / "1-tiny-top1" / "metrics.jsonl"
     ).exists()
     assert main(["train", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_heatmap_colours():
+    from moespec.train.plots import MARGIN, heatmap
+
+    img = heatmap(torch.tensor([[0.5, 0.25], [-1.0, -1.0], [0.0, 0.0]]))
+    top, mid, low = img[MARGIN + 5, MARGIN + 5], img[200, MARGIN + 5], img[-MARGIN - 5, MARGIN + 5]
+    assert (
+        top.tolist() == [8, 48, 107] and mid.tolist() == [200, 200, 200] and low.tolist() == [255, 255, 255]
+    )
+    half = img[MARGIN + 5, -MARGIN - 5].tolist()  # 0.25 of the top 0.5: halfway to white
+    assert half == [round(255 + 0.5 * (c - 255)) for c in (8, 48, 107)]
