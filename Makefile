@@ -20,7 +20,7 @@ DEMO_OUT := out/mixtral-small
 demo: $(STAMP)
 	$(BIN)/moespec validate specs/*.yaml
 	$(BIN)/moespec build specs/mixtral-8x7b.yaml d_model=256 layer.experts.routed.0.d_ff=512 \
-		target.dtype=fp32 -o $(DEMO_OUT) --force
+		target.dtype=fp32 --layer layer -o $(DEMO_OUT) --force
 	$(BIN)/python -c "import moespec, torch; m = moespec.load('$(DEMO_OUT)'); \
 		x = torch.randn(4, 64, 256); y = m(x); (y.square().mean() + m.aux_loss).backward(); \
 		g = m.get_parameter('experts.0.w_up').grad; \

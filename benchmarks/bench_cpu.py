@@ -77,7 +77,7 @@ def build_moespec(s: Shape) -> nn.Module:
         "target.dtype=fp32",
         "~layer.losses",
     ]
-    return moespec.build(str(SPEC), overrides)
+    return moespec.build(str(SPEC), overrides, layer="layer")
 
 
 def build_transformers(s: Shape, impl: str, src: nn.Module) -> nn.Module:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from moespec.ops import release_buffers
     from moespec.parallel import parallelize, reduce_gradients
     from moespec.runtime.layer import MoELayer
+    from moespec.runtime.network import MoENetwork
     from moespec.runtime.replay import RoutingRecording, record_routing, replay_routing
 
 # name -> module that defines it (imported lazily: each pulls in torch).
@@ -44,6 +45,7 @@ _LAZY = {
     "reduce_gradients": "moespec.parallel",
     "build_artifact": "moespec.export.artifact",
     "MoELayer": "moespec.runtime.layer",
+    "MoENetwork": "moespec.runtime.network",
     "release_buffers": "moespec.ops",
     "record_routing": "moespec.runtime.replay",
     "replay_routing": "moespec.runtime.replay",
@@ -66,6 +68,7 @@ __all__ = [
     "IRError",
     "LoadedSpec",
     "MoELayer",
+    "MoENetwork",
     "MoespecError",
     "Origin",
     "RoutingRecording",

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from moespec.errors import BuildError
 from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
+from moespec.runtime.network import MoENetwork, build_network
 from moespec.spec.load import LoadedSpec, load_spec
 from moespec.spec.schema import Spec
 
@@ -29,8 +30,11 @@ def build(
     generator: torch.Generator | None = None,
     device: str | torch.device | None = None,
     allow_large: bool = False,
-) -> MoELayer:
-    """Build the MoE layer a spec describes (``layer`` picks a group when there are several).
+) -> MoELayer | MoENetwork:
+    """Build what a spec describes: with a `model:` section the network
+    (:class:`~moespec.runtime.network.MoENetwork`), unless ``layer`` names one of its MoE
+    layer designs (``"layer"`` for the base layer, or a group); without one the MoE layer
+    (``layer`` picks a group when there are several).
 
     ``spec`` is a path, a dict or a validated spec; ``overrides`` use the CLI's ``a.b=v``
     syntax. ``seed`` seeds the weight init; ``generator`` drives jitter, noise and random
@@ -41,6 +45,10 @@ def build(
     ``allow_large``.
     """
     loaded = load_spec(spec, overrides)
+    if loaded.spec.model is not None and layer is None:
+        return build_network(
+            loaded.spec, seed=seed, generator=generator, device=device, allow_large=allow_large
+        )
     return build_layer(
         loaded.spec, layer=layer, seed=seed, generator=generator, device=device, allow_large=allow_large
     )
@@ -60,8 +68,8 @@ def load(
     mesh: DeviceMesh | None = None,
     verify: bool = True,
     allow_large: bool = False,
-) -> MoELayer:
-    """The layer of the artifact directory ``path`` (:func:`moespec.runtime.load.load`: every
+) -> MoELayer | MoENetwork:
+    """The layer (or network) of the artifact directory ``path`` (:func:`moespec.runtime.load.load`: every
     check, ``device``, ``verify`` and ``allow_large`` as there). With ``mesh`` the layer is
     then made expert-parallel over its ``ep`` dimension (:func:`moespec.parallel.parallelize`):
     each rank keeps its experts of the artifact's weights."""
@@ -70,6 +78,8 @@ def load(
     layer = load_artifact(path, device, verify=verify, allow_large=allow_large)
     if mesh is None:
         return layer
+    if not isinstance(layer, MoELayer):
+        raise BuildError(f"{path}: holds a network; expert parallelism over a mesh takes one MoE layer")
     from moespec.parallel import parallelize
 
     parallelize(layer, mesh)

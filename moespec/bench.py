@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from moespec.api import BuildError, build
+from moespec.api import BuildError
 from moespec.explain import human
+from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
 from moespec.runtime.memory import activation_bytes, check_fits
 
@@ -165,9 +166,14 @@ def layer_for_bench(
             raise BuildError(f"{path}: an artifact directory takes no overrides or --layer")
         manifest = read_manifest(path)
         module = load(path, device=device, allow_large=allow_large)
+        if not isinstance(module, MoELayer):
+            raise BuildError(
+                f"{path}: holds a network; moespec bench times one MoE layer (build it with --layer)"
+            )
         return module, manifest.spec_name, device or manifest.target.get("device", "cpu")
     loaded = load_spec(path, overrides)
-    module = build(loaded, layer=layer, seed=seed, device=device, allow_large=allow_large)
+    # A layer, even of a spec with a `model:` section: bench times one MoE layer.
+    module = build_layer(loaded.spec, layer=layer, seed=seed, device=device, allow_large=allow_large)
     return module, loaded.spec.name, device or loaded.spec.target.device
 
 

@@ -128,9 +128,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         sys.stdout.write(print_program(build_program(loaded.spec)))
         return 0
     if args.json:
-        print(json.dumps(explain_data(loaded, args.tokens), indent=2))
+        print(json.dumps(explain_data(loaded, args.tokens, args.seq_len), indent=2))
     else:
-        print_explain(loaded, args.tokens)
+        print_explain(loaded, args.tokens, args.seq_len)
     return 0
 
 
@@ -149,6 +149,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from moespec.export.artifact import build_artifact
+    from moespec.export.network import network_summary_text
     from moespec.export.report import summary_text
 
     one = _one_spec(args)
@@ -160,7 +161,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         allow_large=args.allow_large, meta=args.meta,
     )  # fmt: skip
     print(f"wrote {art.path}/: {', '.join(sorted(p.name for p in art.path.iterdir()))}")
-    sys.stdout.write(summary_text(art.report))
+    network = art.manifest["layer"] == "<model>"  # moespec.runtime.layout.NETWORK
+    sys.stdout.write(network_summary_text(art.report) if network else summary_text(art.report))
     return 0
 
 
@@ -181,6 +183,53 @@ def _bench_progress(enabled: bool):
         console=Console(stderr=True),
         transient=True,
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moespec.ir.summary import human
+    from moespec.train import TrainConfig, compare, train
+
+    specs, overrides = _split_args(args.items)
+    if args.compare:
+        specs = [*specs, *args.compare]
+    if not specs or (len(specs) > 1 and not args.compare):
+        return _usage("moespec train: give one spec file (or several after --compare)")
+    if args.steps < 1 or args.batch < 1 or args.seq_len < 1:
+        return _usage("moespec train: --steps, --batch and --seq-len must be >= 1")
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+        horizon=args.horizon, seed=args.seed, log_every=args.log_every, save_every=args.save_every,
+        device=args.device,
+    )  # fmt: skip
+    with _bench_progress(sys.stderr.isatty()) as bar:
+        task = bar.add_task("train", total=args.steps) if bar is not None else None
+
+        def progress(done: int, total: int, row: dict | None) -> None:
+            text = f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s" if row else None
+            if bar is not None:
+                bar.update(task, completed=done, **({"description": text} if text else {}))
+            elif text:  # no terminal (a log file): one line per metrics row
+                print(f"step {done}/{total}  {text}", file=sys.stderr, flush=True)
+
+        def on_start(i: int, name: str) -> None:
+            if bar is not None:
+                bar.reset(task, total=args.steps, description=name)
+
+        if args.compare:
+            rows = compare(specs, overrides, out=args.out, cfg=cfg, progress=progress, on_start=on_start)
+        else:
+            metrics = train(specs[0], overrides, out=args.out, cfg=cfg, progress=progress)
+    if args.compare:
+        print(f"{'spec':<24} {'params':>10} {'active':>10} {'tokens/s':>10} {'final loss':>10}  colour")
+        for r in rows:
+            print(f"{r['name']:<24} {human(r['params_total']):>10} {human(r['params_active']):>10} "
+                  f"{r['tokens_per_s']:>10,.0f} {r['final_loss']:>10.4f}  {r['colour']}")  # fmt: skip
+        print(f"wrote {Path(args.out) / 'compare.png'} and compare.json")
+        return 0
+    first, last = metrics[0], metrics[-1]
+    print(f"{last['step']} steps: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f}, "
+          f"aux {last['aux_loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s; run in {args.out}")  # fmt: skip
+    return 0
 
 
 def _bench_nproc(args: argparse.Namespace, spec: str, overrides: list[str]) -> int:
@@ -308,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens per rank for the expert-parallel all-to-all bytes (default 4096)",
     )
+    e.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="N",
+        help="sequence length of the whole model's attention FLOPs (default: model.max_seq_len)",
+    )
     e.set_defaults(func=cmd_explain)
 
     i = sub.add_parser("init", help="write a starter spec with the schema modeline (parents created)")
@@ -324,7 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="write an artifact directory: module.py, weights, lock, report")
     b.add_argument("items", nargs="+", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
     b.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
-    b.add_argument("--layer", help="layer group to build (required when the spec has several)")
+    b.add_argument(
+        "--layer",
+        help="layer group to build (required when the spec has several and no model: section); with "
+        "model:, the network is built unless a layer design is named (`layer` for the base layer)",
+    )
     b.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation (default: 0)")
     b.add_argument("--force", action="store_true", help="replace DIR if it is an existing artifact")
     b.add_argument(
@@ -364,6 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bn.add_argument("--json", action="store_true", help="machine-readable output")
     bn.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train a spec's network (model: section) on generated text")
+    t.add_argument("items", nargs="*", metavar="SPEC|OVERRIDE", help=f"one spec file, then {over}")
+    t.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory (resumed when it holds the run)"
+    )
+    t.add_argument("--steps", type=int, required=True, help="train until this many steps are done")
+    t.add_argument("--compare", nargs="+", metavar="SPEC", help="train these specs too, on the same data")
+    t.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
+    t.add_argument("--seq-len", type=int, default=64, help="bytes per sequence (default: 64)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (default: 3e-3)")
+    t.add_argument("--warmup", type=int, default=20, help="linear warmup steps (default: 20)")
+    t.add_argument(
+        "--horizon", type=int, help="steps of the cosine decay (default: --steps of the first run)"
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise (default: 0)")
+    t.add_argument("--log-every", type=int, default=10, help="steps between metrics rows (default: 10)")
+    t.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    t.set_defaults(func=cmd_train)
 
     tn = sub.add_parser(
         "tune", help="time Triton block sizes on this GPU; write the best to the tuning table"

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 
+from moespec.ir.model_numbers import model_numbers
 from moespec.ir.numbers import spec_numbers
 from moespec.ir.placement import placement_numbers
-from moespec.ir.summary import explain_data, human, resolved_leaves, totals
+from moespec.ir.summary import explain_data, human, model_lines, resolved_leaves, totals
 from moespec.spec.load import LoadedSpec
 
-__all__ = ["explain_data", "human", "print_explain", "resolved_leaves", "totals"]
+__all__ = ["explain_data", "human", "model_lines", "print_explain", "resolved_leaves", "totals"]
 
 
-def print_explain(loaded: LoadedSpec, tokens_per_rank: int = 4096) -> None:
+def print_explain(loaded: LoadedSpec, tokens_per_rank: int = 4096, seq_len: int | None = None) -> None:
     """Print the resolved spec (with provenance) and the numbers as rich tables."""
     from rich.console import Console
     from rich.table import Table
@@ -56,6 +57,9 @@ def print_explain(loaded: LoadedSpec, tokens_per_rank: int = 4096) -> None:
             f"{tot['params_active']:,} active, {human(tot['flops_per_token'])} FLOPs/token, "
             f"{human(tot['weight_bytes_per_rank'], 'B')} weights/rank"
         )
+    if spec.model is not None:
+        for line in model_lines(model_numbers(spec, seq_len)):
+            console.print(line, highlight=False)
     _print_placement(console, loaded, tokens_per_rank)
 
 

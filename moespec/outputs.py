@@ -72,3 +72,18 @@ def write_text_atomic(target: Path, text: str) -> None:
             tmp.unlink()
         remove_created(created)
         raise
+
+
+def write_bytes_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` (parents created): all of it or, on any error, nothing."""
+    created = make_parents(target)
+    tmp = temp_sibling(target)
+    try:
+        with writing(target):
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        remove_created(created)
+        raise

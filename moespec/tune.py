@@ -99,7 +99,7 @@ def tune(
     """Tune the spec's triton layer here (CUDA; the CPU only under TRITON_INTERPRET=1, where
     the times mean nothing) and write the best candidate into ``table`` (the user table when
     None)."""
-    from moespec.api import build
+    from moespec.runtime.build import build_layer
     from moespec.spec.load import load_spec
 
     loaded = load_spec(spec, overrides)
@@ -114,7 +114,7 @@ def tune(
         device = torch.device("cpu")
     else:
         raise TargetError("target.backend", "triton, but moespec tune needs a CUDA GPU to time kernels on")
-    module = build(loaded, layer=layer, seed=seed, device=device)
+    module = build_layer(loaded.spec, layer=layer, seed=seed, device=device)  # one layer, as bench
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(tokens, loaded.spec.d_model, generator=gen, device=device, dtype=module.experts_dtype)
     x.requires_grad_()

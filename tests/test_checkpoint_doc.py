@@ -163,6 +163,7 @@ def eval_shape(shape: str, sym: dict[str, int]) -> tuple[int, ...]:
 def tiny_spec_dict(path: Path) -> dict:
     """A spec of specs/ with d_model and every d_ff shrunk (granularity still divides d_ff)."""
     data = moespec.load_spec(path).spec.model_dump(mode="json")
+    data.pop("model", None)  # the layer alone: a shrunk d_model may not fit the network's heads
 
     def shrink(node):
         if isinstance(node, dict):

@@ -34,7 +34,9 @@ import torch
 import moespec
 from moespec.errors import SpecError, TargetError
 from moespec.ir.build import build_program
+from moespec.ir.model_numbers import model_numbers
 from moespec.ir.numbers import spec_numbers
+from moespec.runtime.network import MoENetwork
 from moespec.spec.load import load_spec
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "moespec.v1.schema.json"
@@ -121,6 +123,29 @@ BASES["zero_compute"]["layer"]["experts"]["zero_compute"] = [{"kind": "constant"
 BASES["shared"] = copy.deepcopy(BASES["topk"])
 BASES["shared"]["layer"]["experts"]["shared"] = {"kind": "glu", "activation": "silu", "d_ff": 8}
 BASES["spec_groups"] = {**BASES["topk"], "groups": [{"name": "a", "layer": {}}]}
+# A tiny network: 3 blocks, MoE at 0 and 2 (every 2), a dense FFN at 1.
+MODEL = {
+    "kind": "decoder_lm",
+    "vocab_size": 16,
+    "blocks": 3,
+    "max_seq_len": 16,
+    "attention": {"heads": 2},
+    "norm": {"kind": "rmsnorm"},
+    "dense_ffn": {"kind": "glu", "activation": "silu", "d_ff": 8},
+    "moe_blocks": {"kind": "every", "every": 2},
+}
+BASES["model"] = {**BASES["topk"], "model": MODEL}
+BASES["encoder"] = {**BASES["topk"], "model": {**MODEL, "kind": "encoder"}}
+BASES["model_first_dense"] = {
+    **BASES["topk"],
+    "model": {**MODEL, "moe_blocks": {"kind": "first_dense", "count": 1}},
+}
+BASES["model_list"] = {**BASES["topk"], "model": {**MODEL, "moe_blocks": {"kind": "list", "blocks": [1]}}}
+BASES["model_groups"] = {
+    **BASES["topk"],
+    "groups": [{"name": "a", "layer": {"router": {"k": 1}}}, {"name": "b", "layer": {}}],
+    "model": MODEL,
+}
 
 
 @dataclass(frozen=True)
@@ -139,7 +164,51 @@ SHARED = "layer.experts.shared"
 LB = "layer.losses.load_balance"
 SCHED = "layer.schedules.0"
 
+ATT = "model.attention"
+MODEL_CASES: dict[str, Case] = {
+    "Spec.model": Case("topk", {"model": MODEL}),
+    "AttentionSpec.heads": Case("model", {f"{ATT}.heads": 4}),
+    "AttentionSpec.kv_heads": Case("model", {f"{ATT}.kv_heads": 1}),
+    "AttentionSpec.head_dim": Case("model", {f"{ATT}.head_dim": 8}),
+    "AttentionSpec.rope_theta": Case("model", {f"{ATT}.rope_theta": 100.0}),
+    "AttentionSpec.qk_norm": Case("model", {f"{ATT}.qk_norm": "head"}),
+    "AttentionSpec.bias": Case("model", {f"{ATT}.bias": True}),
+    "NormSpec.kind": Case("model", {"model.norm.kind": "layernorm"}),
+    "NormSpec.eps": Case("model", {"model.norm.eps": 0.5}),
+    "DenseFFNSpec.kind": Case("model", {"model.dense_ffn.kind": "mlp"}),
+    "DenseFFNSpec.activation": Case("model", {"model.dense_ffn.activation": "relu"}),
+    "DenseFFNSpec.d_ff": Case("model", {"model.dense_ffn.d_ff": 16}),
+    "DenseFFNSpec.bias": Case("model", {"model.dense_ffn.bias": True}),
+    "AllMoE.kind": Case("model", {"model.moe_blocks": {"kind": "all"}}),
+    "EveryMoE.kind": Case("model_list", {"model.moe_blocks": {"kind": "every", "every": 2}}),
+    "EveryMoE.every": Case("model", {"model.moe_blocks.every": 1}),
+    "EveryMoE.offset": Case("model", {"model.moe_blocks.offset": 1}),
+    "FirstDenseMoE.kind": Case("model", {"model.moe_blocks": {"kind": "first_dense", "count": 1}}),
+    "FirstDenseMoE.count": Case("model_first_dense", {"model.moe_blocks.count": 2}),
+    "ListMoE.kind": Case("model", {"model.moe_blocks": {"kind": "list", "blocks": [1]}}),
+    "ListMoE.blocks": Case("model_list", {"model.moe_blocks.blocks": [0, 1]}),
+    "DecoderLMSpec.kind": Case("model", {"model.kind": "encoder"}),
+    "DecoderLMSpec.tie_embeddings": Case("model", {"model.tie_embeddings": True}),
+    "EncoderSpec.kind": Case("encoder", {"model.kind": "decoder_lm"}),
+    "EncoderSpec.pool": Case("encoder", {"model.pool": "first"}),
+    "EncoderSpec.classes": Case("encoder", {"model.classes": 3}),
+}
+for _kind, _base in (("DecoderLMSpec", "model"), ("EncoderSpec", "encoder")):
+    MODEL_CASES |= {
+        f"{_kind}.vocab_size": Case(_base, {"model.vocab_size": 32}),
+        f"{_kind}.blocks": Case(_base, {"model.blocks": 4}),
+        f"{_kind}.max_seq_len": Case(_base, {"model.max_seq_len": 32}),
+        f"{_kind}.moe_blocks": Case(_base, {"model.moe_blocks": {"kind": "all"}}),
+        f"{_kind}.init_std": Case(_base, {"model.init_std": 0.5}),
+        f"{_kind}.dense_ffn": Case(_base, {"model.dense_ffn.d_ff": 16}),
+    }
+MODEL_CASES["DecoderLMSpec.moe_layers"] = Case("model_groups", {"model.moe_layers": ["b", "a"]})
+MODEL_CASES["EncoderSpec.moe_layers"] = Case(
+    "model_groups", {"model.kind": "encoder", "model.moe_layers": ["b", "a"]}
+)
+
 CASES: dict[str, Case] = {
+    **MODEL_CASES,
     # Top level and target
     "Spec.d_model": Case("topk", {"d_model": 16}),
     "Spec.groups": Case("topk", {"groups": [{"name": "a", "layer": {"router": {"k": 1}}}]}),
@@ -357,6 +426,10 @@ SECTIONS: dict[str, str] = {
     "LayerSpec.experts": "ExpertsSpec",
     "LayerSpec.router": "the router kinds",
     "ExpertsSpec.routed": "RoutedExpertGroup",
+    "DecoderLMSpec.attention": "AttentionSpec",
+    "DecoderLMSpec.norm": "NormSpec",
+    "EncoderSpec.attention": "AttentionSpec",
+    "EncoderSpec.norm": "NormSpec",
 }
 
 
@@ -478,10 +551,32 @@ def _run(layer: moespec.api.MoELayer, out: dict[str, Any], x_scale: float) -> No
     _flat("state_after", layer.state_dict(), out)
 
 
+def _run_network(net: MoENetwork, out: dict[str, Any]) -> None:
+    """What a network is and computes: two training steps with labels, then eval."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, net.ir.vocab_size, (2, 8), generator=gen)
+    labels = ids if net.kind == "decoder_lm" else torch.randint(0, 2, (2,), generator=gen)
+    _flat("net.state", net.state_dict(), out)
+    for mode, steps in (("train", 2), ("eval", 1)):
+        net.train(mode == "train")
+        for i in range(steps):
+            has_head = net.kind == "decoder_lm" or net.ir.classes
+            res = net(ids, labels=labels if has_head else None)
+            _flat(f"net.{mode}{i}", res._asdict(), out)
+            if mode == "train":
+                (res.loss if res.loss is not None else res.logits.sum() + net.aux_loss()).backward()
+    _flat("net.grad", {n: p.grad for n, p in net.named_parameters() if p.grad is not None}, out)
+
+
 def observe(spec: dict[str, Any], x_scale: float = 1.0) -> dict[str, Any]:
-    """Everything observable about a spec: explain's numbers and each layer group's module."""
+    """Everything observable about a spec: explain's numbers and each layer group's module
+    (and, with a `model:` section, the network's numbers and what it computes)."""
     loaded = load_spec(spec)
     out: dict[str, Any] = {"numbers": [asdict(n) for n in spec_numbers(loaded.spec)]}
+    if loaded.spec.model is not None:
+        out["model_numbers"] = asdict(model_numbers(loaded.spec))
+        torch.manual_seed(0)
+        _run_network(moespec.build(loaded, seed=0), out)
     for name, _, _ in loaded.spec.layer_groups():
         torch.manual_seed(0)
         layer = moespec.build(loaded, layer=name, seed=0)

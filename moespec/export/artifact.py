@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from moespec import __version__
 from moespec.codegen.render import RouterSpecialisation, layer_kernels
-from moespec.errors import ArtifactError
+from moespec.errors import ArtifactError, BuildError
+from moespec.export.network import network_report_data, network_report_text, render_network_module
 from moespec.export.render import render_module
 from moespec.export.report import report_data, report_text, used_op_set
 from moespec.export.swap import recover, swap_into_place
@@ -36,6 +37,7 @@ from moespec.outputs import make_parents, remove_created, temp_sibling, writing
 from moespec.runtime import layout as L
 from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
+from moespec.runtime.network import MoENetwork, build_network
 from moespec.spec.load import LoadedSpec, load_spec
 from moespec.spec.schema import Spec
 
@@ -107,10 +109,8 @@ def _check_target(out: Path, force: bool) -> None:
         )
 
 
-def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed: int,
-                 source: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """Write every file of the artifact into ``tmp``; the manifest last."""
-    vers = versions()
+def _layer_texts(loaded: LoadedSpec, module: MoELayer, sha: str, vers: dict[str, str]) -> tuple[dict, dict]:
+    """(report, {file name: text}) of a layer artifact."""
     layer = module.ir.name
     report = report_data(loaded, module, sha, vers)
     texts = {
@@ -130,9 +130,47 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer, sha: str, seed
             custom_ops=report["custom_ops"],
         ),
     }
-    if module.ir.backend == "triton":  # the generated kernels, readable and importable
-        texts |= {f"{L.KERNELS}/{name}": text for name, text in _kernels(loaded.spec, module, sha).items()}
-        (tmp / L.KERNELS).mkdir()
+    return report, texts
+
+
+def _network_texts(loaded: LoadedSpec, net: MoENetwork, sha: str, vers: dict[str, str]) -> tuple[dict, dict]:
+    """(report, {file name: text}) of a network artifact."""
+    report = network_report_data(loaded, net, sha, vers)
+    assert loaded.spec.model is not None
+    texts = {
+        L.LOCK: lock_text(loaded.spec, sha),
+        L.REPORT_JSON: json.dumps(report, indent=2) + "\n",
+        L.REPORT_TXT: network_report_text(report),
+        L.IR_TXT: report["ir"],
+        L.GRAPH_TXT: "".join(f"# {key} mode\n{code}\n" for key, code in report["graph"].items()),
+        L.MODULE: render_network_module(
+            version=__version__,
+            spec_name=loaded.spec.name,
+            spec_sha256=sha,
+            kind=loaded.spec.model.kind,
+            vocab_size=loaded.spec.model.vocab_size,
+            graphs=report["graph"],
+            custom_ops=report["custom_ops"],
+        ),
+    }
+    return report, texts
+
+
+def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer | MoENetwork, sha: str, seed: int,
+                 source: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Write every file of the artifact into ``tmp``; the manifest last."""
+    vers = versions()
+    if isinstance(module, MoENetwork):
+        layer = L.NETWORK
+        report, texts = _network_texts(loaded, module, sha, vers)
+    else:
+        layer = module.ir.name
+        report, texts = _layer_texts(loaded, module, sha, vers)
+        if module.ir.backend == "triton":  # the generated kernels, readable and importable
+            texts |= {
+                f"{L.KERNELS}/{name}": text for name, text in _kernels(loaded.spec, module, sha).items()
+            }
+            (tmp / L.KERNELS).mkdir()
     for name, text in texts.items():
         (tmp / name).write_text(text, encoding="utf-8")
     meta = {"moespec_version": __version__, "spec_sha256": sha, "layer": layer, "format": L.LAYOUT}
@@ -209,9 +247,25 @@ def build_artifact(
     # Weights are made on the CPU: an artifact for a CUDA target can be written on a laptop.
     # `meta`: the layer holds shapes only and the weights are written one tensor at a time
     # (the same tensors as without it).
-    module = build_layer(
-        loaded.spec, layer=layer, seed=seed, device="cpu", allow_large=allow_large, meta=meta, artifact=True
-    )
+    network = loaded.spec.model is not None and layer is None
+    if network:
+        if meta:
+            raise BuildError(
+                "--meta streams one layer's weights; write the network without it, or pass --layer"
+            )
+        module: MoELayer | MoENetwork = build_network(
+            loaded.spec, seed=seed, device="cpu", allow_large=allow_large, artifact=True
+        )
+    else:
+        module = build_layer(
+            loaded.spec,
+            layer=layer,
+            seed=seed,
+            device="cpu",
+            allow_large=allow_large,
+            meta=meta,
+            artifact=True,
+        )
     sha = spec_hash(loaded.spec)
     source = {
         "spec": str(spec) if isinstance(spec, (str, Path)) else None,
@@ -230,5 +284,5 @@ def build_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         remove_created(created)  # only the parents this call created, if empty
         raise
-    log.info("wrote artifact %s (spec %s, layer %s)", out, loaded.spec.name, module.ir.name)
+    log.info("wrote artifact %s (spec %s, layer %s)", out, loaded.spec.name, manifest["layer"])
     return Artifact(out, manifest, report)

@@ -13,8 +13,9 @@ import torch
 from torch import fx
 
 from moespec.ir.build import build_program
+from moespec.ir.model_numbers import ModelNumbers
 from moespec.ir.printer import print_layer, print_program
-from moespec.ir.summary import explain_data, human
+from moespec.ir.summary import explain_data, human, model_lines
 from moespec.ops import registered_op_set
 from moespec.runtime.layer import MoELayer
 from moespec.spec.load import LoadedSpec
@@ -93,6 +94,7 @@ def report_data(loaded: LoadedSpec, module: MoELayer, spec_sha256: str, versions
         "numbers": module.ir.numbers.to_json(),
         "spec_layers": explained["layers"],
         "spec_totals": explained["totals"],
+        "spec_model": explained["model"],
         "state_dict": {
             k: {"shape": list(v.shape), "dtype": DTYPE_NAMES.get(v.dtype, str(v.dtype))}
             for k, v in module.state_dict().items()
@@ -129,7 +131,9 @@ def summary_text(report: dict[str, Any]) -> str:
         NUMBERS_TITLE,
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(head + [f"  {k:<{width}}  {val}" for k, val in rows]) + "\n"
+    network = report.get("spec_model")
+    tail = ["", *model_lines(ModelNumbers(**network))] if network else []
+    return "\n".join(head + [f"  {k:<{width}}  {val}" for k, val in rows] + tail) + "\n"
 
 
 def report_text(report: dict[str, Any]) -> str:

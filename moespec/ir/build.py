@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 
+from moespec.ir.model_numbers import model_numbers
 from moespec.ir.nodes import (
+    AttentionNode,
     CombineNode,
+    DenseFFNNode,
     DispatchNode,
     ExpertGroupNode,
     ExpertsNode,
     LossesNode,
+    ModelNode,
     MoELayerNode,
     PlacementNode,
     Program,
@@ -21,6 +25,7 @@ from moespec.ir.nodes import (
 from moespec.ir.numbers import expert_costs, layer_numbers
 from moespec.ir.params import layer_params
 from moespec.ir.verify import verify
+from moespec.spec.network import block_plan, head_dim
 from moespec.spec.schema import LayerSpec, Spec, inner_d_model
 
 
@@ -94,6 +99,34 @@ def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) ->
     )
 
 
+def build_model(spec: Spec) -> ModelNode | None:
+    """The network node of a spec's `model:` section (None without one)."""
+    m = spec.model
+    if m is None:
+        return None
+    a = m.attention
+    attention = AttentionNode(
+        a.heads,
+        a.kv_heads or a.heads,
+        head_dim(spec),
+        a.rope_theta,
+        a.qk_norm,
+        a.bias,
+        m.kind == "decoder_lm",
+    )
+    dense = None
+    if m.dense_ffn is not None:
+        f = m.dense_ffn
+        dense = DenseFFNNode(f.kind, f.activation, f.d_ff, f.bias)
+    return ModelNode(
+        kind=m.kind, d_model=spec.d_model, vocab_size=m.vocab_size, max_seq_len=m.max_seq_len,
+        attention=attention, norm=m.norm.kind, norm_eps=m.norm.eps, dense_ffn=dense,
+        blocks=tuple(block_plan(spec)),
+        tie_embeddings=getattr(m, "tie_embeddings", False), pool=getattr(m, "pool", "mean"),
+        classes=getattr(m, "classes", None), init_std=m.init_std, numbers=model_numbers(spec),
+    )  # fmt: skip
+
+
 def build_program(spec: Spec) -> Program:
     """The verified IR of a validated spec."""
     if spec.groups:
@@ -109,6 +142,7 @@ def build_program(spec: Spec) -> Program:
         backend=spec.target.backend,
         arch=spec.target.arch,
         layers=tuple(build_layer(spec, n, c, lay, at) for n, c, lay, at in items),
+        model=build_model(spec),
     )
     verify(program)
     return program

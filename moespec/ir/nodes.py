@@ -1,4 +1,5 @@
-"""The frozen, fully resolved IR: Program -> MoELayer -> Router / Dispatch / Experts / Combine.
+"""The frozen, fully resolved IR: Program -> MoELayer -> Router / Dispatch / Experts / Combine
+(and, with a `model:` section, Program -> ModelNode: the network around the layers).
 
 The IR is what lowering consumes. Unlike the spec it has no defaults left to resolve: every
 dtype is concrete, expert indices are assigned, the expert-to-rank map is explicit. Router,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moespec.ir.model_numbers import ModelNumbers
 from moespec.ir.numbers import LayerNumbers
 from moespec.ir.params import ParamNode
 from moespec.spec.base import Strict
@@ -174,6 +176,52 @@ class MoELayerNode:
 
 
 @dataclass(frozen=True)
+class AttentionNode:
+    """Self-attention of every block, resolved: ``kv_heads`` and ``head_dim`` concrete,
+    ``causal`` from the model kind."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float
+    qk_norm: str
+    bias: bool
+    causal: bool
+
+
+@dataclass(frozen=True)
+class DenseFFNNode:
+    """The FFN of a dense block."""
+
+    kind: str
+    activation: str
+    d_ff: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class ModelNode:
+    """The network of a `model:` section: ``blocks`` holds, per block, the name of its MoE
+    layer design (one of the program's layers) or None for a dense block (``dense_ffn``)."""
+
+    kind: str
+    d_model: int
+    vocab_size: int
+    max_seq_len: int
+    attention: AttentionNode
+    norm: str
+    norm_eps: float
+    dense_ffn: DenseFFNNode | None
+    blocks: tuple[str | None, ...]
+    tie_embeddings: bool
+    pool: str
+    classes: int | None
+    init_std: float
+    numbers: ModelNumbers
+    origin: str = "model"
+
+
+@dataclass(frozen=True)
 class Program:
     """A whole spec after resolution."""
 
@@ -185,3 +233,4 @@ class Program:
     backend: str
     layers: tuple[MoELayerNode, ...]
     arch: str = "auto"
+    model: ModelNode | None = None  # the network, with a `model:` section

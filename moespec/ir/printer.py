@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moespec.ir.nodes import MoELayerNode, Program
+from moespec.ir.nodes import ModelNode, MoELayerNode, Program
 from moespec.spec.base import Strict
 
 
@@ -69,4 +69,22 @@ def print_program(program: Program) -> str:
     lines = [head]
     for layer in program.layers:
         lines += print_layer(layer)
+    if program.model is not None:
+        lines += print_model(program.model)
     return "\n".join(lines) + "\n"
+
+
+def print_model(m: ModelNode) -> list[str]:
+    """The network's lines: sizes, attention, FFNs, and which design each block uses."""
+    a, f = m.attention, m.dense_ffn
+    head = "tied" if m.tie_embeddings else ("lm_head" if m.kind == "decoder_lm" else f"classes={m.classes}")
+    plan = " ".join(name or "dense" for name in m.blocks)
+    return [
+        f"  model {m.kind} vocab={m.vocab_size} max_seq_len={m.max_seq_len} blocks={len(m.blocks)} "
+        f"norm={m.norm}(eps={m.norm_eps}) head={head}" + (f" pool={m.pool}" if m.kind == "encoder" else ""),
+        f"    attention heads={a.heads} kv_heads={a.kv_heads} head_dim={a.head_dim} "
+        f"rope_theta={a.rope_theta} qk_norm={a.qk_norm} bias={_fmt(a.bias)} causal={_fmt(a.causal)}",
+        "    dense_ffn "
+        + (f"{f.kind}(activation={f.activation} d_ff={f.d_ff} bias={_fmt(f.bias)})" if f else "none"),
+        f"    blocks {plan}",
+    ]

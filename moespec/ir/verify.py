@@ -40,3 +40,9 @@ def verify(program: Program) -> None:
     _check(len(set(names)) == len(names), program.name, "layer names must be unique")
     for layer in program.layers:
         verify_layer(layer)
+    if (m := program.model) is not None:
+        for i, name in enumerate(m.blocks):
+            _check(name is None or name in names, m.origin, f"block {i} names no layer of the program")
+            _check(name is not None or m.dense_ffn is not None, m.origin, f"dense block {i} has no dense FFN")
+        a = m.attention
+        _check(a.heads % a.kv_heads == 0 and a.head_dim % 2 == 0, m.origin, "attention heads do not fit")

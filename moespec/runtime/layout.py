@@ -12,6 +12,10 @@ An artifact directory holds::
     ir.txt, graph.txt   the IR and the FX graph code, for review and diffs
     kernels/*.py        (target.backend: triton) the generated Triton kernels, one per file
 
+A network artifact (a spec with a `model:` section built without a layer name) is the same
+directory with ``layer`` = :data:`NETWORK`, the network's state_dict and its module.py from
+``templates/module/network.py.jinja`` (no kernels/ yet).
+
 This module imports nothing heavy, so readers (``moespec.load``) and writers share it cheaply;
 reading and checking a manifest is ``moespec.runtime.manifest``.
 """
@@ -30,6 +34,10 @@ FORMAT = "moespec-artifact"
 FORMAT_VERSION = 1
 LAYOUT = "moespec-native"  # state_dict key layout of model.safetensors
 MODULE_TEMPLATE = "module/module.py.jinja"
+NETWORK_TEMPLATE = "module/network.py.jinja"
+# The manifest's (and the weights' metadata) `layer` of a network artifact: not an identifier,
+# so no layer group can bear it.
+NETWORK = "<model>"
 
 MANIFEST = "manifest.json"
 LOCK = "spec.lock.yaml"

@@ -21,7 +21,7 @@ from torch import Tensor
 from moespec import __version__
 from moespec.ir.build import spec_hash
 from moespec.runtime.layer import MoELayer
-from moespec.runtime.layout import LAYOUT, LOCK, MANIFEST, WEIGHTS, ArtifactError
+from moespec.runtime.layout import LAYOUT, LOCK, MANIFEST, NETWORK, WEIGHTS, ArtifactError
 from moespec.runtime.manifest import check_unchanged, read_manifest, verify_files
 from moespec.spec.schema import Spec
 
@@ -106,8 +106,9 @@ def load(
     *,
     verify: bool = True,
     allow_large: bool = False,
-) -> MoELayer:
-    """The layer of the artifact directory ``path``, with its weights, on ``device`` (the spec's
+) -> MoELayer | torch.nn.Module:
+    """The layer (or, for a network artifact, the :class:`MoENetwork`) of the artifact
+    directory ``path``, with its weights, on ``device`` (the spec's
     ``target.device`` if None; :class:`~moespec.errors.TargetError` if this machine lacks it).
 
     Validates the manifest and its versions, checks that ``spec.lock.yaml`` and
@@ -147,9 +148,16 @@ def load(
     loaded = load_spec(root / LOCK)
     check_spec_hash(loaded.spec, manifest.spec_sha256, root / LOCK)
     # On `device`, or target.device when None (TargetError if this machine has no such device).
-    module = build_layer(
-        loaded.spec, layer=manifest.layer, seed=manifest.seed, device=device, allow_large=allow_large
-    )
+    if manifest.layer == NETWORK:
+        from moespec.runtime.network import build_network
+
+        module: torch.nn.Module = build_network(
+            loaded.spec, seed=manifest.seed, device=device, allow_large=allow_large
+        )
+    else:
+        module = build_layer(
+            loaded.spec, layer=manifest.layer, seed=manifest.seed, device=device, allow_large=allow_large
+        )
     state = read_weights(root / WEIGHTS, spec_sha256=manifest.spec_sha256, layer=manifest.layer)
     check_unchanged(root, prints)  # hash, then read: nothing was swapped in between
     check_state_dict(module, state, root / WEIGHTS)

@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field, WithJsonSchema
 
 from moespec.spec.base import DType, Strict
 from moespec.spec.experts import ExpertsSpec
+from moespec.spec.model import Model
 from moespec.spec.routers import Router
 from moespec.spec.schedules import Schedule
 from moespec.spec.sparsity import Capacity, Dropless, LossesSpec
@@ -113,7 +114,8 @@ class TargetSpec(Strict):
 
 
 class Spec(Strict):
-    """A moespec v1 spec: one MoE layer design, optionally in several differing groups."""
+    """A moespec v1 spec: one MoE layer design, optionally in several differing groups, and
+    optionally the network (`model:`) they sit in."""
 
     moespec: Literal[1] = Field(description="Spec language version; must be 1.")
     name: str = Field(
@@ -137,6 +139,11 @@ class Spec(Strict):
     )
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="Expert parallelism.")
     target: TargetSpec = Field(default_factory=TargetSpec, description="Code generation target.")
+    model: Model | None = Field(
+        None,
+        description="The whole network around the MoE layers (`decoder_lm` or `encoder`); without "
+        "it the spec describes one MoE layer (or its groups).",
+    )
 
     def layer_groups(self) -> list[tuple[str, int, LayerSpec]]:
         """``(name, count, layer)`` for each group; the base layer alone if there are none."""

@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 
+from moespec.spec.network import check_model
 from moespec.spec.routers.base import Path, Problem
 from moespec.spec.schedules import curve_values, round_half_even
 from moespec.spec.schema import LayerSpec, Spec, inner_d_model
@@ -213,6 +214,7 @@ def check(spec: Spec) -> list[Problem]:
             names[g.name] = 0  # report each duplicate name once
     problems += _check_placement(spec)
     problems += _check_target(spec)
+    problems += check_model(spec)
     # The same base-layer problem surfaces once per group that inherits it; keep one.
     seen: set[tuple[Path, str]] = set()
     return [p for p in problems if not (p in seen or seen.add(p))]

@@ -98,6 +98,7 @@ def tiny_spec(
     backend in ``dtype`` (router too) on ``device_type``."""
     path = Path(path)
     data = moespec.load_spec(path if path.is_absolute() else SPECS / path).spec.model_dump(mode="json")
+    data.pop("model", None)  # the layer alone: a shrunk d_model may not fit the network's heads
 
     def walk(node, fn):
         if isinstance(node, dict):

@@ -108,8 +108,8 @@ def test_deterministic():
 def _layers(dtype: str):
     spec = str(SPECS / "mixtral-8x7b.yaml")
     ov = ("d_model=128", "layer.experts.routed.0.d_ff=200", f"target.dtype={dtype}", "target.device=cuda")
-    tri = moespec.build(spec, (*ov, "target.backend=triton"), seed=2)
-    ref = moespec.build(spec, ov, seed=2)
+    tri = moespec.build(spec, (*ov, "target.backend=triton"), seed=2, layer="layer")
+    ref = moespec.build(spec, ov, seed=2, layer="layer")
     return tri, ref
 
 

@@ -134,7 +134,9 @@ def test_mixtral_from_example_spec(shape: tuple[int, int], training: bool) -> No
     """specs/mixtral-8x7b.yaml shrunk by overrides (8 experts, top-2, renormalised)."""
     d, f = 48, 32
     layer = moespec.build(
-        SPECS / "mixtral-8x7b.yaml", (f"d_model={d}", f"layer.experts.routed.0.d_ff={f}", "target.dtype=fp32")
+        SPECS / "mixtral-8x7b.yaml",
+        (f"d_model={d}", f"layer.experts.routed.0.d_ff={f}", "target.dtype=fp32"),
+        layer="layer",
     )
     compare(mixtral_block(d, f, 8, 2, seed=0), layer, f, shape, training)
 
@@ -184,7 +186,7 @@ def test_qwen3_moe_from_example_spec(shape: tuple[int, int], norm: bool, trainin
         f"layer.router.renormalize={'true' if norm else 'false'}",
         "target.dtype=fp32",
     )
-    layer = moespec.build(SPECS / "qwen3-30b-a3b.yaml", overrides)
+    layer = moespec.build(SPECS / "qwen3-30b-a3b.yaml", overrides, layer="layer")
     compare(qwen3_block(d, f, e, k, norm, seed=2), layer, f, shape, training)
 
 

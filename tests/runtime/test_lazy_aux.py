@@ -22,7 +22,7 @@ def _counting(layer):
 
 
 def test_eval_aux_is_computed_when_read():
-    layer = moespec.build(SPEC, SMALL, seed=1).eval()
+    layer = moespec.build(SPEC, SMALL, seed=1, layer="layer").eval()
     calls = _counting(layer)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
@@ -42,14 +42,14 @@ def test_eval_aux_is_computed_when_read():
 
 
 def test_training_computes_aux_every_call():
-    layer = moespec.build(SPEC, SMALL, seed=1).train()
+    layer = moespec.build(SPEC, SMALL, seed=1, layer="layer").train()
     calls = _counting(layer)
     layer(torch.randn(3, 32))
     assert len(calls) == 1 and layer.aux_loss.requires_grad
 
 
 def test_a_late_read_keeps_the_call_s_grad_mode_and_eval_mode():
-    layer = moespec.build(SPEC, SMALL, seed=1).eval()
+    layer = moespec.build(SPEC, SMALL, seed=1, layer="layer").eval()
     x = torch.randn(6, 32)
     y = layer(x)  # eval with grad (RL rollouts, eval-mode fine-tuning)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_a_late_read_keeps_the_call_s_grad_mode_and_eval_mode():
 def test_a_copy_is_not_tapped_and_holds_no_pending_call():
     import copy
 
-    layer = moespec.build(SPEC, SMALL, seed=1).eval()
+    layer = moespec.build(SPEC, SMALL, seed=1, layer="layer").eval()
     with moespec.record_routing(layer):
         layer(torch.randn(4, 32))
         twin = copy.deepcopy(layer)

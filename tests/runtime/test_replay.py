@@ -22,8 +22,8 @@ SMALL = ("d_model=32", "layer.experts.routed.0.d_ff=48", "target.dtype=fp32")
 
 def _model(seed: int, *extra: str) -> torch.nn.Module:
     return torch.nn.Sequential(
-        moespec.build(MIXTRAL, (*SMALL, *extra), seed=seed),
-        moespec.build(MIXTRAL, (*SMALL, *extra), seed=seed + 1),
+        moespec.build(MIXTRAL, (*SMALL, *extra), seed=seed, layer="layer"),
+        moespec.build(MIXTRAL, (*SMALL, *extra), seed=seed + 1, layer="layer"),
     )
 
 
@@ -88,8 +88,8 @@ def test_gradients_match_a_router_masked_to_the_recording(order):
     over = (f"layer.router.order={order}", "~layer.losses") + (
         ("layer.router.renormalize=true",) if order == "softmax_then_topk" else ()
     )
-    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=3).train()
-    other = moespec.build(MIXTRAL, (*SMALL, *over), seed=4)
+    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=3, layer="layer").train()
+    other = moespec.build(MIXTRAL, (*SMALL, *over), seed=4, layer="layer")
     x = torch.randn(7, 32)
     with torch.no_grad(), moespec.record_routing(other) as rec:
         other(x)
@@ -110,7 +110,7 @@ def test_gradients_match_a_router_masked_to_the_recording(order):
 
 def test_recorded_weights_and_capacity():
     over = ("layer.capacity={kind: factor, train_factor: 1.0, eval_factor: 1.0}",)
-    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=3).train()
+    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=3, layer="layer").train()
     x = torch.randn(16, 32)
     with torch.no_grad(), moespec.record_routing(layer, weights=True) as rec:
         layer(x)
@@ -141,7 +141,7 @@ def test_bad_requests_fail_clearly():
         moespec.record_routing(soft),
     ):
         pass
-    layer = moespec.build(MIXTRAL, SMALL)
+    layer = moespec.build(MIXTRAL, SMALL, layer="layer")
     with moespec.record_routing(layer) as rec:
         layer(torch.randn(3, 32))
     with pytest.raises(ValueError, match="do not match"), moespec.replay_routing(_model(0), rec):
@@ -159,8 +159,8 @@ def test_bad_requests_fail_clearly():
 
 
 def test_replay_under_torch_compile():
-    source = moespec.build(MIXTRAL, SMALL, seed=1).train()
-    layer = moespec.build(MIXTRAL, SMALL, seed=5).train()
+    source = moespec.build(MIXTRAL, SMALL, seed=1, layer="layer").train()
+    layer = moespec.build(MIXTRAL, SMALL, seed=5, layer="layer").train()
     x = torch.randn(7, 32)
     with moespec.record_routing(source) as rec:
         source(x)
@@ -217,7 +217,7 @@ def test_multi_head_layers_replay_their_sub_tokens():
 def test_checkpointed_recompute_is_not_recorded_and_replay_refuses_it():
     from torch.utils.checkpoint import checkpoint
 
-    layer = moespec.build(MIXTRAL, SMALL, seed=1).train()
+    layer = moespec.build(MIXTRAL, SMALL, seed=1, layer="layer").train()
     x = torch.randn(5, 32, requires_grad=True)
     with moespec.record_routing(layer) as rec:
         checkpoint(layer, x, use_reentrant=False).sum().backward()
@@ -228,7 +228,7 @@ def test_checkpointed_recompute_is_not_recorded_and_replay_refuses_it():
 
 def test_recorded_weights_refused_with_a_scheduled_k():
     over = ("+layer.schedules=[{param: router.k, kind: linear, start: 2, end: 1, steps: 10}]",)
-    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=1)
+    layer = moespec.build(MIXTRAL, (*SMALL, *over), seed=1, layer="layer")
     with moespec.record_routing(layer, weights=True) as rec:
         layer(torch.randn(3, 32))
     with (

@@ -34,7 +34,7 @@ LAYERS = {
 def test_layer_equals_reference(name):
     file, shrink = LAYERS[name]
     spec, overrides = str(SPECS / file), (*shrink, *TRITON)
-    m = moespec.build(spec, overrides, seed=3)
+    m = moespec.build(spec, overrides, seed=3, layer="layer")
     assert "triton_expert_ffn" in m.graph_module.code
     full = moespec.load_spec(spec, overrides).spec
     buffers = buffer_names(full.layer, full.d_model)
@@ -63,7 +63,7 @@ def test_artifact_holds_kernels_and_loads(tmp_path: Path):
     file, shrink = LAYERS["mixtral"]
     spec, overrides = str(SPECS / file), (*shrink, *TRITON)
     art = tmp_path / "art"
-    moespec.build_artifact(spec, art, overrides, seed=1)
+    moespec.build_artifact(spec, art, overrides, seed=1, layer="layer")
     kernels = sorted(p.name for p in (art / "kernels").iterdir())
     assert "expert_up__silu-glu-nobias-fp32.py" in kernels and len(kernels) == 7
     assert "topk_route__softmax-softmax_then_topk-renorm-max.py" in kernels
@@ -76,6 +76,6 @@ def test_artifact_holds_kernels_and_loads(tmp_path: Path):
     mod_spec.loader.exec_module(mod)
     assert hasattr(mod, "expert_up")
     loaded = moespec.load(art)
-    built = moespec.build(spec, overrides, seed=1)
+    built = moespec.build(spec, overrides, seed=1, layer="layer")
     x = torch.randn(3, 48)
     torch.testing.assert_close(loaded(x), built(x))
