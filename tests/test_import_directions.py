@@ -25,6 +25,7 @@ LAYERS = (
     ("moespec.runtime", "runtime"),
     ("moespec.export", "export"),
     ("moespec.parallel", "parallel"),
+    ("moespec.hf", "hf"),
     ("moespec.errors", "base"),
     ("moespec.resources", "base"),
     ("moespec.outputs", "base"),
@@ -41,6 +42,7 @@ BELOW = {
     "runtime": {"lower", "ops", "codegen", "common", "ir", "spec", "base"},
     "export": {"runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
     "parallel": {"runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
+    "hf": {"export", "runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
 }
 
 

@@ -1,0 +1,109 @@
+"""Which transformers MoE families moespec takes over, and why not the others.
+
+``discover()`` lists the MoE families of the *installed* transformers by reading (not
+importing) each ``transformers/models/<family>/modeling_*.py``: a family is MoE when a
+top-level class name ends in ``Experts``, ``Moe``/``MoE``, ``MoeBlock``, ``MoELayer``,
+``SparseMLP`` or ``MoA``. ``UNSUPPORTED`` gives the reason for every MoE family without an
+adapter; a test fails when ``discover()`` finds a family that neither an adapter nor this
+table mentions (a newer transformers), so no family is left out silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from functools import cache
+from pathlib import Path
+
+from moespec.hf.registry import FAMILIES, UnsupportedFamilyError
+
+MOE_CLASS = re.compile(r"(Experts|Moe|MoE|MoeBlock|MoELayer|SparseMLP|MoA)$")
+
+# Reasons, read from each family's modeling code (transformers 5.25). Phrases reused below.
+_CLAMPED = (
+    "experts use a clamped SwiGLU (swiglu_limit, gate·sigmoid(alpha·gate)·(up + 1)), "
+    "not a moespec expert activation"
+)
+_NOT_READ = "not adapted yet: its modeling code has not been read against moespec's maths"
+
+UNSUPPORTED: dict[str, str] = {
+    "gpt_oss": _CLAMPED + " (the router, top-k of x Wᵀ + b then softmax, would map)",
+    "openai_privacy_filter": _CLAMPED,
+    "phimoe": (
+        "SparseMixer routing (top-2 by masked, jittered softmax with Heun straight-through "
+        "gradients while training) is not a moespec router"
+    ),
+    "switch_transformers": (
+        "an encoder-decoder with capacity-limited top-1 routing whose token order and dropping "
+        "differ; not adapted yet"
+    ),
+    "nllb_moe": (
+        "an encoder-decoder with top-2 routing with capacity and second-expert sampling; not adapted yet"
+    ),
+    "vitpose_backbone": "experts are selected per dataset index (an input), not routed per token",
+    "doge": "cross-domain MoE with product-key expert retrieval, not a moespec router",
+    "jetmoe": "mixture of attention heads (MoA) as well as MoE MLPs; not adapted yet",
+}
+for _name in (
+    "afmoe", "aria", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "dbrx", "deepseek_ocr2",
+    "deepseek_v32", "deepseek_v4", "diffusion_gemma", "dots1", "dots3_note", "ergo", "ernie4_5_moe",
+    "ernie4_5_vl_moe", "exaone_moe", "flex_olmo", "flint", "gemma4", "glm4_moe", "glm4_moe_lite", "glm4v_moe",
+    "glm5_next", "glm_moe_dsa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
+    "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "inkling", "inkling2", "inkling2_loop", "jamba",
+    "kimi_linear", "kolibri1", "kolibri1_1", "laguna", "lara_mini", "lfm2_moe", "llama4", "longcat_flash",
+    "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl", "mistral4",
+    "mistral_large4", "muse_spark", "nemotron_h", "qwen3_5_moe", "qwen3_next", "qwen3_omni_moe",
+    "qwen3_vl_moe", "qwen4_exp", "solar_open", "step3p7", "unlimited_ocr", "zaya",
+):  # fmt: skip
+    UNSUPPORTED.setdefault(_name, _NOT_READ)
+
+
+def transformers_models_dir() -> Path | None:
+    """``transformers/models`` of the installed transformers (not imported), or None."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+@cache
+def discover(models_dir: Path | None = None) -> dict[str, list[str]]:
+    """The installed transformers' MoE families: family -> its MoE class names."""
+    models_dir = models_dir or transformers_models_dir()
+    found: dict[str, list[str]] = {}
+    if models_dir is None:
+        return found
+    for path in sorted(models_dir.glob("*/modeling_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and MOE_CLASS.search(n.name)]
+        if names:
+            found.setdefault(path.parent.name, []).extend(names)
+    return found
+
+
+def status(family: str) -> str | None:
+    """None when ``family`` is supported, else the reason it is not."""
+    if family in FAMILIES:
+        return None
+    return UNSUPPORTED.get(family, "not in moespec's family table (a transformers newer than moespec?)")
+
+
+def require(family: str) -> None:
+    """Raise :class:`UnsupportedFamilyError` naming ``family`` and why, unless supported."""
+    why = status(family)
+    if why is not None:
+        raise UnsupportedFamilyError(f"transformers family {family!r} is not supported by moespec.hf: {why}")
+
+
+def rows() -> list[tuple[str, str]]:
+    """(family, "supported" or the reason) for every family moespec knows, sorted."""
+    names = sorted(set(FAMILIES) | set(UNSUPPORTED))
+    return [(n, "parity-tested" if n in FAMILIES else UNSUPPORTED[n]) for n in names]
+
+
+def markdown() -> str:
+    """The README's family table."""
+    lines = ["| transformers family | moespec.hf |", "|---|---|"]
+    lines += [f"| `{name}` | {what} |" for name, what in rows()]
+    return "\n".join(lines)
