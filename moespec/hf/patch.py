@@ -23,7 +23,7 @@ from moespec.errors import BuildError
 from moespec.hf.convert import _check_block, family_of, from_block, spec_from_config
 from moespec.hf.layout import Layout
 from moespec.hf.registry import FAMILIES, Family, family_of_module
-from moespec.hf.table import MOE_CLASS, discover, require
+from moespec.hf.table import MOE_CLASS, require
 from moespec.runtime.layer import MoELayer
 
 _TAPS: dict[type, type] = {}
@@ -126,9 +126,6 @@ class PatchReport:
 def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every MoE block of a supported family inside ``model``; an error naming
     the family and why when the model (or a module in it) belongs to an unsupported MoE family."""
-    own = family_of_module(model)
-    if own is not None and own not in FAMILIES and own in discover():
-        require(own)
     found = []
     for name, m in model.named_modules():
         fam = family_of_module(m)

@@ -103,7 +103,19 @@ def rows() -> list[tuple[str, str]]:
 
 
 def markdown() -> str:
-    """The README's family table."""
+    """The family table of docs/hf.md."""
     lines = ["| transformers family | moespec.hf |", "|---|---|"]
     lines += [f"| `{name}` | {what} |" for name, what in rows()]
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- hf-families:begin (python -m moespec.hf) -->", "<!-- hf-families:end -->"
+
+
+def render_page(text: str) -> str:
+    """``text`` (docs/hf.md) with the family table between its markers replaced."""
+    head, sep, rest = text.partition(BEGIN)
+    _, sep2, tail = rest.partition(END)
+    if not sep or not sep2:
+        raise ValueError(f"the page has no {BEGIN} ... {END} markers")
+    return f"{head}{BEGIN}\n{markdown()}\n{END}{tail}"

@@ -1,0 +1,172 @@
+"""Whole tiny transformers models, patched: every MoE block replaced, and the model's contract
+kept: logits and loss (with ``output_router_logits``, so the load-balancing loss reads the
+recorded router logits) equal the unpatched model's, ``generate`` gives the same tokens, the
+gradients agree, and ``save_pretrained`` writes a checkpoint the unpatched model loads."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import moespec.hf
+from moespec.hf import PatchedBlock
+from moespec.hf.registry import FAMILIES
+from tests.hf.conftest import ATOL, RTOL, eager, randomize, transformers
+
+SMALL = {
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 3,
+    "vocab_size": 97,
+    "max_position_embeddings": 64,
+    "output_router_logits": True,
+}
+
+MODELS: dict[str, Callable[[], Any]] = {
+    "mixtral": lambda: transformers.MixtralForCausalLM(
+        eager(
+            transformers.MixtralConfig(
+                **SMALL, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2
+            )
+        )
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
+        eager(
+            transformers.Qwen3MoeConfig(
+                **SMALL,
+                head_dim=8,
+                moe_intermediate_size=16,
+                num_experts=6,
+                num_experts_per_tok=2,
+                decoder_sparse_step=1,
+                mlp_only_layers=[1],
+            )
+        )
+    ),
+    "olmoe": lambda: transformers.OlmoeForCausalLM(
+        eager(transformers.OlmoeConfig(**SMALL, intermediate_size=16, num_experts=6, num_experts_per_tok=2))
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(
+        eager(
+            transformers.Qwen2MoeConfig(
+                **SMALL,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+                num_experts=6,
+                num_experts_per_tok=2,
+            )
+        )
+    ),
+    "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
+        eager(
+            transformers.DeepseekV3Config(
+                **{**SMALL, "num_key_value_heads": 4},
+                intermediate_size=40,
+                moe_intermediate_size=12,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                n_group=4,
+                topk_group=2,
+                first_k_dense_replace=1,
+                kv_lora_rank=8,
+                q_lora_rank=8,
+                qk_rope_head_dim=4,
+                qk_nope_head_dim=4,
+                v_head_dim=8,
+            )
+        )
+    ),
+}
+
+
+def make(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = MODELS[family]().float().eval()
+    for i, (_, m) in enumerate(
+        (n, m) for n, m in model.named_modules() if type(m).__name__ in FAMILIES[family].blocks
+    ):
+        randomize(m, seed=10 + i)  # unit-scale MoE weights: a 0.02 init would hide wrong maths
+    return model
+
+
+def ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_patched_model_keeps_the_contract(family: str, tmp_path: Path) -> None:
+    model = make(family)
+    ref = copy.deepcopy(model)
+    report = moespec.hf.patch(model)
+    n_moe = len(FAMILIES[family].moe_layers(model.config))
+    assert len(report.replaced) == n_moe and n_moe > 0
+    assert sum(isinstance(m, PatchedBlock) for m in model.modules()) == n_moe
+    assert all(r.family == family and r.spec["layer"]["router"]["kind"] == "topk" for r in report.replaced)
+    assert str(report).startswith(f"moespec.hf.patch: {n_moe} MoE block(s) replaced")
+
+    tok = ids(model.config.vocab_size)
+    out_ref = ref(tok, labels=tok, output_router_logits=True)
+    out = model(tok, labels=tok, output_router_logits=True)
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=ATOL, rtol=RTOL)
+    assert len(out.router_logits) == len(out_ref.router_logits) == n_moe
+    for ours, theirs in zip(out.router_logits, out_ref.router_logits, strict=True):
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=ATOL, rtol=RTOL)
+    if getattr(out_ref, "aux_loss", None) is not None:
+        torch.testing.assert_close(out.aux_loss, out_ref.aux_loss, atol=ATOL, rtol=RTOL)
+
+    # Gradients of the loss reach every weight, equal to the unpatched model's (compared in
+    # the block's layout, which the patched model's state_dict speaks).
+    out.loss.backward()
+    out_ref.loss.backward()
+    want = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
+    got = _grads_in_hf_layout(model)
+    assert set(want) <= set(got)
+    for k, g in want.items():
+        torch.testing.assert_close(got[k], g, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+
+    gen_ref = ref.generate(tok[:1, :4], max_new_tokens=6, do_sample=False)
+    gen = model.generate(tok[:1, :4], max_new_tokens=6, do_sample=False)
+    assert torch.equal(gen, gen_ref)
+
+    # save_pretrained writes the block's layout: the unpatched class loads it unchanged.
+    assert set(model.state_dict()) == set(ref.state_dict())
+    model.save_pretrained(tmp_path)
+    back = type(ref).from_pretrained(tmp_path).float().eval()
+    torch.testing.assert_close(back(tok).logits, ref(tok).logits, atol=ATOL, rtol=RTOL)
+    # ... and a patched model loads the unpatched model's state_dict back into its moespec layers.
+    moespec.hf.patch(back)
+    back.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(back(tok).logits, ref(tok).logits, atol=ATOL, rtol=RTOL)
+
+
+def _grads_in_hf_layout(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The patched model's gradients under the unpatched model's keys."""
+    out = {k: p.grad for k, p in model.named_parameters() if p.grad is not None and ".moe." not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, PatchedBlock):
+            grads = {
+                k: (p.grad if isinstance(p, nn.Parameter) else torch.zeros_like(p))
+                for k, p in m.moe.state_dict(keep_vars=True).items()
+            }
+            for k, g in m._layout.to_hf(grads).items():
+                out[f"{name}.{k}"] = g
+    return out
+
+
+def test_patch_refuses_an_unsupported_family_untouched() -> None:
+    cfg = transformers.GptOssConfig(
+        **{**SMALL, "num_hidden_layers": 1}, intermediate_size=16, num_local_experts=4
+    )
+    model = transformers.GptOssForCausalLM(eager(cfg))
+    with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'gpt_oss'.*clamped SwiGLU"):
+        moespec.hf.patch(model)
+    assert not any(isinstance(m, PatchedBlock) for m in model.modules())
