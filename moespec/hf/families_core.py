@@ -16,6 +16,8 @@ Each router's maths is read from the family's transformers modeling code (v5):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from moespec.hf.common import (
     activation,
     after_dense,
@@ -43,110 +45,124 @@ BIAS_FROZEN = (
 )
 
 
-# --- Mixtral ------------------------------------------------------------------------------
+# --- factories: one adapter per family, several families per shape ---------------------------
 
 
-def _mixtral_dims(c: Config) -> dict[str, int]:
-    return {
-        "E": field(c, "num_local_experts"),
-        "F": field(c, "intermediate_size"),
-        "D": field(c, "hidden_size"),
-    }
+def softmax_family(
+    name: str,
+    block: str,
+    *,
+    router: str = "gate",
+    experts: str = "num_experts",
+    width: str = "moe_intermediate_size",
+    renorm: str | bool = "norm_topk_prob",
+    order: str = "softmax_then_topk",
+    qwen_shared: bool = False,
+    layers: Callable[[Config], list[int]] = all_layers,
+    check: Callable[[Config], None] = lambda c: None,
+) -> Family:
+    """A softmax top-k family: logits = x Wᵀ (``<router>.weight``), softmax in fp32, top-k
+    (``order``: of the probabilities, or of the logits then softmax over the k), renormalised
+    when ``renorm`` (a config field's name or a constant), fused v5 experts; with
+    ``qwen_shared`` a shared expert MLP scaled by sigmoid(x w) (``shared_expert``,
+    ``shared_expert_gate``)."""
+
+    def layer(c: Config) -> dict:
+        norm = bool(field(c, renorm)) if isinstance(renorm, str) else renorm
+        r = topk(field(c, "num_experts_per_tok"), score="softmax", order=order)
+        if order == "softmax_then_topk":
+            r["renormalize"] = norm
+        out = {"experts": {"routed": [glu(field(c, experts), field(c, width), activation(c))]}, "router": r}
+        if qwen_shared:
+            fs = field(c, "shared_expert_intermediate_size")
+            out["experts"]["shared"] = {"kind": "glu", "activation": activation(c), "d_ff": fs, "gate": True}
+        return out
+
+    def dims(c: Config) -> dict[str, int]:
+        d = {"E": field(c, experts), "F": field(c, width), "D": field(c, "hidden_size")}
+        if qwen_shared:
+            d.update(S=1, Fs=field(c, "shared_expert_intermediate_size"))
+        return d
+
+    def rules(c: Config) -> tuple[Rule, ...]:
+        out = (router_weight(f"{router}.weight"), *fused_experts())
+        if qwen_shared:
+            out += (
+                *shared_mlp("shared_expert"),
+                Rule("shared_expert_gate.weight", (1, "D"), ("shared.gate",), ("D",), view=("D",)),
+            )
+        return out
+
+    return Family(name, (block,), router, layer, dims, rules, layers, check)
 
 
-def _mixtral_check(c: Config) -> None:
-    refuse(c, "router_jitter_noise", lambda v: v > 0, JITTER)
+def deepseek_v2_family(name: str, block: str, layers: Callable[[Config], list[int]]) -> Family:
+    """DeepSeek-V2's router (softmax; greedy or group-limited by group max; scaled, never
+    renormalised) and S shared experts fused in one FFN."""
+
+    def layer(c: Config) -> dict:
+        router = topk(
+            field(c, "num_experts_per_tok"),
+            score="softmax",
+            scaling_factor=float(field(c, "routed_scaling_factor")),
+        )
+        if field(c, "topk_method") == "group_limited_greedy":
+            groups = {
+                "n_groups": field(c, "n_group"),
+                "topk_groups": field(c, "topk_group"),
+                "group_score": "max",
+            }
+            router["groups"] = groups
+        return _with_shared(c, "num_experts", router)
+
+    def check(c: Config) -> None:
+        refuse(
+            c,
+            "topk_method",
+            lambda v: v not in ("greedy", "group_limited_greedy"),
+            "moespec knows greedy and group_limited_greedy",
+        )
+        refuse(c, "mlp_bias", bool, "the shared experts' biases are not mapped")
+
+    return Family(
+        name, (block,), "gate", layer, lambda c: _deepseek_dims(c, "num_experts"),
+        lambda c: _deepseek_rules(c, bias=False), layers, check,
+    )  # fmt: skip
 
 
-register(
-    Family(
-        name="mixtral",
-        blocks=("MixtralSparseMoeBlock",),
-        router="gate",
-        layer=lambda c: {
-            "experts": {
-                "routed": [glu(field(c, "num_local_experts"), field(c, "intermediate_size"), activation(c))]
+def deepseek_v3_family(name: str, block: str, layers: Callable[[Config], list[int]]) -> Family:
+    """DeepSeek-V3's router (sigmoid; selection by sigmoid + frozen correction bias, groups
+    by top-2 sum, -inf masking; unbiased weights, renormalised iff norm_topk_prob, scaled)
+    and S shared experts fused in one FFN."""
+
+    def layer(c: Config) -> dict:
+        router = topk(
+            field(c, "num_experts_per_tok"),
+            score="sigmoid",
+            renormalize=bool(field(c, "norm_topk_prob")),
+            scaling_factor=float(field(c, "routed_scaling_factor")),
+            groups={
+                "n_groups": field(c, "n_group"),
+                "topk_groups": field(c, "topk_group"),
+                "group_score": "top2_sum",
             },
-            "router": topk(field(c, "num_experts_per_tok"), score="softmax", renormalize=True),
-        },
-        dims=_mixtral_dims,
-        rules=lambda c: (router_weight(), *fused_experts()),
-        moe_layers=all_layers,
-        check=_mixtral_check,
-    )
-)
+            expert_bias={"update_rate": 0.0},
+        )
+        return _with_shared(c, "num_local_experts", router)
+
+    return Family(
+        name, (block,), "gate", layer, lambda c: _deepseek_dims(c, "num_local_experts"),
+        lambda c: _deepseek_rules(c, bias=True), layers, notes=(BIAS_FROZEN,),
+    )  # fmt: skip
 
 
-# --- Qwen2-MoE, Qwen3-MoE, OLMoE ------------------------------------------------------------
-
-
-def _softmax_topk_layer(c: Config, width: str = "moe_intermediate_size") -> dict:
-    return {
-        "experts": {"routed": [glu(field(c, "num_experts"), field(c, width), activation(c))]},
-        "router": topk(
-            field(c, "num_experts_per_tok"), score="softmax", renormalize=bool(field(c, "norm_topk_prob"))
-        ),
-    }
-
-
-def _qwen_dims(c: Config, width: str = "moe_intermediate_size") -> dict[str, int]:
-    return {"E": field(c, "num_experts"), "F": field(c, width), "D": field(c, "hidden_size")}
-
-
-def _qwen2_layer(c: Config) -> dict:
-    layer = _softmax_topk_layer(c)
-    layer["experts"]["shared"] = {
-        "kind": "glu",
-        "activation": activation(c),
-        "d_ff": field(c, "shared_expert_intermediate_size"),
-        "gate": True,
-    }
+def _with_shared(c: Config, experts: str, router: dict) -> dict:
+    routed = glu(field(c, experts), field(c, "moe_intermediate_size"), activation(c))
+    layer = {"experts": {"routed": [routed]}, "router": router}
+    if field(c, "n_shared_experts"):
+        shared = {"kind": "glu", "activation": activation(c), "d_ff": field(c, "moe_intermediate_size")}
+        layer["experts"]["shared"] = {**shared, "count": field(c, "n_shared_experts")}
     return layer
-
-
-register(
-    Family(
-        name="qwen2_moe",
-        blocks=("Qwen2MoeSparseMoeBlock",),
-        router="gate",
-        layer=_qwen2_layer,
-        dims=lambda c: {**_qwen_dims(c), "S": 1, "Fs": field(c, "shared_expert_intermediate_size")},
-        rules=lambda c: (
-            router_weight(),
-            *fused_experts(),
-            *shared_mlp("shared_expert"),
-            Rule("shared_expert_gate.weight", (1, "D"), ("shared.gate",), ("D",), view=("D",)),
-        ),
-        moe_layers=sparse_step_layers,
-    )
-)
-
-register(
-    Family(
-        name="qwen3_moe",
-        blocks=("Qwen3MoeSparseMoeBlock",),
-        router="gate",
-        layer=_softmax_topk_layer,
-        dims=_qwen_dims,
-        rules=lambda c: (router_weight(), *fused_experts()),
-        moe_layers=sparse_step_layers,
-    )
-)
-
-register(
-    Family(
-        name="olmoe",
-        blocks=("OlmoeSparseMoeBlock",),
-        router="gate",
-        layer=lambda c: _softmax_topk_layer(c, "intermediate_size"),
-        dims=lambda c: _qwen_dims(c, "intermediate_size"),
-        rules=lambda c: (router_weight(), *fused_experts()),
-        moe_layers=all_layers,
-    )
-)
-
-
-# --- DeepSeek-V2 / V3 -------------------------------------------------------------------------
 
 
 def _deepseek_dims(c: Config, experts: str) -> dict[str, int]:
@@ -160,73 +176,6 @@ def _deepseek_dims(c: Config, experts: str) -> dict[str, int]:
     }
 
 
-def _shared(c: Config) -> dict:
-    return {
-        "kind": "glu",
-        "activation": activation(c),
-        "d_ff": field(c, "moe_intermediate_size"),
-        "count": field(c, "n_shared_experts"),
-    }
-
-
-def _v2_layer(c: Config) -> dict:
-    method = field(c, "topk_method")
-    router = topk(
-        field(c, "num_experts_per_tok"),
-        score="softmax",
-        scaling_factor=float(field(c, "routed_scaling_factor")),
-    )
-    if method == "group_limited_greedy":
-        router["groups"] = {
-            "n_groups": field(c, "n_group"),
-            "topk_groups": field(c, "topk_group"),
-            "group_score": "max",
-        }
-    layer = {
-        "experts": {
-            "routed": [glu(field(c, "n_routed_experts"), field(c, "moe_intermediate_size"), activation(c))]
-        },
-        "router": router,
-    }
-    if field(c, "n_shared_experts"):
-        layer["experts"]["shared"] = _shared(c)
-    return layer
-
-
-def _v2_check(c: Config) -> None:
-    refuse(
-        c,
-        "topk_method",
-        lambda v: v not in ("greedy", "group_limited_greedy"),
-        "moespec knows greedy and group_limited_greedy",
-    )
-    refuse(c, "mlp_bias", bool, "the shared experts' biases are not mapped")
-
-
-def _v3_layer(c: Config) -> dict:
-    router = topk(
-        field(c, "num_experts_per_tok"),
-        score="sigmoid",
-        renormalize=bool(field(c, "norm_topk_prob")),
-        scaling_factor=float(field(c, "routed_scaling_factor")),
-        groups={
-            "n_groups": field(c, "n_group"),
-            "topk_groups": field(c, "topk_group"),
-            "group_score": "top2_sum",
-        },
-        expert_bias={"update_rate": 0.0},
-    )
-    layer = {
-        "experts": {
-            "routed": [glu(field(c, "n_routed_experts"), field(c, "moe_intermediate_size"), activation(c))]
-        },
-        "router": router,
-    }
-    if field(c, "n_shared_experts"):
-        layer["experts"]["shared"] = _shared(c)
-    return layer
-
-
 def _deepseek_rules(c: Config, bias: bool) -> tuple[Rule, ...]:
     rules: tuple[Rule, ...] = (router_weight(), *fused_experts())
     if bias:
@@ -236,28 +185,27 @@ def _deepseek_rules(c: Config, bias: bool) -> tuple[Rule, ...]:
     return rules
 
 
-register(
-    Family(
-        name="deepseek_v2",
-        blocks=("DeepseekV2Moe",),
-        router="gate",
-        layer=_v2_layer,
-        dims=lambda c: _deepseek_dims(c, "n_routed_experts"),
-        rules=lambda c: _deepseek_rules(c, bias=False),
-        moe_layers=after_dense(),
-        check=_v2_check,
-    )
-)
+def sparse_layer_types(c: Config) -> list[int]:
+    """Layers whose ``mlp_layer_types`` entry is ``"sparse"`` (none while it is unset: a
+    text config that its composite config fills in)."""
+    return [i for i, t in enumerate(field(c, "mlp_layer_types") or ()) if t == "sparse"]
 
-register(
-    Family(
-        name="deepseek_v3",
-        blocks=("DeepseekV3MoE",),
-        router="gate",
-        layer=_v3_layer,
-        dims=lambda c: _deepseek_dims(c, "n_routed_experts"),
-        rules=lambda c: _deepseek_rules(c, bias=True),
-        moe_layers=after_dense(),
-        notes=(BIAS_FROZEN,),
-    )
-)
+
+def _mixtral_check(c: Config) -> None:
+    refuse(c, "router_jitter_noise", lambda v: v > 0, JITTER)
+
+
+# --- the families read for the first adapters ------------------------------------------------
+
+for _fam in (
+    softmax_family(
+        "mixtral", "MixtralSparseMoeBlock", experts="num_local_experts", width="intermediate_size",
+        renorm=True, check=_mixtral_check,
+    ),
+    softmax_family("qwen2_moe", "Qwen2MoeSparseMoeBlock", qwen_shared=True, layers=sparse_step_layers),
+    softmax_family("qwen3_moe", "Qwen3MoeSparseMoeBlock", layers=sparse_step_layers),
+    softmax_family("olmoe", "OlmoeSparseMoeBlock", width="intermediate_size"),
+    deepseek_v2_family("deepseek_v2", "DeepseekV2Moe", after_dense()),
+    deepseek_v3_family("deepseek_v3", "DeepseekV3MoE", after_dense()),
+):  # fmt: skip
+    register(_fam)

@@ -6,6 +6,7 @@ exactly."""
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -96,6 +97,28 @@ def _deepseek_v3(norm: bool) -> Callable[[], Any]:
     )
 
 
+def _cfg(module: str, cls: str, **kw: Any) -> Callable[[], Any]:
+    """A tiny config of ``transformers.models.<module>``'s ``cls``."""
+
+    def make() -> Any:
+        mod = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+        return getattr(mod, cls)(hidden_size=D, **HEADS, **kw)
+
+    return make
+
+
+QWEN = {"moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 3}
+SHARED = {**QWEN, "shared_expert_intermediate_size": 20}
+GRANITE = {"intermediate_size": 16, "num_local_experts": 6, "num_experts_per_tok": 2}
+V3 = {
+    "moe_intermediate_size": 12, "n_routed_experts": 8, "num_experts_per_tok": 3, "n_shared_experts": 1,
+    "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.7, "norm_topk_prob": True,
+}  # fmt: skip
+V2 = {
+    "moe_intermediate_size": 12, "n_routed_experts": 8, "num_experts_per_tok": 3, "n_shared_experts": 1,
+    "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.3,
+}  # fmt: skip
+
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "mixtral": ("mixtral", _mixtral),
     "qwen2_moe-norm": ("qwen2_moe", _qwen2(True)),
@@ -107,6 +130,47 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "deepseek_v2-group": ("deepseek_v2", _deepseek_v2("group_limited_greedy")),
     "deepseek_v3-norm": ("deepseek_v3", _deepseek_v3(True)),
     "deepseek_v3-raw": ("deepseek_v3", _deepseek_v3(False)),
+    "minimax": (
+        "minimax",
+        _cfg("minimax", "MiniMaxConfig", intermediate_size=16, num_local_experts=6, num_experts_per_tok=2),
+    ),
+    "mellum": ("mellum", _cfg("mellum", "MellumConfig", **QWEN, norm_topk_prob=False)),
+    "flex_olmo": (
+        "flex_olmo",
+        _cfg(
+            "flex_olmo",
+            "FlexOlmoConfig",
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        ),
+    ),
+    "qwen3_vl_moe": ("qwen3_vl_moe", _cfg("qwen3_vl_moe", "Qwen3VLMoeTextConfig", **QWEN)),
+    "qwen3_next": ("qwen3_next", _cfg("qwen3_next", "Qwen3NextConfig", **SHARED, norm_topk_prob=True)),
+    "qwen4_exp": ("qwen4_exp", _cfg("qwen4_exp", "Qwen4ExpTextConfig", **SHARED, norm_topk_prob=False)),
+    "qwen3_5_moe": ("qwen3_5_moe", _cfg("qwen3_5_moe", "Qwen3_5MoeTextConfig", **SHARED)),
+    "granitemoe": ("granitemoe", _cfg("granitemoe", "GraniteMoeConfig", **GRANITE)),
+    "granitemoe_swa": ("granitemoe_swa", _cfg("granitemoe_swa", "GraniteMoeSWAConfig", **GRANITE)),
+    "granitemoehybrid": (
+        "granitemoehybrid",
+        _cfg("granitemoehybrid", "GraniteMoeHybridConfig", **GRANITE, mamba_n_heads=4),
+    ),
+    "granitemoeshared": ("granitemoeshared", _cfg("granitemoeshared", "GraniteMoeSharedConfig", **GRANITE)),
+    "jamba": (
+        "jamba",
+        _cfg("jamba", "JambaConfig", intermediate_size=16, num_experts=6, num_experts_per_tok=2),
+    ),
+    "deepseek_v32": ("deepseek_v32", _cfg("deepseek_v32", "DeepseekV32Config", **V3)),
+    "glm4_moe": ("glm4_moe", _cfg("glm4_moe", "Glm4MoeConfig", **V3)),
+    "glm4_moe_lite": ("glm4_moe_lite", _cfg("glm4_moe_lite", "Glm4MoeLiteConfig", **V3)),
+    "glm4v_moe": ("glm4v_moe", _cfg("glm4v_moe", "Glm4vMoeTextConfig", **V3)),
+    "glm_moe_dsa": ("glm_moe_dsa", _cfg("glm_moe_dsa", "GlmMoeDsaConfig", **V3)),
+    "solar_open": ("solar_open", _cfg("solar_open", "SolarOpenConfig", **V3)),
+    "dots1": ("dots1", _cfg("dots1", "Dots1Config", **V3)),
+    "kimi_linear": ("kimi_linear", _cfg("kimi_linear", "KimiLinearConfig", **V3)),
+    "deepseek_ocr2": ("deepseek_ocr2", _cfg("deepseek_ocr2", "DeepseekOcr2TextConfig", **V2)),
+    "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
 
 
