@@ -64,6 +64,13 @@ MODELS: dict[str, Callable[[], Any]] = {
             )
         )
     ),
+    "granitemoe": lambda: transformers.GraniteMoeForCausalLM(
+        eager(
+            transformers.GraniteMoeConfig(
+                **SMALL, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2
+            )
+        )
+    ),
     "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
         eager(
             transformers.DeepseekV3Config(
@@ -170,3 +177,27 @@ def test_patch_refuses_an_unsupported_family_untouched() -> None:
     with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'gpt_oss'.*clamped SwiGLU"):
         moespec.hf.patch(model)
     assert not any(isinstance(m, PatchedBlock) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_twenty_training_steps_stay_together(family: str) -> None:
+    """The same 20 AdamW steps from the same weights: the patched model's losses follow the
+    unpatched model's (the load-balancing loss included, through the recorded router logits)."""
+    model = make(family).train()
+    ref = copy.deepcopy(model)
+    moespec.hf.patch(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(20):
+        tok = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+        losses = []
+        for m, o in ((model, opt), (ref, opt_ref)):
+            o.zero_grad()
+            loss = m(tok, labels=tok, output_router_logits=True).loss
+            loss.backward()
+            o.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(
+            losses[0], losses[1], atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}"
+        )
