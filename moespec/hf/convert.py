@@ -54,7 +54,7 @@ def spec_from_config(config: Config, *, name: str | None = None) -> dict:
         "name": name or f"{model_type}-moe".replace("_", "-"),
         "description": (
             f"MoE layer of transformers' {type(config).__name__} ({len(moe)} of "
-            f"{getattr(config, 'num_hidden_layers', '?')} decoder layers are MoE: {_ranges(moe)})."
+            f"{getattr(config, 'num_hidden_layers', '?')} decoder layers are MoE: {ranges(moe)})."
         ),
         "d_model": int(config.hidden_size),
         "layer": layer,
@@ -62,7 +62,7 @@ def spec_from_config(config: Config, *, name: str | None = None) -> dict:
     }
 
 
-def _ranges(idx: list[int]) -> str:
+def ranges(idx: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     out: list[str] = []
     for i in idx:

@@ -93,7 +93,18 @@ def softmax_family(
             )
         return out
 
-    return Family(name, (block,), router, layer, dims, rules, layers, check)
+    sources = {
+        "layer.experts.routed.0.count": experts,
+        "layer.experts.routed.0.d_ff": width,
+        "layer.experts.routed.0.activation": "hidden_act",
+        "layer.router.k": "num_experts_per_tok",
+    }
+    if isinstance(renorm, str) and order == "softmax_then_topk":
+        sources["layer.router.renormalize"] = renorm
+    if qwen_shared:
+        sources["layer.experts.shared.d_ff"] = "shared_expert_intermediate_size"
+        sources["layer.experts.shared.activation"] = "hidden_act"
+    return Family(name, (block,), router, layer, dims, rules, layers, check, sources=sources)
 
 
 def deepseek_v2_family(name: str, block: str, layers: Callable[[Config], list[int]]) -> Family:
@@ -124,9 +135,11 @@ def deepseek_v2_family(name: str, block: str, layers: Callable[[Config], list[in
         )
         refuse(c, "mlp_bias", bool, "the shared experts' biases are not mapped")
 
+    sources = {**_DEEPSEEK_SOURCES, "layer.experts.routed.0.count": "num_experts"}
+    sources["layer.router.groups"] = "topk_method, n_group, topk_group"
     return Family(
         name, (block,), "gate", layer, lambda c: _deepseek_dims(c, "num_experts"),
-        lambda c: _deepseek_rules(c, bias=False), layers, check,
+        lambda c: _deepseek_rules(c, bias=False), layers, check, sources=sources,
     )  # fmt: skip
 
 
@@ -150,10 +163,29 @@ def deepseek_v3_family(name: str, block: str, layers: Callable[[Config], list[in
         )
         return _with_shared(c, "num_local_experts", router)
 
+    sources = {
+        **_DEEPSEEK_SOURCES,
+        "layer.experts.routed.0.count": "num_local_experts",
+        "layer.router.renormalize": "norm_topk_prob",
+        "layer.router.groups.n_groups": "n_group",
+        "layer.router.groups.topk_groups": "topk_group",
+        "layer.router.expert_bias": "e_score_correction_bias (a frozen buffer)",
+    }
     return Family(
         name, (block,), "gate", layer, lambda c: _deepseek_dims(c, "num_local_experts"),
-        lambda c: _deepseek_rules(c, bias=True), layers, notes=(BIAS_FROZEN,),
+        lambda c: _deepseek_rules(c, bias=True), layers, notes=(BIAS_FROZEN,), sources=sources,
     )  # fmt: skip
+
+
+_DEEPSEEK_SOURCES = {
+    "layer.experts.routed.0.d_ff": "moe_intermediate_size",
+    "layer.experts.routed.0.activation": "hidden_act",
+    "layer.experts.shared.count": "n_shared_experts",
+    "layer.experts.shared.activation": "hidden_act",
+    "layer.experts.shared.d_ff": "moe_intermediate_size",
+    "layer.router.k": "num_experts_per_tok",
+    "layer.router.scaling_factor": "routed_scaling_factor",
+}
 
 
 def _with_shared(c: Config, experts: str, router: dict) -> dict:

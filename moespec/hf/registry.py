@@ -35,7 +35,8 @@ class Family:
     checkpoint layout; ``moe_layers(config)``: indices of the decoder layers that are MoE;
     ``check(config)``: raises for a config the maths cannot follow (names the field);
     ``notes``: documented differences from the block, shown in ``patch``'s report;
-    ``returns_router``: the block returns ``(y, router output 1)`` rather than ``y``."""
+    ``sources``: spec path -> the config field it comes from (comments of
+    ``moespec convert --from-hf``)."""
 
     name: str
     blocks: tuple[str, ...]
@@ -46,7 +47,7 @@ class Family:
     moe_layers: Callable[[Config], list[int]]
     check: Callable[[Config], None] = lambda config: None
     notes: tuple[str, ...] = field(default=())
-    returns_router: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
 
     def layout(self, config: Config) -> Layout:
         """The checkpoint layout for ``config``."""
