@@ -17,11 +17,11 @@ Each router's maths is read from the family's transformers modeling code (v5):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from moespec.hf.common import (
     activation,
     after_dense,
-    all_layers,
     field,
     fused_experts,
     glu,
@@ -33,6 +33,7 @@ from moespec.hf.common import (
 )
 from moespec.hf.layout import Rule
 from moespec.hf.registry import Config, Family, register
+from moespec.hf.topk_family import Shared, topk_family
 
 JITTER = (
     "multiplies the block's input (router and experts) by U(1-eps, 1+eps) while training; "
@@ -49,62 +50,12 @@ BIAS_FROZEN = (
 
 
 def softmax_family(
-    name: str,
-    block: str,
-    *,
-    router: str = "gate",
-    experts: str = "num_experts",
-    width: str = "moe_intermediate_size",
-    renorm: str | bool = "norm_topk_prob",
-    order: str = "softmax_then_topk",
-    qwen_shared: bool = False,
-    layers: Callable[[Config], list[int]] = all_layers,
-    check: Callable[[Config], None] = lambda c: None,
+    name: str, block: str, *, qwen_shared: bool = False, renorm: str | bool = "norm_topk_prob", **kw: Any
 ) -> Family:
-    """A softmax top-k family: logits = x Wᵀ (``<router>.weight``), softmax in fp32, top-k
-    (``order``: of the probabilities, or of the logits then softmax over the k), renormalised
-    when ``renorm`` (a config field's name or a constant), fused v5 experts; with
-    ``qwen_shared`` a shared expert MLP scaled by sigmoid(x w) (``shared_expert``,
-    ``shared_expert_gate``)."""
-
-    def layer(c: Config) -> dict:
-        norm = bool(field(c, renorm)) if isinstance(renorm, str) else renorm
-        r = topk(field(c, "num_experts_per_tok"), score="softmax", order=order)
-        if order == "softmax_then_topk":
-            r["renormalize"] = norm
-        out = {"experts": {"routed": [glu(field(c, experts), field(c, width), activation(c))]}, "router": r}
-        if qwen_shared:
-            fs = field(c, "shared_expert_intermediate_size")
-            out["experts"]["shared"] = {"kind": "glu", "activation": activation(c), "d_ff": fs, "gate": True}
-        return out
-
-    def dims(c: Config) -> dict[str, int]:
-        d = {"E": field(c, experts), "F": field(c, width), "D": field(c, "hidden_size")}
-        if qwen_shared:
-            d.update(S=1, Fs=field(c, "shared_expert_intermediate_size"))
-        return d
-
-    def rules(c: Config) -> tuple[Rule, ...]:
-        out = (router_weight(f"{router}.weight"), *fused_experts())
-        if qwen_shared:
-            out += (
-                *shared_mlp("shared_expert"),
-                Rule("shared_expert_gate.weight", (1, "D"), ("shared.gate",), ("D",), view=("D",)),
-            )
-        return out
-
-    sources = {
-        "layer.experts.routed.0.count": experts,
-        "layer.experts.routed.0.d_ff": width,
-        "layer.experts.routed.0.activation": "hidden_act",
-        "layer.router.k": "num_experts_per_tok",
-    }
-    if isinstance(renorm, str) and order == "softmax_then_topk":
-        sources["layer.router.renormalize"] = renorm
-    if qwen_shared:
-        sources["layer.experts.shared.d_ff"] = "shared_expert_intermediate_size"
-        sources["layer.experts.shared.activation"] = "hidden_act"
-    return Family(name, (block,), router, layer, dims, rules, layers, check, sources=sources)
+    """A softmax top-k family (:func:`topk_family`'s options); with ``qwen_shared`` Qwen-MoE's
+    shared expert MLP scaled by sigmoid(x w) (``shared_expert``, ``shared_expert_gate``)."""
+    shared = Shared("shared_expert", "shared_expert_intermediate_size", gate="shared_expert_gate")
+    return topk_family(name, block, renorm=renorm, shared=shared if qwen_shared else None, **kw)
 
 
 def deepseek_v2_family(name: str, block: str, layers: Callable[[Config], list[int]]) -> Family:

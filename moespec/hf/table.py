@@ -28,6 +28,8 @@ _CLAMPED = (
 _CLAMP = "experts clamp the gate and up projections (a SwiGLU limit), which moespec's experts do not"
 _NOT_READ = "not adapted yet: its router or block differs from the adapted ones and has not been mapped"
 
+_LOGIT_BIAS = "selection adds the correction bias to the logits, not to the sigmoid scores moespec biases"
+
 UNSUPPORTED: dict[str, str] = {
     "gpt_oss": _CLAMPED + " (the router, top-k of x Wᵀ + b then softmax, would map)",
     "openai_privacy_filter": _CLAMPED,
@@ -60,13 +62,16 @@ UNSUPPORTED: dict[str, str] = {
     "nemotron_h": (
         "experts have no gate (has_gate=False) and project through a latent size; not adapted yet"
     ),
+    "kolibri1": _LOGIT_BIAS,
+    "kolibri1_1": _LOGIT_BIAS,
+    "axk1": "the block applies an RMSNorm to the MoE output (post_mlp_layernorm); moespec's layer does not",
     "qwen3_omni_moe": "its talker's MoE block differs from the thinker's (Qwen3-MoE-like); not adapted yet",
 }
 for _name in (
-    "afmoe", "aria", "axk1", "axk2", "beam", "cohere2_moe", "dbrx", "diffusion_gemma", "dots3_note", "ergo",
-    "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flint", "gemma4", "hunyuan_v1_moe", "hy_v3", "inkling",
-    "kolibri1", "kolibri1_1", "laguna", "lara_mini", "lfm2_moe", "llama4", "longcat_flash", "mimo_v2_flash",
-    "minicpm5_moe", "minimax_m2", "mistral4", "mistral_large4", "zaya",
+    "afmoe", "aria", "axk2", "beam", "cohere2_moe", "dbrx", "diffusion_gemma", "dots3_note", "ergo",
+    "ernie4_5_vl_moe", "gemma4", "hunyuan_v1_moe", "inkling",
+    "laguna", "lfm2_moe", "llama4", "longcat_flash", "mimo_v2_flash",
+    "minicpm5_moe", "mistral4", "mistral_large4", "zaya",
 ):  # fmt: skip
     UNSUPPORTED.setdefault(_name, _NOT_READ)
 

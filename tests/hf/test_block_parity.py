@@ -170,6 +170,47 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "dots1": ("dots1", _cfg("dots1", "Dots1Config", **V3)),
     "kimi_linear": ("kimi_linear", _cfg("kimi_linear", "KimiLinearConfig", **V3)),
     "deepseek_ocr2": ("deepseek_ocr2", _cfg("deepseek_ocr2", "DeepseekOcr2TextConfig", **V2)),
+    "flint": ("flint", _cfg("flint", "FlintConfig", **SHARED, norm_topk_prob=True)),
+    "lara_mini": ("lara_mini", _cfg("lara_mini", "LaraMiniConfig", **SHARED, norm_topk_prob=False)),
+    "minimax_m2": ("minimax_m2", _cfg("minimax_m2", "MiniMaxM2Config", **GRANITE)),
+    "hy_v3": (
+        "hy_v3",
+        _cfg(
+            "hy_v3",
+            "HYV3Config",
+            moe_intermediate_size=12,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            num_shared_experts=2,
+            router_scaling_factor=1.9,
+        ),
+    ),
+    "exaone_moe": (
+        "exaone_moe",
+        _cfg(
+            "exaone_moe",
+            "ExaoneMoeConfig",
+            moe_intermediate_size=12,
+            num_experts=8,
+            num_experts_per_tok=3,
+            num_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.1,
+            norm_topk_prob=True,
+        ),
+    ),
+    "ernie4_5_moe": (
+        "ernie4_5_moe",
+        _cfg(
+            "ernie4_5_moe",
+            "Ernie4_5_MoeConfig",
+            moe_intermediate_size=12,
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_num_shared_experts=2,
+        ),
+    ),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
 
@@ -220,7 +261,9 @@ def test_layer_equals_block(case: str) -> None:
     assert all(g is not None for g in grads.values()), "a weight got no gradient"
     family = FAMILIES[CASES[case][0]]
     hf_grads = family.layout(config).to_hf(grads)
-    params = dict(block.named_parameters())
+    params = {
+        k: p for k, p in block.named_parameters() if p.requires_grad
+    }  # ERNIE's frozen bias is a Parameter
     assert set(hf_grads) >= set(params)
     for k, p in params.items():
         torch.testing.assert_close(hf_grads[k], p.grad, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")

@@ -1,0 +1,82 @@
+"""Adapters for families with their own router code that the general top-k factory
+(:func:`moespec.hf.topk_family.topk_family`) expresses, each read from its transformers
+5.25 modeling code:
+
+- Flint: sigmoid(x Wᵀ) in fp32, top-k, renormalised iff ``norm_topk_prob``; an ungated
+  shared expert (``shared_expert``).
+- Lara-Mini: softmax in fp32, top-k, renormalised iff ``norm_topk_prob``; ungated shared expert.
+- MiniMax-M2: sigmoid in fp32; selection by sigmoid + the block's frozen
+  ``e_score_correction_bias``; unbiased weights, always renormalised. Mixtral's input jitter.
+- HY-V3: as MiniMax-M2 (+1e-20 in the renormalisation), times ``router_scaling_factor``;
+  ``num_shared_experts`` shared experts fused in one FFN.
+- EXAONE-MoE: DeepSeek-V3's router code (sigmoid, frozen bias, groups by top-2 sum, scaling)
+  with its own field names (``num_experts``, ``num_shared_experts``).
+- ERNIE-4.5-MoE: softmax in fp32; selection by softmax + the frozen
+  ``moe_statics.e_score_correction_bias`` [1, E]; unbiased weights renormalised (the sum
+  clamped at ``moe_norm_min``, 1e-12, which only matters when it is that small).
+"""
+
+from __future__ import annotations
+
+from moespec.hf.common import field, refuse, sparse_step_layers
+from moespec.hf.families_core import JITTER, sparse_layer_types
+from moespec.hf.registry import Config, register
+from moespec.hf.topk_family import Shared, topk_family
+
+_FP32_COMBINE = (
+    "HY-V3's enable_moe_fp32_combine sums the routed and shared outputs in fp32; moespec sums in "
+    "the layer's dtype (the same in fp32 models)"
+)
+
+
+def _ernie_layers(c: Config) -> list[int]:
+    """ERNIE-4.5-MoE: (i + 1) % moe_layer_interval == 0, between the start and end indices."""
+    step, lo, hi = (
+        field(c, n) for n in ("moe_layer_interval", "moe_layer_start_index", "moe_layer_end_index")
+    )
+    hi = field(c, "num_hidden_layers") - 1 if hi in (None, -1) else hi
+    return [i for i in range(field(c, "num_hidden_layers")) if (i + 1) % step == 0 and lo <= i <= hi]
+
+
+def _jitter(c: Config) -> None:
+    refuse(c, "router_jitter_noise", lambda v: v > 0, JITTER)
+
+
+def _no_mlp_bias(name: str) -> object:
+    def check(c: Config) -> None:
+        refuse(c, name, bool, "the shared experts' biases are not mapped")
+
+    return check
+
+
+_SHARED = "shared_expert_intermediate_size"
+for _fam in (
+    topk_family(
+        "flint", "FlintSparseMoeBlock", score="sigmoid", shared=Shared("shared_expert", _SHARED),
+        layers=sparse_step_layers,
+    ),
+    topk_family("lara_mini", "LaraMiniSparseMoeBlock", shared=Shared("shared_expert", _SHARED)),
+    topk_family(
+        "minimax_m2", "MiniMaxM2SparseMoeBlock", experts="num_local_experts", width="intermediate_size",
+        score="sigmoid", renorm=True, bias=("e_score_correction_bias", ("E",)), check=_jitter,
+    ),
+    topk_family(
+        "hy_v3", "HYV3MoE", experts="num_local_experts", score="sigmoid", renorm=True,
+        scaling="router_scaling_factor", bias=("e_score_correction_bias", ("E",)),
+        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts"),
+        layers=sparse_layer_types, check=_no_mlp_bias("mlp_bias"), notes=(_FP32_COMBINE,),
+    ),
+    topk_family(
+        "exaone_moe", "ExaoneMoeSparseMoEBlock", score="sigmoid", scaling="routed_scaling_factor",
+        bias=("gate.e_score_correction_bias", ("E",)), groups="top2_sum",
+        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts"),
+        layers=sparse_layer_types,
+    ),
+    topk_family(
+        "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", renorm=True,
+        bias=("gate.moe_statics.e_score_correction_bias", (1, "E")),
+        shared=Shared("shared_experts", "moe_intermediate_size", count="moe_num_shared_experts"),
+        layers=_ernie_layers, check=_no_mlp_bias("use_bias"),
+    ),
+):  # fmt: skip
+    register(_fam)
