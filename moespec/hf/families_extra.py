@@ -14,13 +14,24 @@
 - ERNIE-4.5-MoE: softmax in fp32; selection by softmax + the frozen
   ``moe_statics.e_score_correction_bias`` [1, E]; unbiased weights renormalised (the sum
   clamped at ``moe_norm_min``, 1e-12, which only matters when it is that small).
+- Mistral-4 / Mistral-Large-4: softmax (in the model dtype / in fp32), groups scored by the
+  sum of their two best probabilities (masked 0.0: the same as -inf, probabilities are > 0),
+  renormalised iff ``norm_topk_prob`` (Large-4: always), scaled; fused shared experts.
+- MiniCPM5-MoE: DeepSeek-V3's block and router code.
+- MiMo-V2-Flash: DeepSeek-V3's router code, no shared experts.
+- Cohere2-MoE: top-k of the logits, then softmax over the k (``expert_selection_fn:
+  softmax``) or their sigmoids, renormalised iff ``norm_topk_prob`` (``sigmoid``: the top-k of
+  the logits is the top-k of the sigmoids); fused shared experts summed (the ``average``
+  strategy halves the sum, which moespec does not express).
 """
 
 from __future__ import annotations
 
-from moespec.hf.common import field, refuse, sparse_step_layers
-from moespec.hf.families_core import JITTER, sparse_layer_types
-from moespec.hf.registry import Config, register
+from dataclasses import replace
+
+from moespec.hf.common import after_dense, field, refuse, sparse_step_layers
+from moespec.hf.families_core import JITTER, deepseek_v3_family, sparse_layer_types
+from moespec.hf.registry import Config, Family, register
 from moespec.hf.topk_family import Shared, topk_family
 
 _FP32_COMBINE = (
@@ -78,5 +89,65 @@ for _fam in (
         shared=Shared("shared_experts", "moe_intermediate_size", count="moe_num_shared_experts"),
         layers=_ernie_layers, check=_no_mlp_bias("use_bias"),
     ),
+):  # fmt: skip
+    register(_fam)
+
+
+def _cohere_layers(c: Config) -> list[int]:
+    """Cohere2-MoE: every layer whose ``mlp_layer_types`` entry is not ``"dense"``."""
+    return [i for i, t in enumerate(field(c, "mlp_layer_types")) if t != "dense"]
+
+
+def _cohere_check(c: Config) -> None:
+    refuse(
+        c,
+        "expert_selection_fn",
+        lambda v: v not in ("softmax", "sigmoid"),
+        "moespec knows softmax and sigmoid",
+    )
+    if field(c, "num_shared_experts") > 0:
+        refuse(
+            c, "shared_expert_combination_strategy", lambda v: v != "sum",
+            "'average' halves routed + shared output, which moespec does not express",
+        )  # fmt: skip
+
+
+def _cohere2() -> Family:
+    """One adapter whose maths follows ``expert_selection_fn``."""
+    common = {
+        "width": "intermediate_size", "layers": _cohere_layers, "check": _cohere_check,
+        "shared": Shared("shared_experts", "intermediate_size", count="num_shared_experts"),
+    }  # fmt: skip
+    soft = topk_family(
+        "cohere2_moe", "Cohere2MoeSparseMoeBlock", order="topk_then_softmax", renorm=False, **common
+    )
+    sig = topk_family("cohere2_moe", "Cohere2MoeSparseMoeBlock", score="sigmoid", **common)
+
+    def pick(c: Config) -> Family:
+        return sig if field(c, "expert_selection_fn") == "sigmoid" else soft
+
+    return replace(
+        soft,
+        layer=lambda c: pick(c).layer(c),
+        dims=lambda c: pick(c).dims(c),
+        rules=lambda c: pick(c).rules(c),
+        sources={**soft.sources, "layer.router.score": "expert_selection_fn"},
+    )
+
+
+_MISTRAL = {
+    "experts": "num_local_experts", "scaling": "routed_scaling_factor", "groups": "top2_sum",
+    "shared": Shared("shared_experts", "moe_intermediate_size", count="n_shared_experts"),
+}  # fmt: skip
+for _fam in (
+    topk_family("mistral4", "Mistral4MoE", layers=after_dense(), **_MISTRAL),
+    topk_family("mistral_large4", "MistralLarge4TextMoE", renorm=True, layers=sparse_layer_types, **_MISTRAL),
+    deepseek_v3_family("minicpm5_moe", "MiniCPM5MoeMoE", sparse_layer_types),
+    topk_family(
+        "mimo_v2_flash", "MiMoV2FlashMoE", experts="num_local_experts", score="sigmoid",
+        scaling="routed_scaling_factor", bias=("gate.e_score_correction_bias", ("E",)), groups="top2_sum",
+        layers=sparse_layer_types,
+    ),
+    _cohere2(),
 ):  # fmt: skip
     register(_fam)

@@ -68,10 +68,10 @@ UNSUPPORTED: dict[str, str] = {
     "qwen3_omni_moe": "its talker's MoE block differs from the thinker's (Qwen3-MoE-like); not adapted yet",
 }
 for _name in (
-    "afmoe", "aria", "axk2", "beam", "cohere2_moe", "dbrx", "diffusion_gemma", "dots3_note", "ergo",
+    "afmoe", "aria", "axk2", "beam", "dbrx", "diffusion_gemma", "dots3_note", "ergo",
     "ernie4_5_vl_moe", "gemma4", "hunyuan_v1_moe", "inkling",
-    "laguna", "lfm2_moe", "llama4", "longcat_flash", "mimo_v2_flash",
-    "minicpm5_moe", "mistral4", "mistral_large4", "zaya",
+    "laguna", "lfm2_moe", "llama4", "longcat_flash",
+    "zaya",
 ):  # fmt: skip
     UNSUPPORTED.setdefault(_name, _NOT_READ)
 

@@ -119,6 +119,11 @@ V2 = {
     "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.3,
 }  # fmt: skip
 
+COHERE = {
+    "intermediate_size": 12, "num_experts": 8, "num_experts_per_tok": 3, "num_shared_experts": 2,
+    "shared_expert_combination_strategy": "sum",
+}  # fmt: skip
+
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "mixtral": ("mixtral", _mixtral),
     "qwen2_moe-norm": ("qwen2_moe", _qwen2(True)),
@@ -210,6 +215,21 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
             num_experts_per_tok=3,
             moe_num_shared_experts=2,
         ),
+    ),
+    "mistral4": (
+        "mistral4",
+        _cfg("mistral4", "Mistral4Config", **V3),
+    ),
+    "mistral_large4": ("mistral_large4", _cfg("mistral_large4", "MistralLarge4TextConfig", **V3)),
+    "minicpm5_moe": ("minicpm5_moe", _cfg("minicpm5_moe", "MiniCPM5MoeConfig", **V3)),
+    "mimo_v2_flash": ("mimo_v2_flash", _cfg("mimo_v2_flash", "MiMoV2FlashConfig", **V3)),
+    "cohere2_moe-softmax": (
+        "cohere2_moe",
+        _cfg("cohere2_moe", "Cohere2MoeConfig", **COHERE, expert_selection_fn="softmax"),
+    ),
+    "cohere2_moe-sigmoid": (
+        "cohere2_moe",
+        _cfg("cohere2_moe", "Cohere2MoeConfig", **COHERE, expert_selection_fn="sigmoid", norm_topk_prob=True),
     ),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
