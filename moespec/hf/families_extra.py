@@ -23,6 +23,15 @@
   softmax``) or their sigmoids, renormalised iff ``norm_topk_prob`` (``sigmoid``: the top-k of
   the logits is the top-k of the sigmoids); fused shared experts summed (the ``average``
   strategy halves the sum, which moespec does not express).
+- HunYuan-MoE-V1: softmax (fp32) of ``gate.wg``, top-k, always renormalised; an ungated shared
+  MLP (``shared_mlp``) of width ``intermediate_size``.
+- Laguna: sigmoid, selection by sigmoid + the router's frozen ``e_score_correction_bias``,
+  always renormalised; the routed output times ``moe_routed_scaling_factor`` (the same as
+  scaling the weights); ungated shared experts. Logit soft-capping is refused.
+- LFM2-MoE: sigmoid (+ the block's frozen ``expert_bias`` for selection iff
+  ``use_expert_bias``), renormalised iff ``norm_topk_prob`` with +1e-6 in the denominator
+  (moespec adds none: a documented difference below 1e-6 relative), times
+  ``routed_scaling_factor``; no shared experts.
 """
 
 from __future__ import annotations
@@ -149,5 +158,73 @@ for _fam in (
         layers=sparse_layer_types,
     ),
     _cohere2(),
+):  # fmt: skip
+    register(_fam)
+
+
+def _hunyuan_check(c: Config) -> None:
+    for name in ("num_experts", "moe_topk"):
+        refuse(
+            c, name, lambda v: not isinstance(v, int), "per-layer values; moespec.hf maps one layer design"
+        )
+
+
+_LAGUNA_SCALE = (
+    "Laguna multiplies the routed output by moe_routed_scaling_factor; moespec multiplies the routing "
+    "weights (the same output; moespec's recorded weights carry the factor)"
+)
+
+
+def _laguna_check(c: Config) -> None:
+    refuse(c, "moe_router_logit_softcapping", lambda v: v > 0, "tanh soft-capping of the router logits")
+
+
+_LFM2_EPS = (
+    "LFM2-MoE renormalises with +1e-6 in the denominator; moespec adds none (a relative difference "
+    "below 1e-6); its experts' SiLU is fixed in the code"
+)
+
+
+def _lfm2_layers(c: Config) -> list[int]:
+    """LFM2-MoE: layers from ``num_dense_layers`` on are MoE."""
+    return [i for i in range(field(c, "num_hidden_layers")) if i >= field(c, "num_dense_layers")]
+
+
+def _lfm2() -> Family:
+    """One adapter whose selection bias follows ``use_expert_bias``."""
+    common = {
+        "score": "sigmoid", "scaling": "routed_scaling_factor", "notes": (_LFM2_EPS,), "act": "silu",
+        "layers": _lfm2_layers,
+    }  # fmt: skip
+    plain = topk_family("lfm2_moe", "Lfm2MoeSparseMoeBlock", **common)
+    biased = topk_family("lfm2_moe", "Lfm2MoeSparseMoeBlock", bias=("expert_bias", ("E",)), **common)
+
+    def pick(c: Config) -> Family:
+        return biased if field(c, "use_expert_bias") else plain
+
+    return replace(
+        plain,
+        layer=lambda c: pick(c).layer(c),
+        dims=lambda c: pick(c).dims(c),
+        rules=lambda c: pick(c).rules(c),
+        sources={
+            **biased.sources,
+            "layer.router.expert_bias": "use_expert_bias, expert_bias (a frozen buffer)",
+        },
+    )
+
+
+for _fam in (
+    topk_family(
+        "hunyuan_v1_moe", "HunYuanMoEV1Moe", router_key="gate.wg.weight", experts="num_local_experts",
+        width="intermediate_size", renorm=True, shared=Shared("shared_mlp", "intermediate_size"),
+        check=_hunyuan_check,
+    ),
+    topk_family(
+        "laguna", "LagunaSparseMoeBlock", score="sigmoid", renorm=True, scaling="moe_routed_scaling_factor",
+        bias=("gate.e_score_correction_bias", ("E",)), shared=Shared("shared_experts", _SHARED),
+        layers=sparse_layer_types, check=_laguna_check, notes=(_LAGUNA_SCALE,),
+    ),
+    _lfm2(),
 ):  # fmt: skip
     register(_fam)

@@ -69,8 +69,8 @@ UNSUPPORTED: dict[str, str] = {
 }
 for _name in (
     "afmoe", "aria", "axk2", "beam", "dbrx", "diffusion_gemma", "dots3_note", "ergo",
-    "ernie4_5_vl_moe", "gemma4", "hunyuan_v1_moe", "inkling",
-    "laguna", "lfm2_moe", "llama4", "longcat_flash",
+    "ernie4_5_vl_moe", "gemma4", "inkling",
+    "llama4", "longcat_flash",
     "zaya",
 ):  # fmt: skip
     UNSUPPORTED.setdefault(_name, _NOT_READ)

@@ -44,6 +44,7 @@ def topk_family(
     block: str,
     *,
     router: str = "gate",
+    router_key: str | None = None,
     experts: str = "num_experts",
     width: str = "moe_intermediate_size",
     score: str = "softmax",
@@ -56,11 +57,17 @@ def topk_family(
     layers: Callable[[Config], list[int]] = all_layers,
     check: Callable[[Config], None] = lambda c: None,
     notes: tuple[str, ...] = (),
+    act: str | None = None,
 ) -> Family:
     """A top-k family (see the module docstring). ``renorm`` / ``scaling``: a config field's
-    name or a constant; ``bias``: (key, its shape) of a frozen selection-only correction bias;
+    name or a constant; ``router_key``: the router projection's key when it is not
+    ``<router>.weight``; ``bias``: (key, its shape) of a frozen selection-only correction bias;
     ``groups``: group-limited selection scored by ``top2_sum`` or ``max`` (fields n_group,
-    topk_group)."""
+    topk_group); ``act``: the experts' activation when the modeling code fixes it (else the
+    config's ``hidden_act``)."""
+
+    def act_of(c: Config) -> str:
+        return act if act is not None else activation(c)
 
     def layer(c: Config) -> dict:
         r = topk(field(c, "num_experts_per_tok"), score=score)
@@ -78,9 +85,9 @@ def topk_family(
                 "topk_groups": field(c, "topk_group"),
                 "group_score": groups,
             }
-        out = {"experts": {"routed": [glu(field(c, experts), field(c, width), activation(c))]}, "router": r}
+        out = {"experts": {"routed": [glu(field(c, experts), field(c, width), act_of(c))]}, "router": r}
         if shared is not None and _value(c, shared.count):
-            sh = {"kind": "glu", "activation": activation(c), "d_ff": field(c, shared.width)}
+            sh = {"kind": "glu", "activation": act_of(c), "d_ff": field(c, shared.width)}
             out["experts"]["shared"] = {
                 **sh,
                 "count": _value(c, shared.count),
@@ -95,7 +102,7 @@ def topk_family(
         return d
 
     def rules(c: Config) -> tuple[Rule, ...]:
-        out: tuple[Rule, ...] = (router_weight(f"{router}.weight"), *fused_experts())
+        out: tuple[Rule, ...] = (router_weight(router_key or f"{router}.weight"), *fused_experts())
         if bias is not None:
             out += (Rule(bias[0], bias[1], ("router.expert_bias",), ("E",), view=("E",)),)
         if shared is not None and _value(c, shared.count):
@@ -107,9 +114,10 @@ def topk_family(
     sources = {
         "layer.experts.routed.0.count": experts,
         "layer.experts.routed.0.d_ff": width,
-        "layer.experts.routed.0.activation": "hidden_act",
         "layer.router.k": "num_experts_per_tok",
     }
+    if act is None:
+        sources["layer.experts.routed.0.activation"] = "hidden_act"
     if isinstance(renorm, str) and order == "softmax_then_topk":
         sources["layer.router.renormalize"] = renorm
     if scaling is not None:

@@ -231,8 +231,39 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
         "cohere2_moe",
         _cfg("cohere2_moe", "Cohere2MoeConfig", **COHERE, expert_selection_fn="sigmoid", norm_topk_prob=True),
     ),
+    "hunyuan_v1_moe": (
+        "hunyuan_v1_moe",
+        _cfg("hunyuan_v1_moe", "HunYuanMoEV1Config", intermediate_size=12, num_experts=8, moe_topk=3),
+    ),
+    "laguna": ("laguna", _cfg("laguna", "LagunaConfig", **SHARED, moe_routed_scaling_factor=1.6)),
+    "lfm2_moe-bias": (
+        "lfm2_moe",
+        _cfg(
+            "lfm2_moe",
+            "Lfm2MoeConfig",
+            **QWEN,
+            use_expert_bias=True,
+            routed_scaling_factor=1.4,
+            norm_topk_prob=True,
+        ),
+    ),
+    "lfm2_moe-plain": (
+        "lfm2_moe",
+        _cfg(
+            "lfm2_moe",
+            "Lfm2MoeConfig",
+            **QWEN,
+            use_expert_bias=False,
+            routed_scaling_factor=1.4,
+            norm_topk_prob=False,
+        ),
+    ),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
+
+
+# Families whose block multiplies the routed output by a config field the router's weights lack.
+OUTPUT_SCALE = {"laguna": "moe_routed_scaling_factor"}
 
 
 def make_block(case: str, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -266,6 +297,8 @@ def test_layer_equals_block(case: str) -> None:
     torch.testing.assert_close(logits_ms, logits_hf.float(), atol=ATOL, rtol=RTOL)
     idx_ms, w_ms = by_expert(rec.experts[""][0], rec.weights[""][0])
     idx_hf, w_hf = by_expert(idx_hf, w_hf)
+    # Laguna scales the routed output, not the weights its router returns; moespec's weights carry it.
+    w_hf = w_hf * getattr(config, OUTPUT_SCALE.get(CASES[case][0], ""), 1.0)
     assert torch.equal(idx_ms, idx_hf), "different experts chosen"
     torch.testing.assert_close(w_ms, w_hf.float(), atol=ATOL, rtol=RTOL)
 
