@@ -32,6 +32,13 @@
   ``use_expert_bias``), renormalised iff ``norm_topk_prob`` with +1e-6 in the denominator
   (moespec adds none: a documented difference below 1e-6 relative), times
   ``routed_scaling_factor``; no shared experts.
+- AFMoE: sigmoid of ``router.gate`` (fp32), selection by sigmoid + the block's frozen
+  ``expert_bias``, always renormalised (+1e-20), times ``route_scale``; fused shared experts.
+- dots.3-note (its text MoE): DeepSeek-V3's router code; shared experts of their own width
+  (``shared_experts_intermediate_size``). Its vision MoE (per-layer configs) is not adapted.
+- Beam: DeepSeek-V3's router without the scaling, which the block applies to the routed
+  output instead (moespec scales the weights: the same output); no shared experts. Its experts
+  take the activation in fp32 (the same in fp32 models).
 """
 
 from __future__ import annotations
@@ -186,7 +193,7 @@ _LFM2_EPS = (
 
 
 def _lfm2_layers(c: Config) -> list[int]:
-    """LFM2-MoE: layers from ``num_dense_layers`` on are MoE."""
+    """LFM2-MoE, AFMoE: layers from ``num_dense_layers`` on are MoE."""
     return [i for i in range(field(c, "num_hidden_layers")) if i >= field(c, "num_dense_layers")]
 
 
@@ -226,5 +233,30 @@ for _fam in (
         layers=sparse_layer_types, check=_laguna_check, notes=(_LAGUNA_SCALE,),
     ),
     _lfm2(),
+):  # fmt: skip
+    register(_fam)
+
+
+_OUTPUT_SCALE = (
+    "the block multiplies the routed output by routed_scaling_factor; moespec multiplies the routing "
+    "weights (the same output; moespec's recorded weights carry the factor)"
+)
+_GROUPED_V3 = {"score": "sigmoid", "bias": ("gate.e_score_correction_bias", ("E",)), "groups": "top2_sum"}
+for _fam in (
+    topk_family(
+        "afmoe", "AfmoeSparseMoeBlock", router="router", router_key="router.gate.weight", score="sigmoid",
+        renorm=True, scaling="route_scale", bias=("expert_bias", ("E",)),
+        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts"),
+        layers=_lfm2_layers,
+    ),
+    topk_family(
+        "dots3_note", "Dots3NoteTextMoE", experts="num_local_experts", scaling="routed_scaling_factor",
+        shared=Shared("shared_experts", "shared_experts_intermediate_size", count="n_shared_experts"),
+        layers=sparse_layer_types, **_GROUPED_V3,
+    ),
+    topk_family(
+        "beam", "BeamMoE", scaling="routed_scaling_factor", layers=sparse_layer_types, notes=(_OUTPUT_SCALE,),
+        **_GROUPED_V3,
+    ),
 ):  # fmt: skip
     register(_fam)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moespec.errors import BuildError
 from moespec.hf.convert import _check_block, family_of, from_block, spec_from_config
 from moespec.hf.layout import Layout
-from moespec.hf.registry import FAMILIES, Family, family_of_module
+from moespec.hf.registry import FAMILIES, Family, UnsupportedFamilyError, family_of_module
 from moespec.hf.table import MOE_CLASS, require
 from moespec.runtime.layer import MoELayer
 
@@ -124,15 +124,23 @@ class PatchReport:
 
 
 def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every MoE block of a supported family inside ``model``; an error naming
-    the family and why when the model (or a module in it) belongs to an unsupported MoE family."""
-    found = []
+    """(name, module) of every MoE block of a supported family inside ``model``. Any other
+    module that looks like an MoE block or experts (``table.MOE_CLASS``) outside those blocks
+    is an error naming it: its family is unsupported (and why), or the family's adapter does
+    not map that block (a vision or talker MoE beside the adapted text block)."""
+    found: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
-        fam = family_of_module(m)
-        if fam in FAMILIES and type(m).__name__ in FAMILIES[fam].blocks:
+        if any(name.startswith(f"{b}.") for b, _ in found):
+            continue  # inside a block being replaced
+        fam, cls = family_of_module(m), type(m).__name__
+        if fam in FAMILIES and cls in FAMILIES[fam].blocks:
             found.append((name, m))
-        elif fam is not None and fam not in FAMILIES and MOE_CLASS.search(type(m).__name__):
+        elif fam is not None and MOE_CLASS.search(cls):
             require(fam)
+            raise UnsupportedFamilyError(
+                f"{name}: {cls} of transformers family {fam!r} is not adapted by moespec.hf "
+                f"(it maps {list(FAMILIES[fam].blocks)})"
+            )
     return found
 
 

@@ -68,7 +68,7 @@ UNSUPPORTED: dict[str, str] = {
     "qwen3_omni_moe": "its talker's MoE block differs from the thinker's (Qwen3-MoE-like); not adapted yet",
 }
 for _name in (
-    "afmoe", "aria", "axk2", "beam", "dbrx", "diffusion_gemma", "dots3_note", "ergo",
+    "aria", "axk2", "dbrx", "diffusion_gemma", "ergo",
     "ernie4_5_vl_moe", "gemma4", "inkling",
     "llama4", "longcat_flash",
     "zaya",

@@ -258,12 +258,47 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
             norm_topk_prob=False,
         ),
     ),
+    "afmoe": (
+        "afmoe",
+        _cfg(
+            "afmoe",
+            "AfmoeConfig",
+            moe_intermediate_size=12,
+            num_experts=8,
+            num_experts_per_tok=3,
+            num_shared_experts=2,
+            route_scale=1.8,
+        ),
+    ),
+    "dots3_note": (
+        "dots3_note",
+        _cfg(
+            "dots3_note",
+            "Dots3NoteTextConfig",
+            **{**V3, "n_routed_experts": 8},
+            shared_experts_intermediate_size=10,
+        ),
+    ),
+    "beam": (
+        "beam",
+        _cfg(
+            "beam",
+            "BeamConfig",
+            moe_intermediate_size=12,
+            num_experts=8,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.2,
+            norm_topk_prob=True,
+        ),
+    ),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
 
 
 # Families whose block multiplies the routed output by a config field the router's weights lack.
-OUTPUT_SCALE = {"laguna": "moe_routed_scaling_factor"}
+OUTPUT_SCALE = {"laguna": "moe_routed_scaling_factor", "beam": "routed_scaling_factor"}
 
 
 def make_block(case: str, seed: int = 0) -> tuple[nn.Module, Any]:

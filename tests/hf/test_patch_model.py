@@ -201,3 +201,17 @@ def test_twenty_training_steps_stay_together(family: str) -> None:
         torch.testing.assert_close(
             losses[0], losses[1], atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}"
         )
+
+
+def test_patch_refuses_an_unadapted_block_of_a_supported_family() -> None:
+    """A module that looks like MoE (here stray Mixtral experts outside a block) is never
+    skipped silently: patch names it and leaves everything in place."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralSparseMoeBlock
+
+    cfg = eager(transformers.MixtralConfig(**SMALL, intermediate_size=8, num_local_experts=4))
+    model = nn.ModuleDict({"moe": MixtralSparseMoeBlock(cfg), "stray": MixtralExperts(cfg)})
+    with pytest.raises(
+        moespec.hf.UnsupportedFamilyError, match=r"stray: MixtralExperts of transformers family 'mixtral'"
+    ):
+        moespec.hf.patch(model)
+    assert isinstance(model["moe"], MixtralSparseMoeBlock)
