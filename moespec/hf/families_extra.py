@@ -43,12 +43,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from moespec.hf.common import after_dense, field, refuse, sparse_step_layers
 from moespec.hf.families_core import JITTER, deepseek_v3_family, sparse_layer_types
 from moespec.hf.registry import Config, Family, register
-from moespec.hf.topk_family import Shared, topk_family
+from moespec.hf.topk_family import Shared, by_config, topk_family
 
 _FP32_COMBINE = (
     "HY-V3's enable_moe_fp32_combine sums the routed and shared outputs in fp32; moespec sums in "
@@ -142,13 +140,7 @@ def _cohere2() -> Family:
     def pick(c: Config) -> Family:
         return sig if field(c, "expert_selection_fn") == "sigmoid" else soft
 
-    return replace(
-        soft,
-        layer=lambda c: pick(c).layer(c),
-        dims=lambda c: pick(c).dims(c),
-        rules=lambda c: pick(c).rules(c),
-        sources={**soft.sources, "layer.router.score": "expert_selection_fn"},
-    )
+    return by_config(pick, soft, sources={**soft.sources, "layer.router.score": "expert_selection_fn"})
 
 
 _MISTRAL = {
@@ -209,16 +201,8 @@ def _lfm2() -> Family:
     def pick(c: Config) -> Family:
         return biased if field(c, "use_expert_bias") else plain
 
-    return replace(
-        plain,
-        layer=lambda c: pick(c).layer(c),
-        dims=lambda c: pick(c).dims(c),
-        rules=lambda c: pick(c).rules(c),
-        sources={
-            **biased.sources,
-            "layer.router.expert_bias": "use_expert_bias, expert_bias (a frozen buffer)",
-        },
-    )
+    sources = {**biased.sources, "layer.router.expert_bias": "use_expert_bias, expert_bias (frozen)"}
+    return by_config(pick, plain, sources=sources)
 
 
 for _fam in (

@@ -65,12 +65,16 @@ UNSUPPORTED: dict[str, str] = {
     "kolibri1": _LOGIT_BIAS,
     "kolibri1_1": _LOGIT_BIAS,
     "axk1": "the block applies an RMSNorm to the MoE output (post_mlp_layernorm); moespec's layer does not",
+    "llama4": (
+        "the routing weight scales the expert's input (expert(x·σ(logit))), not its output; "
+        "moespec's experts weigh their output"
+    ),
     "qwen3_omni_moe": "its talker's MoE block differs from the thinker's (Qwen3-MoE-like); not adapted yet",
 }
 for _name in (
-    "aria", "axk2", "dbrx", "diffusion_gemma", "ergo",
+    "aria", "dbrx", "diffusion_gemma", "ergo",
     "ernie4_5_vl_moe", "gemma4", "inkling",
-    "llama4", "longcat_flash",
+
     "zaya",
 ):  # fmt: skip
     UNSUPPORTED.setdefault(_name, _NOT_READ)

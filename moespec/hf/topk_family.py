@@ -7,7 +7,7 @@ list of names read from the family's modeling code."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moespec.hf.common import (
     activation,
@@ -135,3 +135,16 @@ def topk_family(
         if isinstance(shared.count, str):
             sources["layer.experts.shared.count"] = shared.count
     return Family(name, (block,), router, layer, dims, rules, layers, check, notes=notes, sources=sources)
+
+
+def by_config(pick: Callable[[Config], Family], base: Family, **changes: object) -> Family:
+    """One adapter whose maths follows the config: ``pick(config)`` gives the variant
+    (families built by :func:`topk_family` with the same name and block); ``base`` gives the
+    rest (router name, layers, checks, notes), ``changes`` override it (sources)."""
+    return replace(
+        base,
+        layer=lambda c: pick(c).layer(c),
+        dims=lambda c: pick(c).dims(c),
+        rules=lambda c: pick(c).rules(c),
+        **changes,
+    )

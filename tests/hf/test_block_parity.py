@@ -293,6 +293,20 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
             norm_topk_prob=True,
         ),
     ),
+    "axk2-grouped": ("axk2", _cfg("axk2", "AXK2Config", **V3)),
+    "axk2-plain": ("axk2", _cfg("axk2", "AXK2Config", **{**V3, "n_group": None, "topk_group": None})),
+    "longcat_flash": (
+        "longcat_flash",
+        _cfg(
+            "longcat_flash",
+            "LongcatFlashConfig",
+            expert_ffn_hidden_size=12,
+            n_routed_experts=6,
+            zero_expert_num=3,
+            moe_topk=3,
+            routed_scaling_factor=1.5,
+        ),
+    ),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
 
@@ -301,11 +315,18 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
 OUTPUT_SCALE = {"laguna": "moe_routed_scaling_factor", "beam": "routed_scaling_factor"}
 
 
+# A.X-K2 masks dropped groups with 0.0 (documented): parity holds where biased scores are positive.
+POSITIVE_BIAS = {"axk2"}
+
+
 def make_block(case: str, seed: int = 0) -> tuple[nn.Module, Any]:
     family, factory = CASES[case]
     config = eager(factory())
     block = block_class(family)(config).float()
     randomize(block, seed)
+    if family in POSITIVE_BIAS:
+        with torch.no_grad():
+            block.gate.e_score_correction_bias.abs_()
     return block, config
 
 
