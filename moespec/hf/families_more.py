@@ -3,7 +3,8 @@ transformers 5.25, the same code as a family of :mod:`moespec.hf.families_core` 
 class names, the config fields read and which decoder layers are MoE differ):
 
 - Mixtral's block and router: MiniMax.
-- Qwen3-MoE's block, router with ``norm_topk_prob``: Mellum, (OLMoE's block) FlexOlmo;
+- Qwen3-MoE's block, router with ``norm_topk_prob``: Mellum, Qwen3-Omni-MoE's thinker (its
+  talker's MoE block differs and is not adapted: ``patch`` names it), (OLMoE's block) FlexOlmo;
   renormalising always: Qwen3-VL-MoE.
 - Qwen2-MoE's block with the sigmoid-gated shared expert: Qwen3-Next, Qwen4-Exp
   (``norm_topk_prob``), Qwen3.5-MoE (always renormalised).
@@ -41,6 +42,10 @@ for _fam in (
         renorm=True, check=_mixtral_check,
     ),
     softmax_family("mellum", "MellumSparseMoeBlock", layers=sparse_layer_types),
+    softmax_family(
+        "qwen3_omni_moe", "Qwen3OmniMoeThinkerTextSparseMoeBlock", layers=sparse_step_layers,
+        notes=("only the thinker's MoE blocks are adapted; patch refuses a model holding the talker's",),
+    ),
     softmax_family("flex_olmo", "FlexOlmoSparseMoeBlock", width="intermediate_size"),
     softmax_family("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", renorm=True, layers=sparse_step_layers),
     softmax_family("qwen3_next", "Qwen3NextSparseMoeBlock", qwen_shared=True, layers=sparse_step_layers),

@@ -26,8 +26,11 @@ _CLAMPED = (
     "not a moespec expert activation"
 )
 _CLAMP = "experts clamp the gate and up projections (a SwiGLU limit), which moespec's experts do not"
-_NOT_READ = "not adapted yet: its router or block differs from the adapted ones and has not been mapped"
 
+_NORMED_ROUTER = (
+    "the router normalises and rescales its input (RMSNorm, learned scale) and each expert's "
+    "weight has a learned per-expert scale; not a moespec router"
+)
 _LOGIT_BIAS = "selection adds the correction bias to the logits, not to the sigmoid scores moespec biases"
 
 UNSUPPORTED: dict[str, str] = {
@@ -69,15 +72,27 @@ UNSUPPORTED: dict[str, str] = {
         "the routing weight scales the expert's input (expert(x·σ(logit))), not its output; "
         "moespec's experts weigh their output"
     ),
-    "qwen3_omni_moe": "its talker's MoE block differs from the thinker's (Qwen3-MoE-like); not adapted yet",
+    "aria": "experts in a transposed layout (is_transposed) with their own forward; not adapted yet",
+    "dbrx": (
+        "experts stored as flattened per-expert matrices with their own forward, and p-norm "
+        "normalisation of the top-k weights (moe_normalize_expert_weights); not adapted yet"
+    ),
+    "zaya": (
+        "the router is an MLP whose hidden state flows from layer to layer (EDA), with a reserved "
+        "extra class; not a moespec router"
+    ),
+    "gemma4": _NORMED_ROUTER,
+    "diffusion_gemma": _NORMED_ROUTER,
+    "inkling": (
+        "the shared experts are weighted by the router (their log-sigmoid logits join the routed ones "
+        "in one softmax); moespec's shared experts are ungated or sigmoid-gated"
+    ),
+    "ergo": "experts in their own (non-v5) layout with their own forward; not adapted yet",
+    "ernie4_5_vl_moe": (
+        "text and vision tokens go to separate MoEs chosen by moe_mm_token_type_ids (an input); "
+        "not a moespec router"
+    ),
 }
-for _name in (
-    "aria", "dbrx", "diffusion_gemma", "ergo",
-    "ernie4_5_vl_moe", "gemma4", "inkling",
-
-    "zaya",
-):  # fmt: skip
-    UNSUPPORTED.setdefault(_name, _NOT_READ)
 
 
 def transformers_models_dir() -> Path | None:

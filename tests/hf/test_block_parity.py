@@ -307,6 +307,10 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
             routed_scaling_factor=1.5,
         ),
     ),
+    "qwen3_omni_moe": (
+        "qwen3_omni_moe",
+        _cfg("qwen3_omni_moe", "Qwen3OmniMoeTextConfig", **QWEN, norm_topk_prob=True),
+    ),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
 
