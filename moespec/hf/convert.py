@@ -21,9 +21,6 @@ from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
 from moespec.spec.load import load_spec
 
-# The expert layout flags transformers' @use_experts_implementation sets on an experts module;
-# every adapter here maps the fused, gate-then-up, untransposed, bias-free layout.
-STANDARD_EXPERTS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True}
 _DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -94,7 +91,7 @@ def _check_block(fam: Family, block: nn.Module, config: Config | None) -> Config
     if config is None:
         raise BuildError(f"{cls} carries no config: pass it, from_block(block, config)")
     experts = getattr(block, "experts", None)
-    for flag, want in STANDARD_EXPERTS.items():
+    for flag, want in fam.experts_flags.items():
         got = getattr(experts, flag, want)
         if got != want:
             key = f"experts.{'gate_up_proj' if flag != 'has_bias' else 'gate_up_proj_bias'}"

@@ -11,14 +11,19 @@ its transformers 5.25 modeling code:
   as transformers does), selection by softmax + the frozen ``e_score_correction_bias``, never
   renormalised, times ``routed_scaling_factor``. The router's ``classifier.bias`` is never
   applied by transformers, so ``router_bias`` is refused.
+- Aria: top-k of the logits then softmax over the k (router under ``router``); experts with
+  a fixed SiLU in the transposed layout (``is_transposed``: x @ W); fused shared experts.
+- DBRX: softmax, top-k, divided by the weights' p-norm with p = ``moe_normalize_expert_weights``
+  (1: the sum, moespec's renormalisation; other p refused); experts as flattened
+  [E·F, D] matrices w1 (gate), v1 (up), w2 (down, used as x @ w2). Fields in ``ffn_config``.
 """
 
 from __future__ import annotations
 
-from moespec.hf.common import activation, field, fused_experts, refuse, topk
+from moespec.hf.common import ACTIVATIONS, activation, field, fused_experts, refuse, router_weight, topk
 from moespec.hf.families_core import sparse_layer_types
 from moespec.hf.layout import Rule
-from moespec.hf.registry import Config, Family, register
+from moespec.hf.registry import STANDARD_EXPERTS, Config, Family, UnsupportedFamilyError, register
 from moespec.hf.topk_family import Shared, by_config, topk_family
 
 _ZERO_MASK = (
@@ -88,4 +93,93 @@ LONGCAT = Family(
 )
 
 for _fam in (_axk2(), LONGCAT):
+    register(_fam)
+
+
+# --- Aria and DBRX: their own expert layouts ---------------------------------------------------
+
+
+def _aria_experts() -> tuple[Rule, ...]:
+    """Aria's experts: ``gate_up_proj [E, D, 2F]`` (x @ W; gate columns first) and
+    ``down_proj [E, F, D]``, i.e. the v5 layout transposed."""
+    return (
+        Rule(
+            "experts.gate_up_proj", ("E", "D", "2*F"), ("experts.0.w_gate", "experts.0.w_up"),
+            ("E", "F", "D"), perm=(0, 2, 1), split_dim=1,
+        ),
+        Rule("experts.down_proj", ("E", "F", "D"), ("experts.0.w_down",), ("E", "D", "F"), perm=(0, 2, 1)),
+    )  # fmt: skip
+
+
+def _aria_check(c: Config) -> None:
+    refuse(c, "mlp_bias", bool, "the shared experts' biases are not mapped")
+
+
+ARIA = topk_family(
+    "aria", "AriaTextMoELayer", router="router", experts="moe_num_experts", width="intermediate_size",
+    k="moe_topk", order="topk_then_softmax", renorm=False, act="silu", check=_aria_check,
+    shared=Shared("shared_experts", "intermediate_size", count="moe_num_shared_experts"),
+    experts_rules=_aria_experts, experts_flags={**STANDARD_EXPERTS, "is_transposed": True},
+)  # fmt: skip
+
+
+def _ffn(c: Config) -> Config:
+    """DBRX keeps its MoE fields in ``ffn_config`` (a DbrxConfig or the DbrxFFNConfig itself)."""
+    return getattr(c, "ffn_config", c)
+
+
+def _dbrx_check(c: Config) -> None:
+    f = _ffn(c)
+    refuse(f, "moe_jitter_eps", lambda v: v > 0, "jitters the block's input in place (router and experts)")
+    refuse(
+        f, "moe_normalize_expert_weights", lambda v: v != 1,
+        "divides the top-k weights by their p-norm; moespec renormalises by the sum (p = 1) or not at all",
+    )  # fmt: skip
+    act = (f.ffn_act_fn or {}).get("name", "silu")
+    if act not in ACTIVATIONS or len(f.ffn_act_fn or {}) > 1:
+        raise UnsupportedFamilyError(
+            f"DbrxFFNConfig.ffn_act_fn = {f.ffn_act_fn!r}: not a moespec expert activation"
+        )
+
+
+def _dbrx_layer(c: Config) -> dict:
+    f = _ffn(c)
+    act = ACTIVATIONS[(f.ffn_act_fn or {}).get("name", "silu")]
+    routed = {"kind": "glu", "activation": act, "d_ff": f.ffn_hidden_size, "count": f.moe_num_experts}
+    renorm = f.moe_normalize_expert_weights is not None
+    return {"experts": {"routed": [routed]}, "router": topk(f.moe_top_k, score="softmax", renormalize=renorm)}
+
+
+DBRX = Family(
+    "dbrx",
+    ("DbrxFFN",),
+    "router",
+    _dbrx_layer,
+    lambda c: {"E": _ffn(c).moe_num_experts, "F": _ffn(c).ffn_hidden_size, "D": _ffn(c).hidden_size},
+    lambda c: (
+        router_weight("router.layer.weight"),
+        # w1 / v1: gate / up rows of expert e at e·F .. e·F + F - 1; w2 likewise, used as x @ w2.
+        Rule("experts.mlp.w1", ("E*F", "D"), ("experts.0.w_gate",), ("E", "F", "D"), view=("E", "F", "D")),
+        Rule("experts.mlp.v1", ("E*F", "D"), ("experts.0.w_up",), ("E", "F", "D"), view=("E", "F", "D")),
+        Rule(
+            "experts.mlp.w2",
+            ("E*F", "D"),
+            ("experts.0.w_down",),
+            ("E", "D", "F"),
+            view=("E", "F", "D"),
+            perm=(0, 2, 1),
+        ),
+    ),
+    lambda c: list(range(field(c, "n_layers"))) if hasattr(c, "n_layers") else [],
+    _dbrx_check,
+    sources={
+        "layer.experts.routed.0.count": "ffn_config.moe_num_experts",
+        "layer.experts.routed.0.d_ff": "ffn_config.ffn_hidden_size",
+        "layer.experts.routed.0.activation": "ffn_config.ffn_act_fn",
+        "layer.router.k": "ffn_config.moe_top_k",
+        "layer.router.renormalize": "ffn_config.moe_normalize_expert_weights",
+    },
+)
+
+for _fam in (ARIA, DBRX):
     register(_fam)

@@ -19,6 +19,10 @@ from moespec.hf.layout import Layout, Rule
 Config = Any  # a transformers PretrainedConfig (duck-typed: attributes only)
 
 
+# The flags of transformers' fused, gate-then-up, untransposed, bias-free v5 expert layout.
+STANDARD_EXPERTS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True}
+
+
 class UnsupportedFamilyError(BuildError):
     """A transformers family (or one config of it) that moespec cannot take over; the message
     names the family, or the config field, and why."""
@@ -36,7 +40,9 @@ class Family:
     ``check(config)``: raises for a config the maths cannot follow (names the field);
     ``notes``: documented differences from the block, shown in ``patch``'s report;
     ``sources``: spec path -> the config field it comes from (comments of
-    ``moespec convert --from-hf``)."""
+    ``moespec convert --from-hf``); ``experts_flags``: the layout flags transformers'
+    ``@use_experts_implementation`` sets on the experts module that the rules assume (checked
+    where the module has them, so a transposed layout cannot pass on equal dimensions)."""
 
     name: str
     blocks: tuple[str, ...]
@@ -48,6 +54,7 @@ class Family:
     check: Callable[[Config], None] = lambda config: None
     notes: tuple[str, ...] = field(default=())
     sources: dict[str, str] = field(default_factory=dict)
+    experts_flags: dict[str, bool] = field(default_factory=lambda: dict(STANDARD_EXPERTS))
 
     def layout(self, config: Config) -> Layout:
         """The checkpoint layout for ``config``."""

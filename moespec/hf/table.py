@@ -72,11 +72,6 @@ UNSUPPORTED: dict[str, str] = {
         "the routing weight scales the expert's input (expert(x·σ(logit))), not its output; "
         "moespec's experts weigh their output"
     ),
-    "aria": "experts in a transposed layout (is_transposed) with their own forward; not adapted yet",
-    "dbrx": (
-        "experts stored as flattened per-expert matrices with their own forward, and p-norm "
-        "normalisation of the top-k weights (moe_normalize_expert_weights); not adapted yet"
-    ),
     "zaya": (
         "the router is an MLP whose hidden state flows from layer to layer (EDA), with a reserved "
         "extra class; not a moespec router"

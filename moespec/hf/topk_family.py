@@ -20,7 +20,7 @@ from moespec.hf.common import (
     topk,
 )
 from moespec.hf.layout import Rule
-from moespec.hf.registry import Config, Family
+from moespec.hf.registry import STANDARD_EXPERTS, Config, Family
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,23 @@ def topk_family(
     check: Callable[[Config], None] = lambda c: None,
     notes: tuple[str, ...] = (),
     act: str | None = None,
+    k: str = "num_experts_per_tok",
+    experts_rules: Callable[[], tuple[Rule, ...]] = fused_experts,
+    experts_flags: dict[str, bool] | None = None,
 ) -> Family:
     """A top-k family (see the module docstring). ``renorm`` / ``scaling``: a config field's
     name or a constant; ``router_key``: the router projection's key when it is not
     ``<router>.weight``; ``bias``: (key, its shape) of a frozen selection-only correction bias;
     ``groups``: group-limited selection scored by ``top2_sum`` or ``max`` (fields n_group,
     topk_group); ``act``: the experts' activation when the modeling code fixes it (else the
-    config's ``hidden_act``)."""
+    config's ``hidden_act``); ``k``: the field of the experts per token; ``experts_rules`` /
+    ``experts_flags``: the routed experts' layout when it is not the fused v5 one."""
 
     def act_of(c: Config) -> str:
         return act if act is not None else activation(c)
 
     def layer(c: Config) -> dict:
-        r = topk(field(c, "num_experts_per_tok"), score=score)
+        r = topk(field(c, k), score=score)
         if score == "softmax":
             r["order"] = order
         if order == "softmax_then_topk":
@@ -102,7 +106,7 @@ def topk_family(
         return d
 
     def rules(c: Config) -> tuple[Rule, ...]:
-        out: tuple[Rule, ...] = (router_weight(router_key or f"{router}.weight"), *fused_experts())
+        out: tuple[Rule, ...] = (router_weight(router_key or f"{router}.weight"), *experts_rules())
         if bias is not None:
             out += (Rule(bias[0], bias[1], ("router.expert_bias",), ("E",), view=("E",)),)
         if shared is not None and _value(c, shared.count):
@@ -114,7 +118,7 @@ def topk_family(
     sources = {
         "layer.experts.routed.0.count": experts,
         "layer.experts.routed.0.d_ff": width,
-        "layer.router.k": "num_experts_per_tok",
+        "layer.router.k": k,
     }
     if act is None:
         sources["layer.experts.routed.0.activation"] = "hidden_act"
@@ -134,7 +138,20 @@ def topk_family(
         )
         if isinstance(shared.count, str):
             sources["layer.experts.shared.count"] = shared.count
-    return Family(name, (block,), router, layer, dims, rules, layers, check, notes=notes, sources=sources)
+    flags = dict(STANDARD_EXPERTS) if experts_flags is None else experts_flags
+    return Family(
+        name,
+        (block,),
+        router,
+        layer,
+        dims,
+        rules,
+        layers,
+        check,
+        notes=notes,
+        sources=sources,
+        experts_flags=flags,
+    )
 
 
 def by_config(pick: Callable[[Config], Family], base: Family, **changes: object) -> Family:

@@ -57,7 +57,10 @@ def router_output(block: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
         y = block(x)
     finally:
         handle.remove()
-    return y, seen[0]
+    out = seen[0]
+    if not isinstance(out, tuple):  # DBRX's router returns the logits; the block picks the experts
+        out = (out, *block.route_tokens_to_experts(out))  # (logits, weights, experts)
+    return y, out
 
 
 def by_expert(idx_TK: Tensor, w_TK: Tensor) -> tuple[Tensor, Tensor]:

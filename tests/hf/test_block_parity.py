@@ -119,6 +119,12 @@ V2 = {
     "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.3,
 }  # fmt: skip
 
+
+def _dbrx() -> Any:
+    ffn = {"ffn_hidden_size": 12, "moe_num_experts": 8, "moe_top_k": 3}
+    return transformers.DbrxConfig(d_model=D, n_heads=4, ffn_config=ffn)
+
+
 COHERE = {
     "intermediate_size": 12, "num_experts": 8, "num_experts_per_tok": 3, "num_shared_experts": 2,
     "shared_expert_combination_strategy": "sum",
@@ -311,6 +317,18 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
         "qwen3_omni_moe",
         _cfg("qwen3_omni_moe", "Qwen3OmniMoeTextConfig", **QWEN, norm_topk_prob=True),
     ),
+    "aria": (
+        "aria",
+        _cfg(
+            "aria",
+            "AriaTextConfig",
+            intermediate_size=12,
+            moe_num_experts=8,
+            moe_topk=3,
+            moe_num_shared_experts=2,
+        ),
+    ),
+    "dbrx": ("dbrx", _dbrx),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
 }
 
@@ -388,7 +406,7 @@ def test_round_trip_is_exact(case: str) -> None:
     layer = moespec.hf.from_block(block, config)
     other = copy.deepcopy(block)
     randomize(other, seed=4)
-    moespec.hf.to_block(layer, other)
+    moespec.hf.to_block(layer, other, config)
     want, got = block.state_dict(), other.state_dict()
     assert list(want) == list(got)
     for k in want:

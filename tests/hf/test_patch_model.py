@@ -71,6 +71,20 @@ MODELS: dict[str, Callable[[], Any]] = {
             )
         )
     ),
+    "dbrx": lambda: transformers.DbrxForCausalLM(
+        eager(
+            transformers.DbrxConfig(
+                d_model=32,
+                n_heads=4,
+                n_layers=2,
+                vocab_size=97,
+                max_seq_len=64,
+                output_router_logits=True,
+                attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2},
+            )
+        )
+    ),
     "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
         eager(
             transformers.DeepseekV3Config(
