@@ -50,15 +50,18 @@ UNSUPPORTED: dict[str, str] = {
         "gradients while training) is not a moespec router"
     ),
     "switch_transformers": (
-        "an encoder-decoder with capacity-limited top-1 routing whose token order and dropping "
-        "differ; not adapted yet"
+        "capacity is an absolute expert_capacity counted along each sequence (cumsum per row), not a "
+        "moespec capacity factor over the batch; experts are per-expert DenseActDense modules"
     ),
     "nllb_moe": (
         "an encoder-decoder with top-2 routing with capacity and second-expert sampling; not adapted yet"
     ),
     "vitpose_backbone": "experts are selected per dataset index (an input), not routed per token",
     "doge": "cross-domain MoE with product-key expert retrieval, not a moespec router",
-    "jetmoe": "mixture of attention heads (MoA) as well as MoE MLPs; not adapted yet",
+    "jetmoe": (
+        "its MoE MLP adds one block-level output bias that moespec's experts do not have, and its "
+        "attention is a mixture of experts too (MoA)"
+    ),
     "muse_spark": (
         "experts apply a norm after each expert (has_post_expert_norm), which moespec's experts do not"
     ),
@@ -128,9 +131,17 @@ def require(family: str) -> None:
 
 
 def rows() -> list[tuple[str, str]]:
-    """(family, "supported" or the reason) for every family moespec knows, sorted."""
+    """(family, "parity-tested" with its documented differences, or the reason it is not
+    supported) for every family moespec knows, sorted."""
     names = sorted(set(FAMILIES) | set(UNSUPPORTED))
-    return [(n, "parity-tested" if n in FAMILIES else UNSUPPORTED[n]) for n in names]
+    out = []
+    for n in names:
+        if n in FAMILIES:
+            notes = FAMILIES[n].notes
+            out.append((n, "parity-tested" + "".join(f"; {x}" for x in notes)))
+        else:
+            out.append((n, f"unsupported: {UNSUPPORTED[n]}"))
+    return out
 
 
 def markdown() -> str:

@@ -38,6 +38,10 @@ def test_status() -> None:
     assert "clamped SwiGLU" in status("gpt_oss")
     assert "not in moespec's family table" in status("no_such_family")
     assert dict(rows())["mixtral"] == "parity-tested"
+    assert dict(rows())["deepseek_v3"].startswith(
+        "parity-tested; transformers keeps the correction bias frozen"
+    )
+    assert dict(rows())["gpt_oss"].startswith("unsupported: experts use a clamped SwiGLU")
 
 
 def test_family_table_page_is_current() -> None:
