@@ -17,6 +17,7 @@ from moespec.errors import BuildError
 from moespec.hf.layout import check_keys
 from moespec.hf.registry import FAMILIES, Config, Family, UnsupportedFamilyError, family_of_module
 from moespec.hf.table import require
+from moespec.ir.build import build_program
 from moespec.runtime.build import build_layer
 from moespec.runtime.layer import MoELayer
 from moespec.spec.load import load_spec
@@ -101,6 +102,10 @@ def _check_block(fam: Family, block: nn.Module, config: Config | None) -> Config
     return config
 
 
+# The IR fields that make up the maths of a layer (not its name, dtype or derived numbers).
+_DESIGN = ("router", "dispatch", "experts", "shared", "combine", "heads")
+
+
 def block_tensors(block: nn.Module) -> dict[str, Tensor]:
     """The block's parameters and persistent buffers by key (relative to the block)."""
     return dict(block.state_dict(keep_vars=True))
@@ -144,8 +149,17 @@ def _load(module: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
 
 
 def to_block(layer: MoELayer, block: nn.Module, config: Config | None = None) -> None:
-    """Write ``layer``'s weights into ``block`` (the inverse of :func:`from_block`)."""
+    """Write ``layer``'s weights into ``block`` (the inverse of :func:`from_block`); an error
+    when the layer computes another design than the block's config describes (weights of the
+    right shapes would otherwise land in a block that routes them differently)."""
     fam = family_of(block)
     config = _check_block(fam, block, config)
+    want = build_program(load_spec(spec_from_config(config)).spec).layers[0]
+    differ = [f for f in _DESIGN if getattr(layer.ir, f) != getattr(want, f)]
+    if differ:
+        raise BuildError(
+            f"the moespec layer's {', '.join(differ)} differ from what {type(block).__name__}'s config "
+            "describes: it was not built for this block (moespec.hf.spec_from_config shows the design)"
+        )
     tensors = fam.layout(config).to_hf(dict(layer.state_dict()), what="moespec layer state_dict")
     _load(block, tensors, f"{type(block).__name__}")

@@ -115,3 +115,22 @@ def test_not_a_block() -> None:
         moespec.hf.from_block(block.experts, cfg)
     with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"not from transformers.models"):
         moespec.hf.from_block(torch.nn.Linear(2, 2))
+
+
+def test_config_may_be_omitted_where_the_block_carries_it() -> None:
+    block, _ = mixtral()
+    layer = moespec.hf.from_block(block)  # transformers' experts module keeps the config
+    assert layer.ir.experts.n_experts == 4
+    moespec.hf.to_block(layer, block)
+
+
+def test_to_block_refuses_a_block_of_another_family() -> None:
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    block, cfg = mixtral()
+    layer = moespec.hf.from_block(block, cfg)
+    qcfg = transformers.Qwen3MoeConfig(
+        hidden_size=16, num_attention_heads=4, moe_intermediate_size=12, num_experts=4, num_experts_per_tok=2
+    )
+    with pytest.raises(BuildError, match=r"the moespec layer's router differ.*not built for this block"):
+        moespec.hf.to_block(layer, Qwen3MoeSparseMoeBlock(eager(qcfg)), qcfg)
