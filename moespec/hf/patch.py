@@ -71,7 +71,9 @@ class PatchedBlock(nn.Module):
         self._register_state_dict_hook(_to_hf_keys)
         self._register_load_state_dict_pre_hook(_from_hf_keys, with_module=True)
 
-    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Any]:
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        # Every adapted family's block returns the output alone (the families whose block also
+        # returns router outputs are not adapted), and records router logits by a hook.
         y = self.moe(hidden_states)
         getattr(self, self.router_name)(self.moe.router_logits)
         return y

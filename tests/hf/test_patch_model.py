@@ -85,6 +85,40 @@ MODELS: dict[str, Callable[[], Any]] = {
             )
         )
     ),
+    "ernie4_5_moe": lambda: transformers.Ernie4_5_MoeForCausalLM(
+        eager(
+            transformers.Ernie4_5_MoeConfig(
+                **SMALL,
+                moe_intermediate_size=12,
+                num_experts=6,
+                num_experts_per_tok=2,
+                moe_num_shared_experts=1,
+                moe_layer_start_index=1,
+            )
+        )
+    ),
+    "hunyuan_v1_moe": lambda: transformers.HunYuanMoEV1ForCausalLM(
+        eager(
+            transformers.HunYuanMoEV1Config(
+                **SMALL, head_dim=8, intermediate_size=12, num_experts=6, moe_topk=2
+            )
+        )
+    ),
+    "glm4_moe": lambda: transformers.Glm4MoeForCausalLM(
+        eager(
+            transformers.Glm4MoeConfig(
+                **SMALL,
+                intermediate_size=40,
+                moe_intermediate_size=12,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                n_group=4,
+                topk_group=2,
+                first_k_dense_replace=1,
+            )
+        )
+    ),
     "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
         eager(
             transformers.DeepseekV3Config(
