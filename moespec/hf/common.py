@@ -123,6 +123,16 @@ def shared_mlp(prefix: str, n: str = "S", width: str = "Fs", bias: bool = False)
     return tuple(rules)
 
 
+def empty_shared_mlp(prefix: str) -> tuple[Rule, ...]:
+    """The zero-width shared MLP transformers builds when a config has no shared experts
+    (``Linear(D, 0)``): shapes checked, no moespec tensor."""
+    return (
+        Rule(f"{prefix}.gate_proj.weight", (0, "D"), (), ()),
+        Rule(f"{prefix}.up_proj.weight", (0, "D"), (), ()),
+        Rule(f"{prefix}.down_proj.weight", ("D", 0), (), ()),
+    )
+
+
 def sparse_step_layers(config: Config) -> list[int]:
     """Qwen-MoE's rule: layer i is MoE unless listed in ``mlp_only_layers``, when
     ``num_experts > 0`` and ``(i + 1) % decoder_sparse_step == 0``."""

@@ -22,6 +22,7 @@ from typing import Any
 from moespec.hf.common import (
     activation,
     after_dense,
+    empty_shared_mlp,
     field,
     fused_experts,
     glu,
@@ -163,8 +164,10 @@ def _deepseek_rules(c: Config, bias: bool) -> tuple[Rule, ...]:
     rules: tuple[Rule, ...] = (router_weight(), *fused_experts())
     if bias:
         rules += (Rule("gate.e_score_correction_bias", ("E",), ("router.expert_bias",), ("E",)),)
-    if field(c, "n_shared_experts"):
-        rules += shared_mlp("shared_experts")
+    # DeepSeek's block builds its shared MLP (width S·F) even for S = 0.
+    rules += (
+        shared_mlp("shared_experts") if field(c, "n_shared_experts") else empty_shared_mlp("shared_experts")
+    )
     return rules
 
 

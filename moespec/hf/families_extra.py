@@ -88,13 +88,13 @@ for _fam in (
     topk_family(
         "hy_v3", "HYV3MoE", experts="num_local_experts", score="sigmoid", renorm=True,
         scaling="router_scaling_factor", bias=("e_score_correction_bias", ("E",)),
-        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts"),
+        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts", always=True),
         layers=sparse_layer_types, check=_no_mlp_bias("mlp_bias"), notes=(_FP32_COMBINE,),
     ),
     topk_family(
         "exaone_moe", "ExaoneMoeSparseMoEBlock", score="sigmoid", scaling="routed_scaling_factor",
         bias=("gate.e_score_correction_bias", ("E",)), groups="top2_sum",
-        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts"),
+        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts", always=True),
         layers=sparse_layer_types,
     ),
     topk_family(
@@ -145,7 +145,7 @@ def _cohere2() -> Family:
 
 _MISTRAL = {
     "experts": "num_local_experts", "scaling": "routed_scaling_factor", "groups": "top2_sum",
-    "shared": Shared("shared_experts", "moe_intermediate_size", count="n_shared_experts"),
+    "shared": Shared("shared_experts", "moe_intermediate_size", count="n_shared_experts", always=True),
 }  # fmt: skip
 for _fam in (
     topk_family("mistral4", "Mistral4MoE", layers=after_dense(), **_MISTRAL),
@@ -230,12 +230,12 @@ for _fam in (
     topk_family(
         "afmoe", "AfmoeSparseMoeBlock", router="router", router_key="router.gate.weight", score="sigmoid",
         renorm=True, scaling="route_scale", bias=("expert_bias", ("E",)),
-        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts"),
+        shared=Shared("shared_experts", "moe_intermediate_size", count="num_shared_experts", always=True),
         layers=_lfm2_layers,
     ),
     topk_family(
         "dots3_note", "Dots3NoteTextMoE", experts="num_local_experts", scaling="routed_scaling_factor",
-        shared=Shared("shared_experts", "shared_experts_intermediate_size", count="n_shared_experts"),
+        shared=Shared("shared_experts", "shared_experts_intermediate_size", "n_shared_experts", always=True),
         layers=sparse_layer_types, **_GROUPED_V3,
     ),
     topk_family(

@@ -37,7 +37,7 @@ def _axk2() -> Family:
         "experts": "num_local_experts", "score": "sigmoid", "scaling": "routed_scaling_factor",
         "bias": ("gate.e_score_correction_bias", ("E",)), "layers": sparse_layer_types,
         "notes": (_ZERO_MASK,),
-        "shared": Shared("shared_experts", "moe_intermediate_size", count="n_shared_experts"),
+        "shared": Shared("shared_experts", "moe_intermediate_size", count="n_shared_experts", always=True),
     }  # fmt: skip
     grouped = topk_family("axk2", "AXK2MoE", groups="top2_sum", **common)
     plain = topk_family("axk2", "AXK2MoE", **common)
@@ -118,7 +118,7 @@ def _aria_check(c: Config) -> None:
 ARIA = topk_family(
     "aria", "AriaTextMoELayer", router="router", experts="moe_num_experts", width="intermediate_size",
     k="moe_topk", order="topk_then_softmax", renorm=False, act="silu", check=_aria_check,
-    shared=Shared("shared_experts", "intermediate_size", count="moe_num_shared_experts"),
+    shared=Shared("shared_experts", "intermediate_size", count="moe_num_shared_experts", always=True),
     experts_rules=_aria_experts, experts_flags={**STANDARD_EXPERTS, "is_transposed": True},
 )  # fmt: skip
 

@@ -70,10 +70,15 @@ class Rule:
     interleaved: bool = False
 
     def to_moespec(self, t: Tensor, dims: Mapping[str, int]) -> dict[str, Tensor]:
-        """The moespec tensors of the hf tensor ``t`` (copies, contiguous)."""
+        """The moespec tensors of the hf tensor ``t`` (copies, contiguous). A rule without
+        moespec keys is an empty tensor transformers builds anyway (a shared MLP of width 0):
+        its shape is checked and nothing is kept."""
         want = resolve(self.hf_shape, dims)
         if tuple(t.shape) != want:
             raise BuildError(_shape_error(self.hf, tuple(t.shape), self.hf_shape, dims))
+        if not self.ms:
+            assert t.numel() == 0, self.hf  # only empty tensors may map to nothing
+            return {}
         if self.view is not None:
             t = t.reshape(resolve(self.view, dims))
         if self.perm is not None:
@@ -98,6 +103,8 @@ class Rule:
 
     def to_hf(self, tensors: Mapping[str, Tensor], dims: Mapping[str, int]) -> Tensor:
         """The hf tensor holding the moespec ``tensors`` (the inverse of :meth:`to_moespec`)."""
+        if not self.ms:
+            return torch.empty(resolve(self.hf_shape, dims))
         ms_want = resolve(self.ms_shape, dims)
         for key in self.ms:
             if tuple(tensors[key].shape) != ms_want:

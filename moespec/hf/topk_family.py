@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from moespec.hf.common import (
     activation,
     all_layers,
+    empty_shared_mlp,
     field,
     fused_experts,
     glu,
@@ -33,6 +34,7 @@ class Shared:
     width: str
     count: str | int = 1
     gate: str | None = None
+    always: bool = False
 
 
 def _value(c: Config, v: str | int | bool | None) -> int | bool | None:
@@ -109,6 +111,8 @@ def topk_family(
         out: tuple[Rule, ...] = (router_weight(router_key or f"{router}.weight"), *experts_rules())
         if bias is not None:
             out += (Rule(bias[0], bias[1], ("router.expert_bias",), ("E",), view=("E",)),)
+        if shared is not None and not _value(c, shared.count) and shared.always:
+            out += empty_shared_mlp(shared.attr)
         if shared is not None and _value(c, shared.count):
             out += shared_mlp(shared.attr)
             if shared.gate is not None:

@@ -141,6 +141,12 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "deepseek_v2-group": ("deepseek_v2", _deepseek_v2("group_limited_greedy")),
     "deepseek_v3-norm": ("deepseek_v3", _deepseek_v3(True)),
     "deepseek_v3-raw": ("deepseek_v3", _deepseek_v3(False)),
+    # No shared experts: transformers still builds a width-0 shared MLP, checked and dropped.
+    "deepseek_v3-noshared": (
+        "deepseek_v3",
+        _cfg("deepseek_v3", "DeepseekV3Config", **{**V3, "n_shared_experts": 0}),
+    ),
+    "mistral4-noshared": ("mistral4", _cfg("mistral4", "Mistral4Config", **{**V3, "n_shared_experts": 0})),
     "minimax": (
         "minimax",
         _cfg("minimax", "MiniMaxConfig", intermediate_size=16, num_local_experts=6, num_experts_per_tok=2),
