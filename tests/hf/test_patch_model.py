@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import moespec.hf
+from moespec.errors import BuildError
 from moespec.hf import PatchedBlock
 from moespec.hf.registry import FAMILIES
 from tests.hf.conftest import ATOL, RTOL, eager, randomize, transformers
@@ -263,3 +264,17 @@ def test_patch_refuses_an_unadapted_block_of_a_supported_family() -> None:
     ):
         moespec.hf.patch(model)
     assert isinstance(model["moe"], MixtralSparseMoeBlock)
+
+
+def test_report_lists_modules_specs_and_differences() -> None:
+    model = make("deepseek_v3")
+    report = moespec.hf.patch(model)
+    names = [r.name for r in report.replaced]
+    assert names == ["model.layers.1.mlp", "model.layers.2.mlp"]  # layer 0 is dense (first_k_dense_replace)
+    rep = report.replaced[0]
+    assert rep.block_class == "DeepseekV3MoE" and rep.spec["layer"]["router"]["score"] == "sigmoid"
+    assert any("frozen" in n for n in rep.notes)
+    text = str(report)
+    assert "model.layers.1.mlp: DeepseekV3MoE (deepseek_v3)" in text and "note: transformers keeps" in text
+    with pytest.raises(BuildError, match="holds no transformers MoE block"):
+        moespec.hf.patch(model)  # already patched
