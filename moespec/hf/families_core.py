@@ -177,7 +177,7 @@ def sparse_layer_types(c: Config) -> list[int]:
     return [i for i, t in enumerate(field(c, "mlp_layer_types") or ()) if t == "sparse"]
 
 
-def _mixtral_check(c: Config) -> None:
+def mixtral_check(c: Config) -> None:
     refuse(c, "router_jitter_noise", lambda v: v > 0, JITTER)
 
 
@@ -186,7 +186,7 @@ def _mixtral_check(c: Config) -> None:
 for _fam in (
     softmax_family(
         "mixtral", "MixtralSparseMoeBlock", experts="num_local_experts", width="intermediate_size",
-        renorm=True, check=_mixtral_check,
+        renorm=True, check=mixtral_check,
     ),
     softmax_family("qwen2_moe", "Qwen2MoeSparseMoeBlock", qwen_shared=True, layers=sparse_step_layers),
     softmax_family("qwen3_moe", "Qwen3MoeSparseMoeBlock", layers=sparse_step_layers),

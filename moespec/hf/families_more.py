@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from moespec.hf.common import after_dense, all_layers, field, sparse_step_layers
 from moespec.hf.families_core import (
-    _mixtral_check,
     deepseek_v2_family,
     deepseek_v3_family,
+    mixtral_check,
     softmax_family,
     sparse_layer_types,
 )
@@ -39,7 +39,7 @@ _GRANITE = {"router": "router", "experts": "num_local_experts", "width": "interm
 for _fam in (
     softmax_family(
         "minimax", "MiniMaxSparseMoeBlock", experts="num_local_experts", width="intermediate_size",
-        renorm=True, check=_mixtral_check,
+        renorm=True, check=mixtral_check,
     ),
     softmax_family("mellum", "MellumSparseMoeBlock", layers=sparse_layer_types),
     softmax_family(
