@@ -118,7 +118,9 @@ def _dtype(block: nn.Module) -> torch.dtype:
 
 def from_block(block: nn.Module, config: Config | None = None) -> MoELayer:
     """A moespec layer computing what ``block`` computes, holding (copies of) its weights, on
-    its device and in its dtype (the router keeps computing in fp32, as transformers' do)."""
+    its device and in its dtype (the router keeps computing in fp32, as transformers' do). A
+    frozen block parameter (``requires_grad=False``, e.g. experts frozen for fine-tuning)
+    gives frozen moespec parameters."""
     fam = family_of(block)
     config = _check_block(fam, block, config)
     spec = spec_from_config(config)
@@ -126,9 +128,17 @@ def from_block(block: nn.Module, config: Config | None = None) -> MoELayer:
     spec["target"]["dtype"] = _DTYPE_NAMES.get(dtype, "fp32")
     device = next(block.parameters()).device
     layout = fam.layout(config)
-    tensors = layout.to_moespec(block_tensors(block), what=f"{type(block).__name__} state_dict")
+    hf = block_tensors(block)
+    tensors = layout.to_moespec(hf, what=f"{type(block).__name__} state_dict")
     layer = build_layer(load_spec(spec).spec, device=device, allow_large=True)
     _load(layer, tensors, f"the moespec layer of {type(block).__name__}")
+    own = dict(layer.named_parameters())
+    for rule in layout.rules:
+        src = hf[rule.hf]
+        if isinstance(src, nn.Parameter) and not src.requires_grad:
+            for key in rule.ms:
+                if key in own:
+                    own[key].requires_grad_(False)
     return layer
 
 

@@ -228,7 +228,7 @@ def test_patch_refuses_an_unsupported_family_untouched() -> None:
     assert not any(isinstance(m, PatchedBlock) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_twenty_training_steps_stay_together(family: str) -> None:
     """The same 20 AdamW steps from the same weights: the patched model's losses follow the
     unpatched model's (the load-balancing loss included, through the recorded router logits)."""
@@ -278,3 +278,18 @@ def test_report_lists_modules_specs_and_differences() -> None:
     assert "model.layers.1.mlp: DeepseekV3MoE (deepseek_v3)" in text and "note: transformers keeps" in text
     with pytest.raises(BuildError, match="holds no transformers MoE block"):
         moespec.hf.patch(model)  # already patched
+
+
+def test_frozen_weights_stay_frozen() -> None:
+    """Experts frozen before patching (say for fine-tuning the rest) stay frozen after."""
+    model = make("mixtral")
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            p.requires_grad_(False)
+    moespec.hf.patch(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".moe.experts." in n for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".moe.router." in n)
+    tok = ids(model.config.vocab_size)
+    model(tok, labels=tok).loss.backward()
+    assert all(model.get_parameter(n).grad is None for n in frozen)
