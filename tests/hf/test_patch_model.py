@@ -293,3 +293,22 @@ def test_frozen_weights_stay_frozen() -> None:
     tok = ids(model.config.vocab_size)
     model(tok, labels=tok).loss.backward()
     assert all(model.get_parameter(n).grad is None for n in frozen)
+
+
+def test_gradient_checkpointing() -> None:
+    """transformers' gradient checkpointing reruns the patched blocks in backward: same
+    loss and gradients as the unpatched model."""
+    model = make("mixtral").train()
+    ref = copy.deepcopy(model)
+    moespec.hf.patch(model)
+    tok = ids(model.config.vocab_size)
+    losses = []
+    for m in (model, ref):
+        m.gradient_checkpointing_enable()
+        loss = m(tok, labels=tok, output_router_logits=True).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=ATOL, rtol=RTOL)
+    got = _grads_in_hf_layout(model)
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
