@@ -85,7 +85,7 @@ UNSUPPORTED: dict[str, str] = {
         "the shared experts are weighted by the router (their log-sigmoid logits join the routed ones "
         "in one softmax); moespec's shared experts are ungated or sigmoid-gated"
     ),
-    "ergo": "experts in their own (non-v5) layout with their own forward; not adapted yet",
+    "ergo": "each expert's output goes through a per-expert norm (post_expert_norm), not in moespec",
     "ernie4_5_vl_moe": (
         "text and vision tokens go to separate MoEs chosen by moe_mm_token_type_ids (an input); "
         "not a moespec router"
