@@ -312,3 +312,16 @@ def test_gradient_checkpointing() -> None:
     got = _grads_in_hf_layout(model)
     for k, p in ref.named_parameters():
         torch.testing.assert_close(got[k], p.grad, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_router_logits_hooks_installed_before_patching_move_to_the_tap() -> None:
+    """A model that already ran has transformers' output-recording hooks on its old routers;
+    after patch they fire on the taps, so router logits are still recorded."""
+    model = make("qwen3_moe")
+    tok = ids(model.config.vocab_size)
+    before = model(tok, output_router_logits=True).router_logits
+    moespec.hf.patch(model)
+    after = model(tok, output_router_logits=True).router_logits
+    assert len(after) == len(before) == 2
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
