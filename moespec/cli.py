@@ -330,6 +330,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moespec.hf.from_files import convert_text
+
+    text = convert_text(args.from_hf)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    write_text_atomic(Path(args.output), text)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the README's CLI reference and tests)."""
     p = argparse.ArgumentParser(prog="moespec", description="Declarative MoE spec compiler for PyTorch.")
@@ -443,6 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     t.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     t.set_defaults(func=cmd_train)
+
+    cv = sub.add_parser("convert", help="write the spec of a transformers config's MoE layers")
+    cv.add_argument(
+        "--from-hf",
+        required=True,
+        metavar="CONFIG.json|MODEL_DIR",
+        help="a transformers config (not downloaded)",
+    )
+    cv.add_argument("-o", "--output", metavar="SPEC.yaml", help="write here (default: stdout)")
+    cv.set_defaults(func=cmd_convert)
 
     tn = sub.add_parser(
         "tune", help="time Triton block sizes on this GPU; write the best to the tuning table"

@@ -26,6 +26,7 @@ LAYERS = (
     ("moespec.export", "export"),
     ("moespec.parallel", "parallel"),
     ("moespec.train", "train"),
+    ("moespec.hf", "hf"),
     ("moespec.errors", "base"),
     ("moespec.resources", "base"),
     ("moespec.outputs", "base"),
@@ -43,6 +44,7 @@ BELOW = {
     "export": {"runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
     "parallel": {"runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
     "train": {"runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
+    "hf": {"export", "runtime", "lower", "ops", "codegen", "common", "ir", "spec", "base"},
 }
 
 

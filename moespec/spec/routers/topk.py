@@ -58,7 +58,12 @@ class ExpertBias(Strict):
     """Aux-loss-free load balancing (DeepSeek-V3): a per-expert bias added to the scores for
     selection only; after each training step b_e += rate·sign(mean load − load_e)."""
 
-    update_rate: float = Field(1e-3, gt=0, description="Bias update speed gamma.")
+    update_rate: float = Field(
+        1e-3,
+        ge=0,
+        description="Bias update speed gamma; 0 keeps the bias frozen (transformers' DeepSeek-V3 "
+        "e_score_correction_bias, a buffer nothing updates).",
+    )
 
 
 @ROUTERS.register
