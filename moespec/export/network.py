@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from moespec.codegen.templates import environment
-from moespec.export.report import DTYPE_NAMES, graph_code, graph_ops
+from moespec.export.report import DTYPE_NAMES, graph_code, graph_ops, report_head
 from moespec.ir.build import build_program
 from moespec.ir.model_numbers import ModelNumbers
 from moespec.ir.printer import print_program
@@ -75,21 +75,7 @@ def network_summary_text(report: dict[str, Any]) -> str:
 
 def network_report_text(report: dict[str, Any]) -> str:
     """The full human-readable report of a network artifact (``report.txt``)."""
-    sd = report["state_dict"]
-    kw = max((len(k) for k in sd), default=0)
-    weights = [f"  {k:<{kw}}  {v['shape']!s:<18} {v['dtype']}" for k, v in sd.items()]
-    parts = [
-        "moespec artifact report",
-        "",
-        network_summary_text(report),
-        "weights (model.safetensors, moespec-native layout)",
-        *weights,
-        "",
-        "custom ops used: " + ", ".join(report["custom_ops"]),
-        "",
-        "IR (moespec explain --ir)",
-        report["ir"],
-    ]
+    parts = report_head(report, network_summary_text(report))
     for key, code in report["graph"].items():
         parts += [f"FX graph of MoE layer design {key} mode", code]
     return "\n".join(parts).rstrip("\n") + "\n"

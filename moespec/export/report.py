@@ -136,15 +136,16 @@ def summary_text(report: dict[str, Any]) -> str:
     return "\n".join(head + [f"  {k:<{width}}  {val}" for k, val in rows] + tail) + "\n"
 
 
-def report_text(report: dict[str, Any]) -> str:
-    """The full human-readable report (``report.txt``)."""
+def report_head(report: dict[str, Any], summary: str) -> list[str]:
+    """The parts every ``report.txt`` starts with: title, ``summary``, the weights, the custom
+    ops and the IR."""
     sd = report["state_dict"]
     kw = max((len(k) for k in sd), default=0)
     weights = [f"  {k:<{kw}}  {v['shape']!s:<18} {v['dtype']}" for k, v in sd.items()]
-    parts = [
+    return [
         "moespec artifact report",
         "",
-        summary_text(report),
+        summary,
         "weights (model.safetensors, moespec-native layout)",
         *weights,
         "",
@@ -152,6 +153,13 @@ def report_text(report: dict[str, Any]) -> str:
         "",
         "IR (moespec explain --ir)",
         report["ir"],
+    ]
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The full human-readable report (``report.txt``)."""
+    parts = [
+        *report_head(report, summary_text(report)),
         "FX graph, training mode (MoELayer.graph_module.code)",
         report["graph"]["train"],
         "FX graph, eval mode",
