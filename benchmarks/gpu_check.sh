@@ -85,14 +85,15 @@ PYEOF
 fi
 echo "tests: $TESTS (${SECONDS}s elapsed)"
 
-# 2b. moespec tune on the Mixtral expert shape: the best Triton blocks go into the user tuning
-# table that the bench's triton backend then reads (GPU_TUNE=0 skips it; never in a dry run).
-# One tile for all kernel roles (--no-roles): the role-by-role pass does not fit the window.
+# 2b. moespec tune on the Mixtral expert shape (GPU_TUNE=0 skips it; never in a dry run), into
+# a table of its own ($LOG/tuning.json): the bench keeps the built-in tables, whose per-role
+# entries a user table's generic entry would hide. One tile for all kernel roles
+# (--no-roles): the role-by-role pass does not fit the window.
 TUNE="skipped"
 if ((!DRY)) && [[ ${GPU_TUNE:-1} != 0 ]]; then
     echo "== 2b. moespec tune (timeout ${GPU_TUNE_S:-110} s)"
     if timeout "${GPU_TUNE_S:-110}" $PY -m moespec tune specs/mixtral-8x7b.yaml target.backend=triton \
-        target.device=cuda target.dtype=bf16 --tokens 4096 --repeat 3 --no-roles 2>&1 | tee "$LOG/tune.log"; then
+        target.device=cuda target.dtype=bf16 --tokens 4096 --repeat 3 --no-roles --table "$LOG/tuning.json" 2>&1 | tee "$LOG/tune.log"; then
         TUNE="ok"
     else
         TUNE="failed or timed out (see tune.log)"

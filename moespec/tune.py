@@ -5,10 +5,11 @@ Each candidate runs the layer's forward+backward (the spec's triton layer, ``tok
 ``repeat`` times after one untimed run (which compiles it); the median decides. A candidate
 that fails to compile or launch (too much shared memory, say) is reported and skipped.
 Two passes: every kernel role with the same tile (the generic entry), then role by role with
-the others at the generic best (a role entry is written where it beats the generic one by
-more than ``ROLE_GAIN``). The entries are written for the table keys the layer's calls use
-(architecture, dtype class, shape bucket: ``moespec.codegen.tuning``), with the measured
-times beside them.
+the others at the generic best or the tile their own pass chose (a role entry is written where
+it beats the combination before it by more than ``ROLE_GAIN``); the generic entry replaces the
+role entries of earlier runs that this run does not write again. The entries are written for
+the table keys the layer's calls use (architecture, dtype class, shape bucket:
+``moespec.codegen.tuning``), with the measured times beside them.
 """
 
 from __future__ import annotations
@@ -147,14 +148,18 @@ def tune(
     if best_all is None:
         raise BuildError(f"moespec tune: no candidate ran ({res.errors})")
     res.best[ALL] = best_all
+    # Role by role (coordinate descent): the other roles hold the generic best or the tile an
+    # earlier role pass chose, so the last time measured is that of the combination written.
+    current = {r: tuning._generic(best_all, r) for r in tuning.ROLES}
+    base = res.times_ms[ALL, best_all]
     role_best: dict[str, Blocks] = {}
     for role in tuning.ROLES if roles else ():
         for cand in cands:
-            measure(role, {role: cand})
+            measure(role, {**current, role: cand})
         best = _fastest(res, role)
-        base = res.times_ms[ALL, best_all]
         if best is not None and res.times_ms[role, best] < (1 - ROLE_GAIN) * base:
-            role_best[role] = res.best[role] = best
+            current[role] = role_best[role] = res.best[role] = best
+            base = res.times_ms[role, best]
     note = {
         "tokens": tokens,
         "spec": loaded.spec.name,
@@ -163,9 +168,11 @@ def tune(
     # One candidate runs every kernel of the layer, so it is the measured best for each entry
     # the layer's calls used (its groups may fall in different shape buckets).
     for key in keys:
-        res.table = tuning.write_entry(
-            arch, key, best_all, {"ms_fwd_bwd": round(res.times_ms[ALL, best_all], 4), **note}, table
-        )
+        # The generic entry replaces the key's role entries of earlier runs (a role entry
+        # would otherwise keep overriding it), except those this run writes again.
+        stale = [f"{key}/{r}" for r in tuning.ROLES if r not in role_best]
+        ms_all = round(res.times_ms[ALL, best_all], 4)
+        res.table = tuning.write_entry(arch, key, best_all, {"ms_fwd_bwd": ms_all, **note}, table, drop=stale)
         for role, b in role_best.items():
             ms = round(res.times_ms[role, b], 4)
             tuning.write_entry(arch, f"{key}/{role}", b, {"ms_fwd_bwd": ms, **note}, table)

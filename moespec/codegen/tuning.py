@@ -191,12 +191,22 @@ def forced(b: Blocks | dict[str, Blocks]) -> Iterator[None]:
         _forced = old
 
 
-def write_entry(arch: str, key: str, b: Blocks, note: dict[str, Any], path: Path | None = None) -> Path:
-    """Record ``b`` as the user table's entry for ``arch`` / ``key`` (other entries kept; the
-    file replaced atomically)."""
+def write_entry(
+    arch: str,
+    key: str,
+    b: Blocks,
+    note: dict[str, Any],
+    path: Path | None = None,
+    drop: list[str] | None = None,
+) -> Path:
+    """Record ``b`` as the user table's entry for ``arch`` / ``key``, removing the entries
+    ``drop`` names (other entries kept; the file replaced atomically)."""
     path = path or user_table_path()
     data = read_user_table(path)
-    data.setdefault(arch, {})[key] = {"blocks": list(astuple(b)), **note}
+    entries = data.setdefault(arch, {})
+    for stale in drop or ():
+        entries.pop(stale, None)
+    entries[key] = {"blocks": list(astuple(b)), **note}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:

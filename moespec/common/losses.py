@@ -86,8 +86,10 @@ def relative_sizes_E(layer: LayerSpec, d_model: int) -> Tensor:
 def gshard_loss(p_TE: Tensor, top1_T: Tensor) -> Tensor:
     """E^2 * mean_e(me_e * ce_e) with ce from the top-1 choice only."""
     e_count = p_TE.shape[1]
-    # scatter_add, not bincount: bincount reads its largest index back to the host on CUDA
-    ce_E = p_TE.new_zeros(e_count).scatter_add_(0, top1_T, p_TE.new_ones(top1_T.shape)) / p_TE.shape[0]
+    # Counted in int64 with scatter_add, not bincount (which reads its largest index back to
+    # the host on CUDA), and not in the router dtype (bf16 counts stop at 256).
+    counts_E = torch.zeros(e_count, dtype=torch.int64, device=top1_T.device)
+    ce_E = counts_E.scatter_add_(0, top1_T, torch.ones_like(top1_T)).to(p_TE.dtype) / p_TE.shape[0]
     return e_count**2 * torch.mean(p_TE.mean(0) * ce_E)
 
 

@@ -12,7 +12,7 @@ Backward: ``expert_down_backward`` (output gradient gathered, activation derivat
 routing weight's gradient partials in the epilogue), ``expert_rows_gemm`` for the input
 rows' gradient (``combine`` into tokens), ``expert_wgrad`` for the weights and
 ``segment_sum`` for the biases (the weight gradients read packed rows: x and the weighted
-output gradient gathered once, which the kernel streams faster than it gathers). No fp32
+output gradient gathered once per call, which the kernel streams faster than it gathers). No fp32
 atomics anywhere; the routing bookkeeping around the kernels (tile schedule, token order) is
 a few torch ops with no host sync.
 """
@@ -275,7 +275,8 @@ def backward(
     # Weights: W_down from the weighted output gradient and h; W_up/W_gate from d_up/d_gate
     # and x. Their row operands are packed first (gathered rows, the routing weight applied):
     # the weight-gradient kernel streams contiguous rows faster than it gathers them (H200,
-    # Mixtral's shape: 7.6 -> 5.6 ms for the three, for two [N, D] copies).
+    # Mixtral's shape: 7.6 -> 5.6 ms for the three, for two [N, D] copies per expert-group
+    # call; the copies cover all N rows, the kernel reads only the group's).
     tok_N = token_idx_N.clamp(0, max(x_TD.shape[0] - 1, 0))  # rows outside the group: any token
     x_ND = x_TD.index_select(0, tok_N)
     g_ND = grad_y.index_select(0, tok_N).mul_(weight_N.to(grad_y.dtype)[:, None]) if combine else grad_y

@@ -217,11 +217,8 @@ def replay_routing(
             raise ValueError(
                 f"routing replay: layer {name!r} routes to k={k} experts, the recording to {got}"
             )
-        n_exp = layer.ir.experts.n_experts
-        low = -1 if lowering(layer.ir).replay_marks_unused else 0  # -1: a slot the token leaves unused
-        if any(t.numel() and (int(t.min()) < low or int(t.max()) >= n_exp) for t in recording.experts[name]):
-            raise ValueError(
-                f"routing replay: the recording of layer {name!r} names experts outside {low}..{n_exp - 1}"
-            )
+        for call, t in enumerate(recording.experts[name]):
+            if (problem := lowering(layer.ir).replay_problem(layer.ir, t)) is not None:
+                raise ValueError(f"routing replay: the recording of layer {name!r} (call {call}) {problem}")
     with _tapped(layers, {name: _Replayer(recording, name, weights == "recorded") for name in layers}):
         yield

@@ -390,3 +390,37 @@ def test_routers_with_a_variable_number_of_experts_replay(name):
             if e >= 0:
                 want[t] += g_TK[t, j] * expert_forward(e, x[t : t + 1], params, experts)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(VARIABLE_ROUTERS))
+def test_variable_routers_replay_recorded_weights(name):
+    """weights='recorded' on the same model reproduces its forward; ReMoE's L1 term still
+    reads the router's own gates (so it keeps its gradient)."""
+    spec = str(SPECS / f"{name}.yaml")
+    over = (*VARIABLE, *(("layer.router.threshold=0.003",) if name == "adaptive-gating" else ()))
+    layer = moespec.build(spec, over, seed=1).train()
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
+    with moespec.record_routing(layer, weights=True) as rec:
+        y = layer(x)
+    with moespec.replay_routing(layer, rec, weights="recorded"):
+        assert torch.equal(layer(x), y)
+        if name == "remoe":
+            assert layer.aux_loss.requires_grad
+
+
+def test_malformed_variable_recordings_fail_clearly():
+    from moespec.runtime.replay import RoutingRecording
+
+    top_p = moespec.build(str(SPECS / "top-p-dynamic.yaml"), VARIABLE, seed=1)
+    bad = RoutingRecording()
+    bad.experts[""] = [torch.tensor([[5, 4, 3, 2, 1, 0]] * 4)]  # slot e must hold e or -1
+    with (
+        pytest.raises(ValueError, match=r"\(call 0\) is not a selection over every expert"),
+        moespec.replay_routing(top_p, bad),
+    ):
+        pass
+    over = (*VARIABLE, "layer.router.threshold=0.003")
+    adaptive = moespec.build(str(SPECS / "adaptive-gating.yaml"), over, seed=1)
+    bad.experts[""] = [torch.tensor([[1, 2], [-1, 3]])]
+    with pytest.raises(ValueError, match="first slot unused"), moespec.replay_routing(adaptive, bad):
+        pass

@@ -79,3 +79,29 @@ def test_bad_table_key_is_an_error_naming_the_file(tmp_path: Path):
     table.write_text(json.dumps({"sm90": {"16/large/nope": {"blocks": [1, 2, 3, 4, 5]}}}))
     with pytest.raises(ValueError, match=r"t\.json: not a moespec tuning table"):
         tuning.read_user_table(table)
+
+
+def test_role_pass_holds_the_others_and_stale_role_entries_go(tmp_path: Path, monkeypatch):
+    """A role entry left by an earlier run neither leaks into this run's role pass nor
+    survives it: the generic entry written replaces it (unless this run writes the role)."""
+    table = tmp_path / "tuning.json"
+    stale = Blocks(16, 16, 16, 1, 1)
+    tuning.write_entry("interpret", "32/small/up", stale, {}, table)
+    monkeypatch.setenv("MOESPEC_TUNING", str(table))
+    seen: list[tuple[str, Blocks]] = []
+    real = tuning.blocks
+
+    def spy(*a, role: str = "up"):
+        b = real(*a, role=role)
+        seen.append((role, b))
+        return b
+
+    monkeypatch.setattr(tuning, "blocks", spy)
+    res = tune(str(SPECS / "debug-tiny.yaml"), TRITON, tokens=8, repeat=1, candidates=CANDS, table=table)
+    n_first = next(i for i, (role, b) in enumerate(seen) if b in CANDS)  # the default step ran first
+    assert stale not in {b for _, b in seen[n_first:]}  # every timed step: candidates or the best
+    data = json.loads(table.read_text())["interpret"]
+    assert ("32/small/up" in data) == ("up" in res.best)
+    monkeypatch.setattr(tuning, "blocks", real)
+    want = res.best.get("up") or tuning._generic(res.best[ALL], "up")
+    assert tuning.blocks("interpret", 32, 8, 4, role="up") == want

@@ -87,6 +87,14 @@ class RouterLowering:
         """Slots per token a replayed recording must hold (None: any)."""
         return getattr(layer.router.config, "k", None)
 
+    def replay_problem(self, layer: MoELayerNode, idx_TK: Tensor) -> str | None:
+        """What is wrong with one call's recorded choice for this router (None: nothing):
+        experts in 0..E-1, or -1 in the slots a token leaves unused where the router marks them."""
+        n_exp, low = layer.experts.n_experts, -1 if self.replay_marks_unused else 0
+        if idx_TK.numel() and (int(idx_TK.min()) < low or int(idx_TK.max()) >= n_exp):
+            return f"names experts outside {low}..{n_exp - 1}"
+        return None
+
     def random_inputs(self, layer: MoELayerNode, training: bool) -> list[RandomInput]:
         """Random tensors the graph takes as inputs, in the reference's draw order."""
         return []
@@ -113,6 +121,13 @@ class DenseReplay(RouterLowering):
 
     def replay_k(self, layer: MoELayerNode) -> int | None:
         return layer.experts.n_experts
+
+    def replay_problem(self, layer: MoELayerNode, idx_TE: Tensor) -> str | None:
+        # Slot e is expert e: a recorded slot holds e (selected) or -1 (not).
+        slot_E = torch.arange(idx_TE.shape[1], device=idx_TE.device)
+        if not bool(((idx_TE == slot_E) | (idx_TE == -1)).all()):
+            return "is not a selection over every expert (slot e must hold e or -1)"
+        return None
 
 
 JITTER = RandomInput("jitter_u_TD", "uniform", "TD", True)

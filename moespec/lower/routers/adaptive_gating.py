@@ -72,3 +72,8 @@ class AdaptiveGatingLowering(RouterLowering):
 
     def replay_k(self, layer: MoELayerNode) -> int | None:
         return 2
+
+    def replay_problem(self, layer: MoELayerNode, idx_TK: Tensor) -> str | None:
+        if idx_TK.numel() and int(idx_TK[:, 0].min()) < 0:
+            return "leaves a token's first slot unused (-1): adaptive gating always uses its top-1 expert"
+        return super().replay_problem(layer, idx_TK)

@@ -40,9 +40,10 @@ class ReLULowering(DenseReplay):
     ) -> RouteNodes:
         r, at = layer.router.config, layer.router.origin
         _, logits = linear_logits(b, layer, x_TD, inputs)
-        gates = b.fn(torch.relu, logits, origin=at)
+        relu = gates = b.fn(torch.relu, logits, origin=at)
         selected = b.fn(operator.gt, gates, 0, origin=at)
-        # Routing replay: the recorded experts, gated by the current ReLU (0 where it is 0).
+        # Routing replay: the recorded experts, gated by the current ReLU (0 where it is 0);
+        # the L1 term keeps reading the router's own gates.
         selected = b.fn(helpers.replayed_selection, selected, inputs["replay_idx_TK"], origin=at)
         gates = b.fn(helpers.replayed_gates, gates, inputs["replay_idx_TK"], origin=at)
         gates = b.fn(helpers.replayed_weight, gates, inputs["replay_w_TK"], origin=at)
@@ -50,7 +51,7 @@ class ReLULowering(DenseReplay):
         probs = b.fn(torch.softmax, logits, -1, origin=at)
         # A copy of λ: after_forward updates the buffer in place before backward runs.
         lam = b.fn(torch.clone, b.get("router.l1_coeff"), origin=at)
-        extra = b.fn(remoe_l1_loss, gates, lam, r.k, origin=at)
+        extra = b.fn(remoe_l1_loss, relu, lam, r.k, origin=at)
         return RouteNodes(logits, probs, gates, idx, selected, dense=True, extra_loss=extra)
 
     def after_forward(self, module: nn.Module, stats: dict[str, Tensor]) -> None:
