@@ -53,3 +53,13 @@ def test_bf16_close_to_fp32_cpu(
     for name, g in want.grads.items():
         assert got.grads[name] is not None and got.grads[name].float().isfinite().all(), name
         assert_close_norm(got.grads[name].float(), g, rtol=3e-2, what=f"{name}.grad")
+
+
+def test_gshard_counts_past_256_in_a_bf16_router(device):
+    """GShard's top-1 fractions with a bf16 router on the device: 600 tokens on one expert
+    count 600 (a bf16 accumulator stops at 256), so the loss is E^2 * mean(me * ce) = 1 here."""
+    from moespec.common.losses import gshard_loss
+
+    p_TE = torch.full((600, 4), 0.25, dtype=torch.bfloat16, device=device)
+    top1_T = torch.zeros(600, dtype=torch.int64, device=device)
+    assert gshard_loss(p_TE, top1_T).item() == 1.0
