@@ -113,47 +113,45 @@ def _layer_texts(loaded: LoadedSpec, module: MoELayer, sha: str, vers: dict[str,
     """(report, {file name: text}) of a layer artifact."""
     layer = module.ir.name
     report = report_data(loaded, module, sha, vers)
-    texts = {
+    module_text = render_module(
+        version=__version__,
+        spec_name=loaded.spec.name,
+        spec_sha256=sha,
+        layer=layer,
+        d_model=module.d_model,
+        dtype=str(module.dtype).removeprefix("torch."),
+        graphs=report["graph"],
+        custom_ops=report["custom_ops"],
+    )
+    return report, _texts(loaded, sha, report, report_text(report), module_text)
+
+
+def _texts(loaded: LoadedSpec, sha: str, report: dict, report_txt: str, module_text: str) -> dict[str, str]:
+    """{file name: text} of an artifact (layer or network) from its report and module."""
+    return {
         L.LOCK: lock_text(loaded.spec, sha),
         L.REPORT_JSON: json.dumps(report, indent=2) + "\n",
-        L.REPORT_TXT: report_text(report),
+        L.REPORT_TXT: report_txt,
         L.IR_TXT: report["ir"],
-        L.GRAPH_TXT: "".join(f"# {m} mode\n{code}\n" for m, code in report["graph"].items()),
-        L.MODULE: render_module(
-            version=__version__,
-            spec_name=loaded.spec.name,
-            spec_sha256=sha,
-            layer=layer,
-            d_model=module.d_model,
-            dtype=str(module.dtype).removeprefix("torch."),
-            graphs=report["graph"],
-            custom_ops=report["custom_ops"],
-        ),
+        L.GRAPH_TXT: "".join(f"# {key} mode\n{code}\n" for key, code in report["graph"].items()),
+        L.MODULE: module_text,
     }
-    return report, texts
 
 
 def _network_texts(loaded: LoadedSpec, net: MoENetwork, sha: str, vers: dict[str, str]) -> tuple[dict, dict]:
     """(report, {file name: text}) of a network artifact."""
     report = network_report_data(loaded, net, sha, vers)
     assert loaded.spec.model is not None
-    texts = {
-        L.LOCK: lock_text(loaded.spec, sha),
-        L.REPORT_JSON: json.dumps(report, indent=2) + "\n",
-        L.REPORT_TXT: network_report_text(report),
-        L.IR_TXT: report["ir"],
-        L.GRAPH_TXT: "".join(f"# {key} mode\n{code}\n" for key, code in report["graph"].items()),
-        L.MODULE: render_network_module(
-            version=__version__,
-            spec_name=loaded.spec.name,
-            spec_sha256=sha,
-            kind=loaded.spec.model.kind,
-            vocab_size=loaded.spec.model.vocab_size,
-            graphs=report["graph"],
-            custom_ops=report["custom_ops"],
-        ),
-    }
-    return report, texts
+    module_text = render_network_module(
+        version=__version__,
+        spec_name=loaded.spec.name,
+        spec_sha256=sha,
+        kind=loaded.spec.model.kind,
+        vocab_size=loaded.spec.model.vocab_size,
+        graphs=report["graph"],
+        custom_ops=report["custom_ops"],
+    )
+    return report, _texts(loaded, sha, report, network_report_text(report), module_text)
 
 
 def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer | MoENetwork, sha: str, seed: int,
