@@ -342,6 +342,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from moespec.hf.export import export_to_hf
+
+    out = export_to_hf(Path(args.artifact), Path(args.to_hf), force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the README's CLI reference and tests)."""
     p = argparse.ArgumentParser(prog="moespec", description="Declarative MoE spec compiler for PyTorch.")
@@ -465,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cv.add_argument("-o", "--output", metavar="SPEC.yaml", help="write here (default: stdout)")
     cv.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser("export", help="write a network artifact as a transformers checkpoint")
+    ex.add_argument("artifact", metavar="DIR", help="a network artifact (moespec build of a model: spec)")
+    ex.add_argument(
+        "--to-hf", required=True, metavar="OUT", help="checkpoint directory (config.json, model.safetensors)"
+    )
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ex.set_defaults(func=cmd_export)
 
     tn = sub.add_parser(
         "tune", help="time Triton block sizes on this GPU; write the best to the tuning table"
