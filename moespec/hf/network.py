@@ -95,7 +95,8 @@ def _check_common(c: Config) -> None:
             f"{name}.rope_parameters.{extra[0]} = {rope[extra[0]]!r}: moespec's RoPE takes only rope_theta"
         )
     refuse(c, "attention_dropout", lambda v: v > 0, "moespec's attention has no dropout")
-    refuse(c, "sliding_window", lambda v: True, "moespec's attention is full causal attention (no window)")
+    window = "moespec's attention is full causal attention (a window shorter than max_position_embeddings)"
+    refuse(c, "sliding_window", lambda v: v < field(c, "max_position_embeddings"), window)
 
 
 def _check_olmoe(c: Config) -> None:
@@ -321,7 +322,7 @@ def config_of_network(net: MoENetwork) -> Config:
         except (BuildError, ValueError, TypeError, AttributeError) as e:
             diff = [str(e).splitlines()[0]]
         if not diff:
-            config.torch_dtype = net.dtype
+            config.dtype = net.dtype
             return config
         why.append(f"  {name}: " + "; ".join(diff))
     raise BuildError("the network matches no transformers family moespec exports:\n" + "\n".join(why))
@@ -353,9 +354,11 @@ def to_hf_model(net: MoENetwork) -> nn.Module:
 
     config = config_of_network(net)
     nf = _family(config)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no random init: every saved tensor is written below
         model = getattr(transformers, nf.model_class)(config)
     model = model.to_empty(device="cpu").to(net.dtype)
+    # The rotary tables are not saved (non-persistent buffers): build them again, on the CPU.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     network_to_model(net, model)
     return model.eval()
 

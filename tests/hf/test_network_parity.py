@@ -97,6 +97,19 @@ def test_save_hf_loads_in_transformers(case: str, tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_to_hf_model_computes_what_the_network_computes() -> None:
+    net = moespec.hf.network_from_model(_model("mixtral")).eval()
+    hf = moespec.hf.to_hf_model(net)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, net(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_as_long_as_the_context_is_no_window() -> None:
+    spec = moespec.hf.network_spec_from_config(_config("mixtral", sliding_window=32))
+    assert spec["model"]["max_seq_len"] == 32
+
+
 SHRUNK = {
     "mixtral-8x7b": "MixtralForCausalLM",
     "qwen3-30b-a3b": "Qwen3MoeForCausalLM",
@@ -128,6 +141,7 @@ def test_export_to_hf_of_an_artifact(name: str, tmp_path: Path, capsys: pytest.C
         want = net(ids).logits
         torch.testing.assert_close(back(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
     assert want.std() > 0.1  # not the trivial logits of tiny weights
+    assert back.config.tie_word_embeddings is False and back.config.output_router_logits is False
     again = moespec.hf.network_from_model(back)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
 
@@ -182,6 +196,21 @@ def test_network_to_model_refuses_another_design() -> None:
     net = moespec.hf.network_from_model(_model("olmoe"))
     with pytest.raises(BuildError, match="router differ"):
         moespec.hf.network_to_model(net, _model("olmoe_tied"))
+
+
+def test_export_keeps_the_dtype(tmp_path: Path) -> None:
+    art, out = tmp_path / "art", tmp_path / "hf"
+    assert main(["build", str(SPECS / "olmoe-1b-7b.yaml"), *_shrunk("olmoe-1b-7b"), "target.dtype=bf16",
+                 "-o", str(art)]) == 0  # fmt: skip
+    assert main(["export", str(art), "--to-hf", str(out)]) == 0
+    assert main(["export", str(art), "--to-hf", str(out)]) == 1  # exists
+    assert main(["export", str(art), "--to-hf", str(out), "--force"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    net = moespec.load(art)
+    assert all(
+        torch.equal(v, back.state_dict()[k]) for k, v in moespec.hf.to_hf_model(net).state_dict().items()
+    )
 
 
 def test_export_of_a_network_no_family_matches(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
