@@ -333,7 +333,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from moespec.hf.from_files import convert_text
 
-    text = convert_text(args.from_hf)
+    text = convert_text(args.from_hf, network=args.network)
     if args.output is None:
         print(text, end="")
         return 0
@@ -472,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a transformers config (not downloaded)",
     )
     cv.add_argument("-o", "--output", metavar="SPEC.yaml", help="write here (default: stdout)")
+    cv.add_argument(
+        "--network",
+        action="store_true",
+        help="add the whole network's model: section (Mixtral, Qwen3-MoE, OLMoE)",
+    )
     cv.set_defaults(func=cmd_convert)
 
     ex = sub.add_parser("export", help="write a network artifact as a transformers checkpoint")

@@ -153,6 +153,24 @@ def network_spec_from_config(config: Config, *, name: str | None = None) -> dict
     return spec
 
 
+# Spec path -> the config field it comes from (comments of `moespec convert --from-hf --network`).
+MODEL_SOURCES = {
+    "model.vocab_size": "vocab_size",
+    "model.blocks": "num_hidden_layers",
+    "model.max_seq_len": "max_position_embeddings",
+    "model.attention.heads": "num_attention_heads",
+    "model.attention.kv_heads": "num_key_value_heads",
+    "model.attention.head_dim": "head_dim (or hidden_size / num_attention_heads)",
+    "model.attention.rope_theta": "rope_parameters.rope_theta",
+    "model.attention.bias": "attention_bias",
+    "model.norm.eps": "rms_norm_eps",
+    "model.tie_embeddings": "tie_word_embeddings",
+    "model.dense_ffn.d_ff": "intermediate_size",
+    "model.dense_ffn.activation": "hidden_act",
+    "model.moe_blocks.blocks": "decoder_sparse_step, mlp_only_layers",
+}
+
+
 # --- the whole model's layout -------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import moespec
 import moespec.hf
 from moespec.cli import main
 from moespec.errors import BuildError
+from moespec.spec.load import load_spec
 from tests.hf.conftest import eager, transformers
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
@@ -230,3 +231,24 @@ def test_export_of_a_layer_artifact(tmp_path: Path, capsys: pytest.CaptureFixtur
     capsys.readouterr()
     assert main(["export", str(art), "--to-hf", str(tmp_path / "hf")]) == 1
     assert "layer artifact" in capsys.readouterr().err
+
+
+def test_convert_network_writes_the_model_section(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = _config("qwen3_moe")
+    cfg.save_pretrained(tmp_path / "model")
+    out = tmp_path / "spec.yaml"
+    assert main(["convert", "--from-hf", str(tmp_path / "model"), "--network", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "# config.mlp_only_layers" not in text and "decoder_sparse_step, mlp_only_layers" in text
+    assert "the others are the model's dense_ffn" in text
+    loaded = load_spec(out).spec.model_dump(mode="json", exclude_defaults=True)
+    want = load_spec(moespec.hf.network_spec_from_config(cfg)).spec.model_dump(
+        mode="json", exclude_defaults=True
+    )
+    assert loaded == want and loaded["model"]["moe_blocks"] == {"kind": "list", "blocks": [0, 2]}
+    hf = _model("qwen3_moe")
+    net = moespec.build(out).eval()
+    net.load_state_dict(moespec.hf.network_from_model(hf).state_dict())
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
