@@ -95,7 +95,7 @@ def _check_common(c: Config) -> None:
             f"{name}.rope_parameters.{extra[0]} = {rope[extra[0]]!r}: moespec's RoPE takes only rope_theta"
         )
     refuse(c, "attention_dropout", lambda v: v > 0, "moespec's attention has no dropout")
-    window = "moespec's attention is full causal attention (a window shorter than max_position_embeddings)"
+    window = "a window shorter than max_position_embeddings masks keys; moespec's attention sees them all"
     refuse(c, "sliding_window", lambda v: v < field(c, "max_position_embeddings"), window)
 
 

@@ -76,6 +76,21 @@ def test_network_from_model_gives_transformers_logits_and_loss(case: str) -> Non
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+def test_every_gradient_equals_transformers(case: str) -> None:
+    hf = _model(case).train()
+    net = moespec.hf.network_from_model(hf).train()
+    ids = _ids()
+    hf(input_ids=ids, labels=ids).loss.backward()
+    net(ids, labels=ids).loss.backward()
+    layout = moespec.hf.network.network_layout(hf.config)
+    got = layout.to_hf({k: p.grad for k, p in net.named_parameters()})
+    want = {k: p.grad for k, p in hf.named_parameters()}
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_network_to_model_round_trips_exactly(case: str) -> None:
     src, dst = _model(case, seed=0), _model(case, seed=1)
     moespec.hf.network_to_model(moespec.hf.network_from_model(src), dst)
