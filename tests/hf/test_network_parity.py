@@ -267,3 +267,11 @@ def test_convert_network_writes_the_model_section(tmp_path: Path, capsys: pytest
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(net(ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_gives_transformers_tokens() -> None:
+    hf = _model("qwen3_moe")
+    net = moespec.hf.network_from_model(hf)
+    ids = _ids()[:1, :5]
+    want = hf.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(net.generate(ids, max_new_tokens=6), want)
