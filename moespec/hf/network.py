@@ -283,16 +283,24 @@ def _check_model(nf: NetworkFamily, model: nn.Module) -> None:
 # --- moespec networks -> transformers -------------------------------------------------------------
 
 
-def _model_fields(node: ModelNode) -> tuple:
-    """What of a ModelNode makes up the network's maths (not its init or derived numbers)."""
-    dense = node.dense_ffn if any(b is None for b in node.blocks) else None
-    pattern = tuple(b is not None for b in node.blocks)
-    return (node.kind, node.d_model, node.vocab_size, node.max_seq_len, node.attention, node.norm,
-            node.norm_eps, dense, pattern, node.tie_embeddings)  # fmt: skip
-
-
-_MODEL_NAMES = ("kind", "d_model", "vocab_size", "max_seq_len", "attention", "norm", "norm_eps",
-                "dense_ffn", "moe_blocks", "tie_embeddings")  # fmt: skip
+def _model_fields(node: ModelNode) -> dict[str, Any]:
+    """What of a ModelNode makes up the network's maths (not its init or derived numbers), by
+    spec path."""
+    out: dict[str, Any] = {
+        "kind": node.kind,
+        "d_model": node.d_model,
+        "vocab_size": node.vocab_size,
+        "max_seq_len": node.max_seq_len,
+        "norm.kind": node.norm,
+        "norm.eps": node.norm_eps,
+        "moe_blocks": [i for i, b in enumerate(node.blocks) if b is not None],
+        "tie_embeddings": node.tie_embeddings,
+    }
+    out.update({f"attention.{k}": v for k, v in dataclasses.asdict(node.attention).items()})
+    if any(b is None for b in node.blocks):
+        assert node.dense_ffn is not None
+        out.update({f"dense_ffn.{k}": v for k, v in dataclasses.asdict(node.dense_ffn).items()})
+    return out
 
 
 def _router_fields(layer: MoELayerNode) -> tuple:
@@ -306,11 +314,15 @@ def _differences(net: MoENetwork, config: Config) -> list[str]:
     program = build_program(load_spec(network_spec_from_config(config)).spec)
     assert program.model is not None
     want_layer = program.layers[0]
+    got, want = _model_fields(net.ir), _model_fields(program.model)
+    dense = ("dense_ffn.kind" in got, "dense_ffn.kind" in want)
     out = [
-        f"model.{n}: {a!r} (transformers' would be {b!r})"
-        for n, a, b in zip(_MODEL_NAMES, _model_fields(net.ir), _model_fields(program.model), strict=True)
-        if a != b
+        f"model.{n}: {got[n]!r} (transformers' would be {want[n]!r})"
+        for n in got
+        if n in want and got[n] != want[n]
     ]
+    if dense[0] != dense[1]:
+        out.append("model.dense_ffn: " + ("dense blocks, which the family has not" if dense[0] else "none"))
     for i, layer in enumerate(net.moe_layers):
         got, want = _router_fields(layer.ir), _router_fields(want_layer)
         names = ("router", *(f for f in _DESIGN if f != "router"))

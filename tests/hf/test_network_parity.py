@@ -214,6 +214,46 @@ def test_network_to_model_refuses_another_design() -> None:
         moespec.hf.network_to_model(net, _model("olmoe_tied"))
 
 
+DENSE = [
+    "model.moe_blocks={kind: every, every: 2, offset: 1}",
+    "model.dense_ffn={kind: glu, activation: silu, d_ff: 12}",
+]
+
+
+def test_export_of_dense_blocks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    art, out = tmp_path / "art", tmp_path / "hf"
+    assert (
+        main(["build", str(SPECS / "qwen3-30b-a3b.yaml"), *_shrunk("qwen3-30b-a3b"), *DENSE, "-o", str(art)])
+        == 0
+    )
+    assert main(["export", str(art), "--to-hf", str(out)]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert back.config.mlp_only_layers == [0, 2]
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back(input_ids=ids).logits, moespec.load(art)(ids).logits, atol=1e-5, rtol=1e-5
+        )
+    # Mixtral's attention and routing with dense blocks: no family has both.
+    art2 = tmp_path / "art2"
+    assert (
+        main(["build", str(SPECS / "mixtral-8x7b.yaml"), *_shrunk("mixtral-8x7b"), *DENSE, "-o", str(art2)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["export", str(art2), "--to-hf", str(tmp_path / "hf2")]) == 1
+    err = capsys.readouterr().err
+    assert "mixtral: model.moe_blocks" in err and "qwen3_moe: model.attention" in err
+
+
+def test_network_from_model_needs_the_causal_lm() -> None:
+    hf = _model("mixtral")
+    with pytest.raises(
+        BuildError, match="MixtralModel: a moespec network maps the causal LM MixtralForCausalLM"
+    ):
+        moespec.hf.network_from_model(hf.model)
+
+
 def test_export_keeps_the_dtype(tmp_path: Path) -> None:
     art, out = tmp_path / "art", tmp_path / "hf"
     assert main(["build", str(SPECS / "olmoe-1b-7b.yaml"), *_shrunk("olmoe-1b-7b"), "target.dtype=bf16",
