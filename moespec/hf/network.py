@@ -311,10 +311,17 @@ def _router_fields(layer: MoELayerNode) -> tuple:
 
 def _differences(net: MoENetwork, config: Config) -> list[str]:
     """Why ``net`` is not the network ``config`` describes ([] when it is)."""
+    return differences(net.ir, [layer.ir for layer in net.moe_layers], config)
+
+
+def differences(model: ModelNode, layers: list[MoELayerNode], config: Config) -> list[str]:
+    """Why the network of ``model`` (its MoE blocks' layer IRs ``layers``, in block order) is
+    not the one ``config`` describes ([] when it is): the differing `model:` fields, and the
+    first MoE block whose design (router, experts, ...) differs."""
     program = build_program(load_spec(network_spec_from_config(config)).spec)
     assert program.model is not None
     want_layer = program.layers[0]
-    got, want = _model_fields(net.ir), _model_fields(program.model)
+    got, want = _model_fields(model), _model_fields(program.model)
     dense = ("dense_ffn.kind" in got, "dense_ffn.kind" in want)
     out = [
         f"model.{n}: {got[n]!r} (transformers' would be {want[n]!r})"
@@ -323,12 +330,12 @@ def _differences(net: MoENetwork, config: Config) -> list[str]:
     ]
     if dense[0] != dense[1]:
         out.append("model.dense_ffn: " + ("dense blocks, which the family has not" if dense[0] else "none"))
-    for i, layer in enumerate(net.moe_layers):
-        got, want = _router_fields(layer.ir), _router_fields(want_layer)
+    for i, layer in enumerate(layers):
+        got_l, want_l = _router_fields(layer), _router_fields(want_layer)
         names = ("router", *(f for f in _DESIGN if f != "router"))
-        bad = [n for n, a, b in zip(names, got, want, strict=True) if a != b]
+        bad = [n for n, a, b in zip(names, got_l, want_l, strict=True) if a != b]
         if bad:
-            out.append(f"MoE block {i} ({layer.ir.name}): its {', '.join(bad)} differ")
+            out.append(f"MoE block {i} ({layer.name}): its {', '.join(bad)} differ")
             break
     return out
 

@@ -315,3 +315,44 @@ def test_greedy_generate_gives_transformers_tokens() -> None:
     ids = _ids()[:1, :5]
     want = hf.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert torch.equal(net.generate(ids, max_new_tokens=6), want)
+
+
+# The published configs (config.json of mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B,
+# allenai/OLMoE-1B-7B-0924; the fields that set the network).
+def _rope(theta: float) -> dict:
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+PUBLISHED = {
+    "mixtral-8x7b": transformers.MixtralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        sliding_window=None, rope_parameters=_rope(1e6), num_local_experts=8, num_experts_per_tok=2,
+    ),
+    "qwen3-30b-a3b": transformers.Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters=_rope(1e6),
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, tie_word_embeddings=False,
+    ),
+    "olmoe-1b-7b": transformers.OlmoeConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        clip_qkv=None, rope_parameters=_rope(10000.0), num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_example_specs_are_their_published_networks(name: str) -> None:
+    """specs/<name>.yaml's `model:` section and layer are what transformers builds of the
+    published config (so `export --to-hf` of a full-size artifact would find its family)."""
+    from moespec.hf.network import differences
+    from moespec.ir.build import build_program
+
+    program = build_program(load_spec(SPECS / f"{name}.yaml").spec)
+    assert program.model is not None
+    layers = {lay.name: lay for lay in program.layers}
+    moe = [layers[b] for b in program.model.blocks if b is not None]
+    assert differences(program.model, moe, PUBLISHED[name]) == []
