@@ -333,12 +333,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from moespec.hf.from_files import convert_text
 
-    text = convert_text(args.from_hf)
+    text = convert_text(args.from_hf, network=args.network)
     if args.output is None:
         print(text, end="")
         return 0
     write_text_atomic(Path(args.output), text)
     print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from moespec.hf.export import export_to_hf
+
+    out = export_to_hf(Path(args.artifact), Path(args.to_hf), force=args.force)
+    print(f"wrote {out}")
     return 0
 
 
@@ -464,7 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a transformers config (not downloaded)",
     )
     cv.add_argument("-o", "--output", metavar="SPEC.yaml", help="write here (default: stdout)")
+    cv.add_argument(
+        "--network",
+        action="store_true",
+        help="add the whole network's model: section (Mixtral, Qwen3-MoE, OLMoE)",
+    )
     cv.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser("export", help="write a network artifact as a transformers checkpoint")
+    ex.add_argument("artifact", metavar="DIR", help="a network artifact (moespec build of a model: spec)")
+    ex.add_argument(
+        "--to-hf", required=True, metavar="OUT", help="checkpoint directory (config.json, model.safetensors)"
+    )
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ex.set_defaults(func=cmd_export)
 
     tn = sub.add_parser(
         "tune", help="time Triton block sizes on this GPU; write the best to the tuning table"

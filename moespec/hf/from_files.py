@@ -34,19 +34,28 @@ def load_config(path: str | Path) -> Config:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def convert_text(path: str | Path) -> str:
-    """The spec YAML of the config at ``path``, with comments naming the source fields."""
+def convert_text(path: str | Path, *, network: bool = False) -> str:
+    """The spec YAML of the config at ``path``, with comments naming the source fields; with
+    ``network`` the whole network's `model:` section too (:mod:`moespec.hf.network`)."""
     config = load_config(path)
     fam = family_of(config)
-    spec = spec_from_config(config)
+    if network:
+        from moespec.hf.network import MODEL_SOURCES, network_spec_from_config
+
+        spec = network_spec_from_config(config)
+    else:
+        spec = spec_from_config(config)
     load_spec(spec)  # an invalid result (a config moespec rejects, k > experts, ...) is an error
     moe = fam.moe_layers(config)
+    rest = (
+        "the others are the model's dense_ffn." if network else "the others are dense MLPs outside this spec."
+    )
     header = [
         f"yaml-language-server: $schema={schema_path().resolve().as_uri()}",
         f"Converted by `moespec convert --from-hf {path}` from transformers' {type(config).__name__}",
         f"(family {fam.name}). Decoder layers {ranges(moe)} of {getattr(config, 'num_hidden_layers', '?')} "
         "are MoE;",
-        "the others are dense MLPs outside this spec. Comments name the config field of each value.",
+        f"{rest} Comments name the config field of each value.",
     ]
-    sources = {"d_model": "hidden_size", **fam.sources}
+    sources = {"d_model": "hidden_size", **fam.sources, **(MODEL_SOURCES if network else {})}
     return spec_yaml(spec, sources, header)
