@@ -6,7 +6,9 @@ ATen pass, no allocation) for the expert backward kernels.
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -58,3 +60,81 @@ def act_backward_(name: str, grad: Tensor, a: Tensor) -> Tensor:
     if name == "silu":
         return aten.silu_backward.grad_input(grad, a, grad_input=grad)
     raise ValueError(f"unknown activation {name!r}")
+
+
+# The clamped GLU (GPT-OSS, DeepSeek-V4, ...). The expert ops' ``activation`` argument is
+# ``FFNSpec.op_activation``: the name, then ``;limit=..;alpha=..;up_offset=..`` for the options
+# that differ from the plain GLU. With g = min(gate, limit), u = clamp(up, -limit, limit):
+#     h = act_alpha(g) * (u + up_offset),   act_alpha(g) = g sigmoid(alpha g) (silu only)
+# The kernels call the four helpers below; for a plain name they are act, the identity, the
+# identity and act_backward_, so the plain GLU pays nothing.
+
+
+@dataclass(frozen=True)
+class GluForm:
+    """A parsed ``activation`` argument: the activation and the clamped-GLU options."""
+
+    name: str
+    limit: float | None = None
+    alpha: float = 1.0
+    up_offset: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        """True for the plain GLU (no option set)."""
+        return self.limit is None and self.alpha == 1.0 and self.up_offset == 0.0
+
+
+@functools.cache
+def parse(activation: str) -> GluForm:
+    """``"silu;limit=7.0;alpha=1.702;up_offset=1.0"`` -> GluForm (see the comment above)."""
+    name, *opts = activation.split(";")
+    kw = {k: float(v) for k, v in (o.split("=", 1) for o in opts)}
+    unknown = set(kw) - {"limit", "alpha", "up_offset"}
+    if unknown or ("alpha" in kw and name != "silu"):
+        raise ValueError(f"bad activation argument {activation!r}")
+    return GluForm(name, **kw)
+
+
+def glu_act(activation: str, gate: Tensor) -> Tensor:
+    """act_alpha(min(gate, limit)), a new tensor."""
+    f = parse(activation)
+    if f.plain:
+        return act(f.name, gate)
+    g = gate if f.limit is None else gate.clamp(max=f.limit)
+    if f.alpha != 1.0:
+        return g * torch.sigmoid(f.alpha * g)
+    return act(f.name, g)
+
+
+def glu_up(activation: str, up: Tensor) -> Tensor:
+    """clamp(up, -limit, limit) + up_offset (``up`` itself for the plain GLU)."""
+    f = parse(activation)
+    if f.limit is None and f.up_offset == 0.0:
+        return up
+    u = up if f.limit is None else up.clamp(-f.limit, f.limit)
+    return u + f.up_offset
+
+
+def glu_grad_up_(activation: str, grad: Tensor, up: Tensor) -> Tensor:
+    """d h / d up from ``grad`` = d h / d u (in place): zero where the clamp held ``up``."""
+    f = parse(activation)
+    if f.limit is not None:
+        grad.masked_fill_(up.abs() > f.limit, 0.0)
+    return grad
+
+
+def glu_grad_gate_(activation: str, grad: Tensor, gate: Tensor) -> Tensor:
+    """grad * d act_alpha(min(gate, limit)) / d gate, written into ``grad``; returns it."""
+    f = parse(activation)
+    if f.plain:
+        return act_backward_(f.name, grad, gate)
+    g = gate if f.limit is None else gate.clamp(max=f.limit)
+    if f.alpha != 1.0:
+        s = torch.sigmoid(f.alpha * g)
+        grad.mul_(s * (1.0 + f.alpha * g * (1.0 - s)))
+    else:
+        act_backward_(f.name, grad, g)
+    if f.limit is not None:
+        grad.masked_fill_(gate > f.limit, 0.0)
+    return grad

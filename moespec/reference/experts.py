@@ -6,6 +6,9 @@ Weight layout (per expert group, experts stacked on dim 0; nn.Linear's [out, in]
   b_up [E, F], b_gate [E, F], b_down [E, D] (when ``bias``).
 So y = act(x W_up^T + b_up) W_down^T + b_down (``mlp``) and
    y = (act(x W_gate^T + b_gate) * (x W_up^T + b_up)) W_down^T + b_down (``glu``).
+The clamped GLU (GPT-OSS's ``_apply_gate``; ``limit``, ``alpha``, ``up_offset``) is
+   h = act_alpha(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset),
+   act_alpha(g) = g * sigmoid(alpha * g) (silu; alpha = 1 is SiLU).
 
 Global expert indices follow ``experts.routed`` order (fine-grained group g with count c
 and granularity m contributes c*m experts of width d_ff/m; materialised expert i*m + j is
@@ -66,10 +69,17 @@ def ffn(
     b_up_F: Tensor | None = None,
     b_gate_F: Tensor | None = None,
     b_down_D: Tensor | None = None,
+    limit: float | None = None,
+    alpha: float = 1.0,
+    up_offset: float = 0.0,
 ) -> Tensor:
     """One FFN block on N rows: ``mlp`` act(x W_up^T + b) W_down^T + b, or ``glu``
-    (act(x W_gate^T + b) * (x W_up^T + b)) W_down^T + b. Returns [N, D]."""
+    (act(x W_gate^T + b) * (x W_up^T + b)) W_down^T + b, clamped as the module docstring
+    says when ``limit`` / ``alpha`` / ``up_offset`` are set. Returns [N, D]."""
     act = ACTIVATIONS[activation]
+    if alpha != 1.0:
+        assert activation == "silu", "alpha scales SiLU's sigmoid"
+        act = lambda g: g * torch.sigmoid(alpha * g)  # noqa: E731
     up_NF = x_ND @ w_up_FD.T
     if b_up_F is not None:
         up_NF = up_NF + b_up_F
@@ -78,7 +88,10 @@ def ffn(
         gate_NF = x_ND @ w_gate_FD.T
         if b_gate_F is not None:
             gate_NF = gate_NF + b_gate_F
-        h_NF = act(gate_NF) * up_NF
+        if limit is not None:
+            gate_NF = torch.clamp(gate_NF, max=limit)
+            up_NF = torch.clamp(up_NF, min=-limit, max=limit)
+        h_NF = act(gate_NF) * (up_NF + up_offset)
     else:
         h_NF = act(up_NF)
     y_ND = h_NF @ w_down_DF.T
@@ -104,6 +117,9 @@ def stacked_ffn(x_ND: Tensor, params: dict[str, Tensor], prefix: str, i: int, sp
         b_up_F=get("b_up"),
         b_gate_F=get("b_gate"),
         b_down_D=get("b_down"),
+        limit=spec.limit,
+        alpha=spec.alpha,
+        up_offset=spec.up_offset,
     )
 
 
