@@ -34,8 +34,6 @@ _NORMED_ROUTER = (
 _LOGIT_BIAS = "selection adds the correction bias to the logits, not to the sigmoid scores moespec biases"
 
 UNSUPPORTED: dict[str, str] = {
-    "gpt_oss": _CLAMPED + " (the router, top-k of x Wᵀ + b then softmax, would map)",
-    "openai_privacy_filter": _CLAMPED,
     "minimax_m3_vl": _CLAMPED,
     "bailing_hybrid": _CLAMP,
     "deepseek_v4": _CLAMP + "; also a hash router for some layers",

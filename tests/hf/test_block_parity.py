@@ -336,11 +336,38 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     ),
     "dbrx": ("dbrx", _dbrx),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
+    # The clamped SwiGLU: a limit below the unit-scale pre-activations, so the clamps bite.
+    "gpt_oss": (
+        "gpt_oss",
+        _cfg(
+            "gpt_oss",
+            "GptOssConfig",
+            intermediate_size=12,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            swiglu_limit=0.7,
+        ),
+    ),
+    "openai_privacy_filter": (
+        "openai_privacy_filter",
+        _cfg(
+            "openai_privacy_filter",
+            "OpenAIPrivacyFilterConfig",
+            intermediate_size=12,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            swiglu_limit=0.7,
+        ),
+    ),
 }
 
 
 # Families whose block multiplies the routed output by a config field the router's weights lack.
-OUTPUT_SCALE = {"laguna": "moe_routed_scaling_factor", "beam": "routed_scaling_factor"}
+OUTPUT_SCALE = {
+    "laguna": "moe_routed_scaling_factor",
+    "beam": "routed_scaling_factor",
+    "openai_privacy_filter": "num_experts_per_tok",  # its router divides by k, its block multiplies
+}
 
 
 # A.X-K2 masks dropped groups with 0.0 (documented): parity holds where biased scores are positive.
