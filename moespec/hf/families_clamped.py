@@ -11,22 +11,43 @@
   concatenated (``chunk(2)``) instead of interleaved; its router divides the scores by k and the
   block multiplies the output by k again (moespec's weights are the plain softmax; the block's
   second output is the scores / k, as transformers returns them).
+- MiniMax-M3-VL (``minimax_m3_vl``): MiniMax-M2's router (sigmoid, frozen correction bias for
+  selection, renormalised; the routed output times ``routed_scaling_factor``, moespec's
+  ``scaling_factor``), fused v5 experts and one shared expert (``shared_experts.gate_up_proj``
+  [2·Fs, D], gate rows first), all with GPT-OSS's clamped SwiGLU; layers from
+  ``mlp_layer_types``.
+- GLM-5-Next (``glm5_next``), HY-V4 (``hy_v4``, ``hy_v4_vl``): DeepSeek-V3's router and
+  layout, SwiGLU experts clamped by ``swiglu_limit`` (gate ≤ limit, up in ±limit; no alpha, no
+  offset); GLM-5-Next clamps its shared experts too, HY-V4 does not. Layers from
+  ``mlp_layer_types``.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor
 
 from moespec.hf.common import field, topk
+from moespec.hf.families_core import deepseek_v3_family, sparse_layer_types
 from moespec.hf.layout import Rule
 from moespec.hf.registry import Config, Family, register
+from moespec.hf.topk_family import topk_family
+
+
+def _clamp(c: Config) -> dict:
+    """GPT-OSS's clamped SwiGLU options of a ``glu`` block."""
+    return {
+        "limit": float(field(c, "swiglu_limit")),
+        "alpha": float(field(c, "swiglu_alpha")),
+        "up_offset": 1.0,
+    }
 
 
 def _layer(c: Config) -> dict:
     routed = {
         "kind": "glu", "activation": "silu", "d_ff": field(c, "intermediate_size"),
-        "count": field(c, "num_local_experts"), "bias": True, "limit": float(field(c, "swiglu_limit")),
-        "alpha": float(field(c, "swiglu_alpha")), "up_offset": 1.0,
+        "count": field(c, "num_local_experts"), "bias": True, **_clamp(c),
     }  # fmt: skip
     router = topk(field(c, "num_experts_per_tok"), score="softmax", order="topk_then_softmax", bias=True)
     return {"experts": {"routed": [routed]}, "router": router}
@@ -98,3 +119,75 @@ def _oai(name: str, block: str, interleaved: bool, divide_by_k: bool) -> Family:
 
 register(_oai("gpt_oss", "GptOssMLP", interleaved=True, divide_by_k=False))
 register(_oai("openai_privacy_filter", "OpenAIPrivacyFilterMLP", interleaved=False, divide_by_k=True))
+
+
+def _minimax_m3() -> Family:
+    base = topk_family(
+        "minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock", experts="num_local_experts", width="intermediate_size",
+        score="sigmoid", renorm=True, scaling="routed_scaling_factor", act="silu",
+        bias=("gate.e_score_correction_bias", ("E",)), layers=sparse_layer_types,
+    )  # fmt: skip
+
+    def layer(c: Config) -> dict:
+        out = base.layer(c)
+        out["experts"]["routed"][0].update(_clamp(c))
+        shared = {"kind": "glu", "activation": "silu", "d_ff": field(c, "shared_intermediate_size")}
+        out["experts"]["shared"] = {**shared, **_clamp(c)}
+        return out
+
+    def rules(c: Config) -> tuple[Rule, ...]:
+        return (
+            *base.rules(c),
+            Rule(
+                "shared_experts.gate_up_proj.weight", ("2*Fs", "D"), ("shared.w_gate", "shared.w_up"),
+                (1, "Fs", "D"), view=(1, "2*Fs", "D"), split_dim=1,
+            ),
+            Rule(
+                "shared_experts.down_proj.weight", ("D", "Fs"), ("shared.w_down",), (1, "D", "Fs"),
+                view=(1, "D", "Fs"),
+            ),
+        )  # fmt: skip
+
+    sources = {
+        **base.sources,
+        "layer.experts.routed.0.limit": "swiglu_limit",
+        "layer.experts.routed.0.alpha": "swiglu_alpha",
+        "layer.experts.shared.d_ff": "shared_intermediate_size",
+    }
+    return replace(
+        base,
+        layer=layer,
+        dims=lambda c: {**base.dims(c), "Fs": field(c, "shared_intermediate_size")},
+        rules=rules,
+        sources=sources,
+    )
+
+
+register(_minimax_m3())
+
+
+def limited(fam: Family, shared: bool, limit: str = "swiglu_limit") -> Family:
+    """``fam`` with its routed experts (and its shared experts when ``shared``) clamped by the
+    config's ``limit`` field (a SwiGLU limit: moespec's ``limit`` option; unset or 0: none)."""
+
+    def layer(c: Config) -> dict:
+        out = fam.layer(c)
+        value = field(c, limit)
+        if value:
+            out["experts"]["routed"][0]["limit"] = float(value)
+            if shared and "shared" in out["experts"]:
+                out["experts"]["shared"]["limit"] = float(value)
+        return out
+
+    sources = {**fam.sources, "layer.experts.routed.0.limit": limit}
+    if shared:
+        sources["layer.experts.shared.limit"] = limit
+    return replace(fam, layer=layer, sources=sources)
+
+
+for _fam in (
+    limited(deepseek_v3_family("glm5_next", "Glm5NextTextMoE", sparse_layer_types), shared=True),
+    limited(deepseek_v3_family("hy_v4", "HYV4MoE", sparse_layer_types), shared=False),
+    limited(deepseek_v3_family("hy_v4_vl", "HYV4VLMoE", sparse_layer_types), shared=False),
+):
+    register(_fam)

@@ -348,6 +348,22 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
             swiglu_limit=0.7,
         ),
     ),
+    "glm5_next": ("glm5_next", _cfg("glm5_next", "Glm5NextTextConfig", **V3, swiglu_limit=0.7)),
+    "hy_v4": ("hy_v4", _cfg("hy_v4", "HYV4Config", **V3, swiglu_limit=0.7)),
+    "hy_v4_vl": ("hy_v4_vl", _cfg("hy_v4_vl", "HYV4VLTextConfig", **V3, swiglu_limit=0.7)),
+    "minimax_m3_vl": (
+        "minimax_m3_vl",
+        _cfg(
+            "minimax_m3_vl",
+            "MiniMaxM3VLTextConfig",
+            intermediate_size=12,
+            shared_intermediate_size=10,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            routed_scaling_factor=1.5,
+            swiglu_limit=0.7,
+        ),
+    ),
     "openai_privacy_filter": (
         "openai_privacy_filter",
         _cfg(
@@ -367,6 +383,7 @@ OUTPUT_SCALE = {
     "laguna": "moe_routed_scaling_factor",
     "beam": "routed_scaling_factor",
     "openai_privacy_filter": "num_experts_per_tok",  # its router divides by k, its block multiplies
+    "minimax_m3_vl": "routed_scaling_factor",
 }
 
 
