@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moespec.codegen.render import glu_options
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -88,11 +90,7 @@ class GluForm:
 @functools.cache
 def parse(activation: str) -> GluForm:
     """``"silu;limit=7.0;alpha=1.702;up_offset=1.0"`` -> GluForm (see the comment above)."""
-    name, *opts = activation.split(";")
-    kw = {k: float(v) for k, v in (o.split("=", 1) for o in opts)}
-    unknown = set(kw) - {"limit", "alpha", "up_offset"}
-    if unknown or ("alpha" in kw and name != "silu"):
-        raise ValueError(f"bad activation argument {activation!r}")
+    name, kw = glu_options(activation)
     return GluForm(name, **kw)
 
 

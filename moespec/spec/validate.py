@@ -25,27 +25,20 @@ MAX_NUMEL = 2**63 - 1  # a tensor's element count is an int64
 Tensor = tuple[str, tuple[int, ...], list[tuple[Path, int]]]
 
 
-def _check_glu_options(spec: Spec, ffn: FFNSpec, at: Path) -> Iterator[Problem]:
-    """The clamped-GLU options (`limit`, `alpha`, `up_offset`) need `glu`, `alpha` needs silu,
-    and the Triton kernels have no clamped form."""
+def _check_glu_options(ffn: FFNSpec, at: Path) -> Iterator[Problem]:
+    """The clamped-GLU options (`limit`, `alpha`, `up_offset`) need `glu`; `alpha` needs silu."""
     opts = ffn.glu_options
     for name in opts if ffn.kind != "glu" else ():
         yield (*at, name), f"`{name}` is an option of the gated form; this block is kind: {ffn.kind}"
     if ffn.kind == "glu" and "alpha" in opts and ffn.activation != "silu":
         yield (*at, "alpha"), f"`alpha` scales SiLU's sigmoid; this block's activation is {ffn.activation}"
-    if opts and spec.target.backend == "triton":
-        name = next(iter(opts))
-        yield (
-            (*at, name),
-            f"the triton backend has no clamped-GLU kernels (`{name}` is set); use target.backend: torch",
-        )
 
 
 def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
     for i, grp in enumerate(layer.experts.routed):
-        yield from _check_glu_options(spec, grp, (*at, "experts", "routed", i))
+        yield from _check_glu_options(grp, (*at, "experts", "routed", i))
     if layer.experts.shared is not None:
-        yield from _check_glu_options(spec, layer.experts.shared, (*at, "experts", "shared"))
+        yield from _check_glu_options(layer.experts.shared, (*at, "experts", "shared"))
     for i, grp in enumerate(layer.experts.routed):
         if grp.d_ff % grp.granularity:
             yield (
