@@ -236,6 +236,8 @@ CASES: dict[str, Case] = {
     "RoutedExpertGroup.limit": Case("topk", {f"{ROUTED}.limit": 0.01}),
     "RoutedExpertGroup.alpha": Case("topk", {f"{ROUTED}.alpha": 5.0}),
     "RoutedExpertGroup.up_offset": Case("topk", {f"{ROUTED}.up_offset": 1.0}),
+    "RoutedExpertGroup.gate_softcap": Case("topk", {f"{ROUTED}.gate_softcap": 0.01}),
+    "RoutedExpertGroup.up_softcap": Case("topk", {f"{ROUTED}.up_softcap": 0.01}),
     "InitSpec.kind": Case("topk", {f"{ROUTED}.init": {"kind": "uniform_fan_in"}}),
     "InitSpec.std": Case("topk", {f"{ROUTED}.init": {"std": 0.5}}),
     "InitSpec.output_scale": Case("topk", {f"{ROUTED}.init": {"output_scale": 0.5}}),
@@ -249,6 +251,8 @@ CASES: dict[str, Case] = {
     "SharedExperts.limit": Case("shared", {f"{SHARED}.limit": 0.01}),
     "SharedExperts.alpha": Case("shared", {f"{SHARED}.alpha": 5.0}),
     "SharedExperts.up_offset": Case("shared", {f"{SHARED}.up_offset": 1.0}),
+    "SharedExperts.gate_softcap": Case("shared", {f"{SHARED}.gate_softcap": 0.01}),
+    "SharedExperts.up_softcap": Case("shared", {f"{SHARED}.up_softcap": 0.01}),
     "ZeroComputeExperts.kind": Case("zero_compute", {"layer.experts.zero_compute.0.kind": "copy"}),
     "ZeroComputeExperts.count": Case("zero_compute", {"layer.experts.zero_compute.0.count": 2}),
     # Capacity

@@ -35,7 +35,10 @@ def glu_options(activation: str) -> tuple[str, dict[str, float]]:
     ``silu;limit=7.0;alpha=1.702;up_offset=1.0``) as (name, clamped-GLU options)."""
     name, *opts = activation.split(";")
     kw = {k: float(v) for k, v in (o.split("=", 1) for o in opts)}
-    if set(kw) - {"limit", "alpha", "up_offset"} or ("alpha" in kw and name != "silu"):
+    silu_only = {"alpha", "gate_softcap"} & set(kw)
+    if set(kw) - {"limit", "alpha", "up_offset", "gate_softcap", "up_softcap"} or (
+        silu_only and name != "silu"
+    ):
         raise ValueError(f"bad activation argument {activation!r}")
     return name, kw
 
@@ -52,6 +55,8 @@ class Specialisation:
     limit: float | None = None
     alpha: float = 1.0
     up_offset: float = 0.0
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
 
     @classmethod
     def of(cls, activation: str, glu: bool, bias: bool, dtype: str) -> Specialisation:
@@ -73,7 +78,13 @@ class Specialisation:
         text = f"{self.activation}-{'glu' if self.glu else 'mlp'}-{'bias' if self.bias else 'nobias'}"
         clamp = "".join(
             f"-{k}{v!r}"
-            for k, v, plain in (("l", self.limit, None), ("a", self.alpha, 1.0), ("o", self.up_offset, 0.0))
+            for k, v, plain in (
+                ("l", self.limit, None),
+                ("a", self.alpha, 1.0),
+                ("o", self.up_offset, 0.0),
+                ("gc", self.gate_softcap, None),
+                ("uc", self.up_softcap, None),
+            )
             if v != plain
         )
         return f"{text}{clamp}-{self.dtype}"

@@ -20,6 +20,10 @@
   layout, SwiGLU experts clamped by ``swiglu_limit`` (gate ≤ limit, up in ±limit; no alpha, no
   offset); GLM-5-Next clamps its shared experts too, HY-V4 does not. Layers from
   ``mlp_layer_types``.
+- Inkling-2 (``inkling2``, ``inkling2_loop``): sigmoid router (``scoring_func``), selection by
+  sigmoid + frozen correction bias, renormalised, times ``routed_scaling_factor``; fused v5
+  experts with the softcapped SwiGLU c_g·tanh(g/c_g)·sigmoid(g)·c_u·tanh(u/c_u)
+  (``mlp_gate_softcap``, ``mlp_up_softcap``: moespec's ``gate_softcap``, ``up_softcap``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from moespec.hf.common import field, topk
+from moespec.hf.common import field, refuse, topk
 from moespec.hf.families_core import deepseek_v3_family, sparse_layer_types
 from moespec.hf.layout import Rule
 from moespec.hf.registry import Config, Family, register
@@ -191,3 +195,34 @@ for _fam in (
     limited(deepseek_v3_family("hy_v4_vl", "HYV4VLMoE", sparse_layer_types), shared=False),
 ):
     register(_fam)
+
+
+def _inkling2(name: str, block: str) -> Family:
+    def check(c: Config) -> None:
+        refuse(c, "scoring_func", lambda v: v != "sigmoid", "moespec's routers score by softmax or sigmoid")
+
+    base = topk_family(
+        name, block, experts="num_local_experts", score="sigmoid", renorm=True,
+        scaling="routed_scaling_factor", bias=("gate.e_score_correction_bias", ("E",)),
+        act="silu", check=check,
+    )  # fmt: skip
+
+    def layer(c: Config) -> dict:
+        out = base.layer(c)
+        caps = {
+            "gate_softcap": float(field(c, "mlp_gate_softcap")),
+            "up_softcap": float(field(c, "mlp_up_softcap")),
+        }
+        out["experts"]["routed"][0].update(caps)
+        return out
+
+    sources = {
+        **base.sources,
+        "layer.experts.routed.0.gate_softcap": "mlp_gate_softcap",
+        "layer.experts.routed.0.up_softcap": "mlp_up_softcap",
+    }
+    return replace(base, layer=layer, sources=sources)
+
+
+register(_inkling2("inkling2", "Inkling2SparseMoeBlock"))
+register(_inkling2("inkling2_loop", "Inkling2LoopSparseMoeBlock"))

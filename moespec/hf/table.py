@@ -40,8 +40,6 @@ UNSUPPORTED: dict[str, str] = {
         "and the block is built per layer index; not adapted yet (its clamped experts map to `limit`)"
     ),
     "step3p7": _CLAMP_AFTER,
-    "inkling2": "experts use a two-input activation act_fn(gate, up) that moespec's experts do not have",
-    "inkling2_loop": "experts use a two-input activation act_fn(gate, up) that moespec's experts do not have",
     "phimoe": (
         "SparseMixer routing (top-2 by masked, jittered softmax with Heun straight-through "
         "gradients while training) is not a moespec router"

@@ -34,7 +34,9 @@ class FFNSpec(Strict):
     The clamped SwiGLU of GPT-OSS (and DeepSeek-V4, GLM-5, Step-3.7, ...) is `glu` with
     `limit`, `alpha` and `up_offset`: with g = min(gate, limit), u = clamp(up, -limit, limit),
     the product is act_alpha(g) * (u + up_offset), where act_alpha(g) = g * sigmoid(alpha * g)
-    for silu (GPT-OSS: limit 7, alpha 1.702, up_offset 1).
+    for silu (GPT-OSS: limit 7, alpha 1.702, up_offset 1). The softcapped SwiGLU (Inkling-2)
+    bounds SiLU's linear factor and up smoothly: with cap(v, c) = c * tanh(v / c),
+    act(g) = cap(g, gate_softcap) * sigmoid(alpha * g) and u = cap(u, up_softcap).
     """
 
     kind: Literal["mlp", "glu"] = Field(description="`mlp` (two matrices) or `glu` (three, gated).")
@@ -61,11 +63,27 @@ class FFNSpec(Strict):
         "(GPT-OSS: 1).",
     )
 
+    gate_softcap: float | None = Field(
+        None,
+        gt=0,
+        description="`glu` with `silu` only: SiLU's linear factor becomes c * tanh(g / c) with c = "
+        "`gate_softcap` (the sigmoid still sees g; Inkling-2's `mlp_gate_softcap`). Unset: g.",
+    )
+    up_softcap: float | None = Field(
+        None,
+        gt=0,
+        description="`glu` only: the up projection becomes c * tanh(up / c) with c = `up_softcap` "
+        "(Inkling-2's `mlp_up_softcap`). Unset: up.",
+    )
+
     @property
     def glu_options(self) -> dict[str, float]:
         """The clamped-GLU options that differ from the plain form (empty for a plain block)."""
-        opts = {"limit": self.limit, "alpha": self.alpha, "up_offset": self.up_offset}
-        plain = {"limit": None, "alpha": 1.0, "up_offset": 0.0}
+        opts = {
+            "limit": self.limit, "alpha": self.alpha, "up_offset": self.up_offset,
+            "gate_softcap": self.gate_softcap, "up_softcap": self.up_softcap,
+        }  # fmt: skip
+        plain = {"limit": None, "alpha": 1.0, "up_offset": 0.0, "gate_softcap": None, "up_softcap": None}
         return {k: v for k, v in opts.items() if v != plain[k]}
 
     @property

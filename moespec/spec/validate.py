@@ -30,8 +30,9 @@ def _check_glu_options(ffn: FFNSpec, at: Path) -> Iterator[Problem]:
     opts = ffn.glu_options
     for name in opts if ffn.kind != "glu" else ():
         yield (*at, name), f"`{name}` is an option of the gated form; this block is kind: {ffn.kind}"
-    if ffn.kind == "glu" and "alpha" in opts and ffn.activation != "silu":
-        yield (*at, "alpha"), f"`alpha` scales SiLU's sigmoid; this block's activation is {ffn.activation}"
+    for name in ("alpha", "gate_softcap"):
+        if ffn.kind == "glu" and name in opts and ffn.activation != "silu":
+            yield (*at, name), f"`{name}` is an option of SiLU; this block's activation is {ffn.activation}"
 
 
 def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:

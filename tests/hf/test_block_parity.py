@@ -130,6 +130,11 @@ COHERE = {
     "shared_expert_combination_strategy": "sum",
 }  # fmt: skip
 
+INKLING = {
+    "moe_intermediate_size": 12, "n_routed_experts": 8, "num_experts_per_tok": 3,
+    "routed_scaling_factor": 1.5, "mlp_gate_softcap": 0.8, "mlp_up_softcap": 1.5,
+}  # fmt: skip
+
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "mixtral": ("mixtral", _mixtral),
     "qwen2_moe-norm": ("qwen2_moe", _qwen2(True)),
@@ -351,6 +356,15 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "glm5_next": ("glm5_next", _cfg("glm5_next", "Glm5NextTextConfig", **V3, swiglu_limit=0.7)),
     "hy_v4": ("hy_v4", _cfg("hy_v4", "HYV4Config", **V3, swiglu_limit=0.7)),
     "hy_v4_vl": ("hy_v4_vl", _cfg("hy_v4_vl", "HYV4VLTextConfig", **V3, swiglu_limit=0.7)),
+    # Softcaps below the unit-scale pre-activations, so they bend.
+    "inkling2": (
+        "inkling2",
+        _cfg("inkling2", "Inkling2TextConfig", **INKLING),
+    ),
+    "inkling2_loop": (
+        "inkling2_loop",
+        _cfg("inkling2_loop", "Inkling2LoopTextConfig", **INKLING),
+    ),
     "minimax_m3_vl": (
         "minimax_m3_vl",
         _cfg(

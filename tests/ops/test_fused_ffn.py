@@ -125,6 +125,7 @@ def _loop(x, idx_TK, keep_TK, w_TK, p, activation):
 GPT_OSS = "silu;limit=1.0;alpha=1.702;up_offset=1.0"
 LIMIT_ONLY = "silu;limit=0.8"
 OFFSET_GELU = "gelu;up_offset=1.0"
+SOFTCAP = "silu;gate_softcap=0.8;up_softcap=1.5"  # Inkling-2's form
 
 
 def _gated(activation: str, gate, up):
@@ -133,6 +134,11 @@ def _gated(activation: str, gate, up):
     o = {k: float(v) for k, v in (s.split("=") for s in opts)}
     if "limit" in o:
         gate, up = gate.clamp(min=None, max=o["limit"]), up.clamp(min=-o["limit"], max=o["limit"])
+    if "up_softcap" in o:  # Inkling-2's softcapped SwiGLU: c tanh(v / c)
+        up = torch.tanh(up / o["up_softcap"]) * o["up_softcap"]
+    if "gate_softcap" in o:
+        lin = torch.tanh(gate / o["gate_softcap"]) * o["gate_softcap"]
+        return (up + o.get("up_offset", 0.0)) * lin * torch.sigmoid(gate * o.get("alpha", 1.0))
     a = gate * torch.sigmoid(gate * o["alpha"]) if "alpha" in o else act(name, gate)
     return (up + o.get("up_offset", 0.0)) * a
 
@@ -160,6 +166,8 @@ CASES = [
     (7, 100, 48, 5, 2, "glu", LIMIT_ONLY, False, None, 0.3),
     (64, 48, 100, 8, 2, "glu", GPT_OSS, True, 3, 0.0),  # all tokens on expert 3
     (64, 48, 40, 32, 2, "glu", OFFSET_GELU, True, None, 0.2),
+    (7, 48, 100, 6, 2, "glu", SOFTCAP, True, None, 0.2),
+    (64, 100, 48, 8, 2, "glu", SOFTCAP + ";limit=1.2", False, 3, 0.0),
 ]
 
 
@@ -199,7 +207,7 @@ def test_empty_expert_gets_zero_weight_grad(kernels):
     assert p["w_up"].grad[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", GPT_OSS, LIMIT_ONLY])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", GPT_OSS, LIMIT_ONLY, SOFTCAP])
 @pytest.mark.parametrize("kind,bias", [("glu", True), ("mlp", False)])
 def test_gradcheck_fp64(kernels, activation, kind, bias):
     if kind == "mlp" and ";" in activation:

@@ -128,6 +128,21 @@ def test_clamped_glu_matches_transformers_gpt_oss() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_softcapped_glu_matches_transformers_inkling2() -> None:
+    """The reference's softcapped SwiGLU equals transformers' Inkling2SoftcappedSwiGLU."""
+    inkling2 = pytest.importorskip("transformers.models.inkling2.modeling_inkling2")
+    cfg = pytest.importorskip("transformers").Inkling2TextConfig(mlp_gate_softcap=0.8, mlp_up_softcap=1.5)
+    g = torch.Generator().manual_seed(0)
+    gate_N6, up_N6 = torch.randn(5, 6, generator=g) * 2, torch.randn(5, 6, generator=g) * 2
+    want = inkling2.Inkling2SoftcappedSwiGLU(cfg)(gate_N6, up_N6)
+    eye = torch.eye(12)
+    got = ffn(
+        torch.cat([gate_N6, up_N6], 1), eye[6:], torch.eye(6), kind="glu", activation="silu",
+        w_gate_FD=eye[:6], gate_softcap=0.8, up_softcap=1.5,
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
 def test_expert_table_index_ranges() -> None:
     t = [(s.start, s.stop, s.kind, s.group) for s in expert_table(HETERO.experts)]
     assert t == [

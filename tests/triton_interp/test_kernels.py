@@ -37,6 +37,11 @@ def _gated(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     o = {k: float(v) for k, v in (s.split("=") for s in opts)}
     if "limit" in o:
         gate, up = gate.clamp(min=None, max=o["limit"]), up.clamp(min=-o["limit"], max=o["limit"])
+    if "up_softcap" in o:  # Inkling-2's softcapped SwiGLU: c tanh(v / c)
+        up = torch.tanh(up / o["up_softcap"]) * o["up_softcap"]
+    if "gate_softcap" in o:
+        lin = torch.tanh(gate / o["gate_softcap"]) * o["gate_softcap"]
+        return (up + o.get("up_offset", 0.0)) * lin * torch.sigmoid(gate * o.get("alpha", 1.0))
     a = gate * torch.sigmoid(gate * o["alpha"]) if "alpha" in o else _act(name, gate)
     return (up + o.get("up_offset", 0.0)) * a
 
@@ -131,6 +136,7 @@ CASES = [
     # The clamped GLU, limits small enough to clamp here
     (7, 48, 40, 5, 2, True, True, "silu;limit=1.0;alpha=1.702;up_offset=1.0", {"drop": 0.2}),
     (64, 48, 40, 6, 2, True, False, "silu;limit=0.8", {"busy": 2}),
+    (7, 100, 48, 5, 2, True, True, "silu;limit=1.2;gate_softcap=0.8;up_softcap=1.5", {}),
 ]
 
 
