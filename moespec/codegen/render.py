@@ -30,14 +30,39 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
+def glu_options(activation: str) -> tuple[str, dict[str, float]]:
+    """The expert ops' ``activation`` argument (``FFNSpec.op_activation``: ``silu`` or
+    ``silu;limit=7.0;alpha=1.702;up_offset=1.0``) as (name, clamped-GLU options)."""
+    name, *opts = activation.split(";")
+    kw = {k: float(v) for k, v in (o.split("=", 1) for o in opts)}
+    silu_only = {"alpha", "gate_softcap"} & set(kw)
+    if set(kw) - {"limit", "alpha", "up_offset", "gate_softcap", "up_softcap"} or (
+        silu_only and name != "silu"
+    ):
+        raise ValueError(f"bad activation argument {activation!r}")
+    return name, kw
+
+
 @dataclass(frozen=True)
 class Specialisation:
-    """What an expert kernel set is specialised to (one expert group of one spec)."""
+    """What an expert kernel set is specialised to (one expert group of one spec); ``limit``,
+    ``alpha``, ``up_offset``: the clamped GLU (``moespec.spec.experts.FFNSpec``)."""
 
     activation: str
     glu: bool
     bias: bool
     dtype: str
+    limit: float | None = None
+    alpha: float = 1.0
+    up_offset: float = 0.0
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
+
+    @classmethod
+    def of(cls, activation: str, glu: bool, bias: bool, dtype: str) -> Specialisation:
+        """From the expert ops' ``activation`` argument (see :func:`glu_options`)."""
+        name, kw = glu_options(activation)
+        return cls(name, glu, bias, dtype, **kw)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -51,7 +76,18 @@ class Specialisation:
     def key(self) -> str:
         """A short stable name of the specialisation (cache directory, file names)."""
         text = f"{self.activation}-{'glu' if self.glu else 'mlp'}-{'bias' if self.bias else 'nobias'}"
-        return f"{text}-{self.dtype}"
+        clamp = "".join(
+            f"-{k}{v!r}"
+            for k, v, plain in (
+                ("l", self.limit, None),
+                ("a", self.alpha, 1.0),
+                ("o", self.up_offset, 0.0),
+                ("gc", self.gate_softcap, None),
+                ("uc", self.up_softcap, None),
+            )
+            if v != plain
+        )
+        return f"{text}{clamp}-{self.dtype}"
 
     def context(self) -> dict[str, Any]:
         return {
@@ -134,7 +170,7 @@ def layer_kernels(
     header = {"arch": arch, "spec_name": spec_name, "spec_sha256": spec_sha256}
     out: dict[str, str] = {}
     for f in ffns:
-        out |= render_all(Specialisation(f.activation, f.kind == "glu", f.bias, dtype), **header)
+        out |= render_all(Specialisation.of(f.activation, f.kind == "glu", f.bias, dtype), **header)
     if router is not None:
         out |= render_all(router, **header)
     return out

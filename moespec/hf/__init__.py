@@ -13,7 +13,13 @@ attributes and class names. Families register in ``families_*.py``; ``table.py``
 the others are not supported.
 """
 
-from moespec.hf import families_core, families_extra, families_more, families_special  # noqa: F401
+from moespec.hf import (  # noqa: F401
+    families_clamped,
+    families_core,
+    families_extra,
+    families_more,
+    families_special,
+)
 from moespec.hf.convert import from_block, spec_from_config, to_block
 from moespec.hf.network import (
     config_of_network,

@@ -59,7 +59,13 @@ class PatchedBlock(nn.Module):
     """A family's MoE block run by a moespec layer (``self.moe``): same inputs, same return."""
 
     def __init__(
-        self, layer: MoELayer, family: Family, layout: Layout, router: nn.Module, block_class: str
+        self,
+        layer: MoELayer,
+        family: Family,
+        layout: Layout,
+        router: nn.Module,
+        block_class: str,
+        config: Any = None,
     ) -> None:
         super().__init__()
         self.moe = layer
@@ -67,16 +73,20 @@ class PatchedBlock(nn.Module):
         self.add_module(family.router, _tap(router))
         object.__setattr__(self, "_layout", layout)
         object.__setattr__(self, "_family", family)
+        object.__setattr__(self, "_config", config)  # read by family.extra_outputs
         self.block_class = block_class
         self._register_state_dict_hook(_to_hf_keys)
         self._register_load_state_dict_pre_hook(_from_hf_keys, with_module=True)
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        # Every adapted family's block returns the output alone (the families whose block also
-        # returns router outputs are not adapted), and records router logits by a hook.
+    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, ...]:
+        # The block's output, followed by what the family's block also returns (GPT-OSS: its
+        # router scores); router logits are recorded by a hook on the tap.
         y = self.moe(hidden_states)
         getattr(self, self.router_name)(self.moe.router_logits)
-        return y
+        extra = self._family.extra_outputs
+        if extra is None:
+            return y
+        return (y, *extra(self._config, self.moe.router_logits))
 
     def extra_repr(self) -> str:
         return f"replaces={self.block_class} ({self._family.name})"
@@ -162,7 +172,7 @@ def patch(model: nn.Module) -> PatchReport:
         config = _check_block(fam, block, None if _has_config(block) else fallback)
         layer = from_block(block, config)
         replacement = PatchedBlock(
-            layer, fam, fam.layout(config), getattr(block, fam.router), type(block).__name__
+            layer, fam, fam.layout(config), getattr(block, fam.router), type(block).__name__, config
         )
         replacement.train(block.training)
         plans.append(

@@ -42,7 +42,9 @@ class Family:
     ``sources``: spec path -> the config field it comes from (comments of
     ``moespec convert --from-hf``); ``experts_flags``: the layout flags transformers'
     ``@use_experts_implementation`` sets on the experts module that the rules assume (checked
-    where the module has them, so a transposed layout cannot pass on equal dimensions)."""
+    where the module has them, so a transposed layout cannot pass on equal dimensions);
+    ``extra_outputs(config, router_logits)``: what the block returns after its output, for a
+    block that returns a tuple (GPT-OSS's router scores); None: the output alone."""
 
     name: str
     blocks: tuple[str, ...]
@@ -55,6 +57,7 @@ class Family:
     notes: tuple[str, ...] = field(default=())
     sources: dict[str, str] = field(default_factory=dict)
     experts_flags: dict[str, bool] = field(default_factory=lambda: dict(STANDARD_EXPERTS))
+    extra_outputs: Callable[[Config, Any], tuple] | None = None
 
     def layout(self, config: Config) -> Layout:
         """The checkpoint layout for ``config``."""

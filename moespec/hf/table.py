@@ -21,11 +21,11 @@ from moespec.hf.registry import FAMILIES, UnsupportedFamilyError
 MOE_CLASS = re.compile(r"(Experts|Moe|MoE|MoeBlock|MoELayer|SparseMLP|MoA)$")
 
 # Reasons, read from each family's modeling code (transformers 5.25). Phrases reused below.
-_CLAMPED = (
-    "experts use a clamped SwiGLU (swiglu_limit, gate·sigmoid(alpha·gate)·(up + 1)), "
-    "not a moespec expert activation"
+_CLAMP_AFTER = (
+    "experts clamp the activation's output (silu(gate) ≤ limit, limit_after_act) and the up projection "
+    "with a per-layer limit (swiglu_limits[layer]); moespec's `limit` clamps the gate before the "
+    "activation"
 )
-_CLAMP = "experts clamp the gate and up projections (a SwiGLU limit), which moespec's experts do not"
 
 _NORMED_ROUTER = (
     "the router normalises and rescales its input (RMSNorm, learned scale) and each expert's "
@@ -34,17 +34,12 @@ _NORMED_ROUTER = (
 _LOGIT_BIAS = "selection adds the correction bias to the logits, not to the sigmoid scores moespec biases"
 
 UNSUPPORTED: dict[str, str] = {
-    "gpt_oss": _CLAMPED + " (the router, top-k of x Wᵀ + b then softmax, would map)",
-    "openai_privacy_filter": _CLAMPED,
-    "minimax_m3_vl": _CLAMPED,
-    "bailing_hybrid": _CLAMP,
-    "deepseek_v4": _CLAMP + "; also a hash router for some layers",
-    "glm5_next": _CLAMP,
-    "hy_v4": _CLAMP,
-    "hy_v4_vl": _CLAMP,
-    "step3p7": _CLAMP,
-    "inkling2": "experts use a two-input activation act_fn(gate, up) that moespec's experts do not have",
-    "inkling2_loop": "experts use a two-input activation act_fn(gate, up) that moespec's experts do not have",
+    "bailing_hybrid": _CLAMP_AFTER,
+    "deepseek_v4": (
+        "the first MoE layers route by a frozen token-id table (DeepseekV4HashRouter reads input_ids) "
+        "and the block is built per layer index; not adapted yet (its clamped experts map to `limit`)"
+    ),
+    "step3p7": _CLAMP_AFTER,
     "phimoe": (
         "SparseMixer routing (top-2 by masked, jittered softmax with Heun straight-through "
         "gradients while training) is not a moespec router"

@@ -49,7 +49,7 @@ def _experts(d_model: int, layer: LayerSpec, at: str) -> ExpertsNode:
     # d_model here is already the inner width (multi-head MoE: D / heads).
     groups, first = [], 0
     for g in layer.experts.routed:
-        groups.append(ExpertGroupNode(g.kind, g.activation, g.width, g.n_experts, g.bias, g.init, first))
+        groups.append(ExpertGroupNode(g.kind, g.op_activation, g.width, g.n_experts, g.bias, g.init, first))
         first += g.n_experts
     zeros = []
     for z in layer.experts.zero_compute:
@@ -73,7 +73,7 @@ def build_layer(spec: Spec, name: str, count: int, layer: LayerSpec, at: str) ->
     shared = None
     if (s := layer.experts.shared) is not None:
         shared = SharedNode(
-            s.kind, s.activation, s.count * s.d_ff, s.bias, s.gate, s.init, f"{at}.experts.shared"
+            s.kind, s.op_activation, s.count * s.d_ff, s.bias, s.gate, s.init, f"{at}.experts.shared"
         )
     p = spec.placement
     return MoELayerNode(

@@ -63,7 +63,7 @@ class ExpertGroupNode:
     """``count`` routed FFN experts with indices ``first .. first+count-1``."""
 
     kind: str
-    activation: str
+    activation: str  # the ops' form: name and clamped-GLU options (FFNSpec.op_activation)
     width: int
     count: int
     bias: bool

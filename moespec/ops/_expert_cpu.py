@@ -39,7 +39,7 @@ from torch import Tensor
 from moespec.ops import _buffers, _parallel
 from moespec.ops import _expert_cpu_small as _small
 from moespec.ops._expert_weights import ExpertGrads, ExpertWeights
-from moespec.ops.activations import act, act_backward_
+from moespec.ops.activations import act, act_backward_, glu_act, glu_grad_gate_, glu_grad_up_, glu_up
 from moespec.ops.gemm import expert_blocks, linear_into
 
 _BLOCK_BYTES = 4 << 20  # one block's widest temporary, [rows, max(F, D)], at most this
@@ -228,7 +228,7 @@ def _forward_blocks(x_TD: Tensor, grp: Group, w: ExpertWeights, activation: str,
         up_BF = linear_into(x_BD, w_up[e], b_up[e] if b_up else None, up_b[i])
         if gate_b is not None:
             gate_BF = linear_into(x_BD, w_gate[e], b_gate[e] if b_gate else None, gate_b[i])
-            h_BF = act(activation, gate_BF).mul_(up_BF)
+            h_BF = glu_act(activation, gate_BF).mul_(glu_up(activation, up_BF))
         else:
             h_BF = act(activation, up_BF)
         linear_into(h_BF, w_down[e], b_down[e] if b_down else None, y_b[i])
@@ -286,8 +286,8 @@ def backward(
         up_BF = up_b[i]
         if gate_b is not None:
             gate_BF = gate_b[i]
-            a_BF = act(activation, gate_BF)
-            h_BF = torch.mul(a_BF, up_BF)
+            a_BF, u_BF = glu_act(activation, gate_BF), glu_up(activation, up_BF)
+            h_BF = torch.mul(a_BF, u_BF)
         else:
             h_BF = act(activation, up_BF)
         if combine:
@@ -308,8 +308,8 @@ def backward(
                 grads_b[2][e].add_(g_BD.sum(0))
         _wgrad(g_BD, h_BF, gw_down[e], acc)  # [D, F]
         if gate_b is not None:
-            gu_BF = a_BF.mul_(gh_BF)  # d up = d h * act(gate)
-            gg_BF = act_backward_(activation, gh_BF.mul_(up_BF), gate_BF)  # d gate = d h * up * act'
+            gu_BF = glu_grad_up_(activation, a_BF.mul_(gh_BF), up_BF)  # d up = d h * act(gate)
+            gg_BF = glu_grad_gate_(activation, gh_BF.mul_(u_BF), gate_BF)  # d gate = d h * up * act'
         else:
             gu_BF, gg_BF = act_backward_(activation, gh_BF, up_BF), None
         _wgrad(gu_BF, x_BD, gw_up[e], acc)

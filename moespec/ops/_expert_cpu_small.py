@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moespec.ops._expert_weights import ExpertWeights
-from moespec.ops.activations import act
+from moespec.ops.activations import act, glu_act, glu_up
 from moespec.ops.gemm import linear_into
 
 # forward_few takes a group of at most FEW_ROWS routed rows, or of at most FEW_ROWS_PER_EXPERT
@@ -51,7 +51,11 @@ def forward_few(x_TD: Tensor, token_idx_N: Tensor, bounds: list[int], first: int
         linear_into(x_BD, w.w_up_EFD[e].t(), w.b_up_EF[e] if bias else None, up_NF[r0:r1])
         if glu:
             linear_into(x_BD, w.w_gate_EFD[e].t(), w.b_gate_EF[e] if bias else None, gate_NF[r0:r1])
-    h_RF = act(activation, gate_NF[lo:hi]).mul_(up_NF[lo:hi]) if glu else act(activation, up_NF[lo:hi])
+    h_RF = (
+        glu_act(activation, gate_NF[lo:hi]).mul_(glu_up(activation, up_NF[lo:hi]))
+        if glu
+        else act(activation, up_NF[lo:hi])
+    )
     y_RD = x_TD.new_empty(hi - lo, d)
     for e, r0, r1 in spans:
         linear_into(

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moespec.ops._expert_weights import ExpertGrads, ExpertWeights
-from moespec.ops.activations import act, act_backward_
+from moespec.ops.activations import act, act_backward_, glu_act, glu_grad_gate_, glu_grad_up_, glu_up
 from moespec.ops.gemm import gmm, gmm_wgrad
 
 
@@ -103,7 +103,7 @@ def forward(
         gate_RF = gmm(x_RD, w.w_gate_EFD, rows.local_E1, n_valid=rows.n_valid)
         if w.has_bias:
             gate_RF.add_(rows.per_row(w.b_gate_EF))
-        h_RF = act(activation, gate_RF).mul_(up_RF)
+        h_RF = glu_act(activation, gate_RF).mul_(glu_up(activation, up_RF))
     else:
         h_RF = act(activation, up_RF)
     y_RD = gmm(h_RF, w.w_down_EDF, rows.local_E1, n_valid=rows.n_valid)
@@ -142,8 +142,8 @@ def backward(
     up_RF = up_NF[lo : lo + r]
     if glu:
         gate_RF = gate_NF[lo : lo + r]
-        a_RF = act(activation, gate_RF)
-        h_RF = a_RF * up_RF
+        a_RF, u_RF = glu_act(activation, gate_RF), glu_up(activation, up_RF)
+        h_RF = a_RF * u_RF
     else:
         h_RF = act(activation, up_RF)
     grad_w_N = None
@@ -162,8 +162,8 @@ def backward(
         grad_h_RF = gmm(g_RD, w.w_down_EDF.transpose(1, 2), local_E1, n_valid=n_valid)  # g @ W_down[e]
     grad_w_down = gmm_wgrad(g_RD, h_RF, local_E1, n_exp)  # [E, D, F]
     if glu:
-        grad_up_RF = a_RF.mul_(grad_h_RF)
-        grad_gate_RF = act_backward_(activation, grad_h_RF.mul_(up_RF), gate_RF)
+        grad_up_RF = glu_grad_up_(activation, a_RF.mul_(grad_h_RF), up_RF)
+        grad_gate_RF = glu_grad_gate_(activation, grad_h_RF.mul_(u_RF), gate_RF)
     else:
         grad_up_RF = act_backward_(activation, grad_h_RF, up_RF)
         grad_gate_RF = None

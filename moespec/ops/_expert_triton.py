@@ -54,7 +54,7 @@ def _specialisation(x_TD: Tensor, w: ExpertWeights, has_bias: bool, activation: 
     for name, t in zip(ExpertWeights._fields, w, strict=True):
         if t.numel() and t.dtype != x_TD.dtype:
             raise TypeError(f"expert weight {name} is {t.dtype} but the activations are {x_TD.dtype}")
-    return Specialisation(activation, w.glu, has_bias, _DTYPES[x_TD.dtype])
+    return Specialisation.of(activation, w.glu, has_bias, _DTYPES[x_TD.dtype])
 
 
 @functools.cache

@@ -6,6 +6,10 @@ Weight layout (per expert group, experts stacked on dim 0; nn.Linear's [out, in]
   b_up [E, F], b_gate [E, F], b_down [E, D] (when ``bias``).
 So y = act(x W_up^T + b_up) W_down^T + b_down (``mlp``) and
    y = (act(x W_gate^T + b_gate) * (x W_up^T + b_up)) W_down^T + b_down (``glu``).
+The clamped GLU (GPT-OSS's ``_apply_gate``; ``limit``, ``alpha``, ``up_offset``; Inkling-2's
+softcaps ``gate_softcap``, ``up_softcap``) is, with g = min(gate, limit), cap(v, c) = c tanh(v/c),
+   h = act_alpha(g) * (cap(clamp(up, -limit, limit), up_softcap) + up_offset),
+   act_alpha(g) = cap(g, gate_softcap) * sigmoid(alpha * g) (silu; alpha = 1 and no cap: SiLU).
 
 Global expert indices follow ``experts.routed`` order (fine-grained group g with count c
 and granularity m contributes c*m experts of width d_ff/m; materialised expert i*m + j is
@@ -66,10 +70,20 @@ def ffn(
     b_up_F: Tensor | None = None,
     b_gate_F: Tensor | None = None,
     b_down_D: Tensor | None = None,
+    limit: float | None = None,
+    alpha: float = 1.0,
+    up_offset: float = 0.0,
+    gate_softcap: float | None = None,
+    up_softcap: float | None = None,
 ) -> Tensor:
     """One FFN block on N rows: ``mlp`` act(x W_up^T + b) W_down^T + b, or ``glu``
-    (act(x W_gate^T + b) * (x W_up^T + b)) W_down^T + b. Returns [N, D]."""
+    (act(x W_gate^T + b) * (x W_up^T + b)) W_down^T + b, clamped as the module docstring
+    says when ``limit`` / ``alpha`` / ``up_offset`` are set. Returns [N, D]."""
     act = ACTIVATIONS[activation]
+    if alpha != 1.0 or gate_softcap is not None:
+        assert activation == "silu", "alpha and gate_softcap are SiLU's"
+        c = gate_softcap
+        act = lambda g: (g if c is None else c * torch.tanh(g / c)) * torch.sigmoid(alpha * g)  # noqa: E731
     up_NF = x_ND @ w_up_FD.T
     if b_up_F is not None:
         up_NF = up_NF + b_up_F
@@ -78,7 +92,12 @@ def ffn(
         gate_NF = x_ND @ w_gate_FD.T
         if b_gate_F is not None:
             gate_NF = gate_NF + b_gate_F
-        h_NF = act(gate_NF) * up_NF
+        if limit is not None:
+            gate_NF = torch.clamp(gate_NF, max=limit)
+            up_NF = torch.clamp(up_NF, min=-limit, max=limit)
+        if up_softcap is not None:
+            up_NF = up_softcap * torch.tanh(up_NF / up_softcap)
+        h_NF = act(gate_NF) * (up_NF + up_offset)
     else:
         h_NF = act(up_NF)
     y_ND = h_NF @ w_down_DF.T
@@ -104,6 +123,11 @@ def stacked_ffn(x_ND: Tensor, params: dict[str, Tensor], prefix: str, i: int, sp
         b_up_F=get("b_up"),
         b_gate_F=get("b_gate"),
         b_down_D=get("b_down"),
+        limit=spec.limit,
+        alpha=spec.alpha,
+        up_offset=spec.up_offset,
+        gate_softcap=spec.gate_softcap,
+        up_softcap=spec.up_softcap,
     )
 
 

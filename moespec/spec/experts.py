@@ -30,6 +30,13 @@ class FFNSpec(Strict):
 
     The gated forms of each activation are `kind: glu` with that activation: silu -> SwiGLU,
     gelu -> GeGLU, gelu_tanh -> GeGLU (tanh approximation), relu -> ReGLU.
+
+    The clamped SwiGLU of GPT-OSS (and DeepSeek-V4, GLM-5, Step-3.7, ...) is `glu` with
+    `limit`, `alpha` and `up_offset`: with g = min(gate, limit), u = clamp(up, -limit, limit),
+    the product is act_alpha(g) * (u + up_offset), where act_alpha(g) = g * sigmoid(alpha * g)
+    for silu (GPT-OSS: limit 7, alpha 1.702, up_offset 1). The softcapped SwiGLU (Inkling-2)
+    bounds SiLU's linear factor and up smoothly: with cap(v, c) = c * tanh(v / c),
+    act(g) = cap(g, gate_softcap) * sigmoid(alpha * g) and u = cap(u, up_softcap).
     """
 
     kind: Literal["mlp", "glu"] = Field(description="`mlp` (two matrices) or `glu` (three, gated).")
@@ -37,6 +44,54 @@ class FFNSpec(Strict):
     d_ff: int = Field(gt=0, description="Hidden width of the block.")
     bias: bool = Field(False, description="Whether the projections carry biases.")
     init: InitSpec = Field(default_factory=InitSpec, description="Weight initialisation.")
+    limit: float | None = Field(
+        None,
+        gt=0,
+        description="`glu` only: clamp the gate projection to at most `limit` and the up projection "
+        "to [-limit, limit] before the product (GPT-OSS's and DeepSeek-V4's `swiglu_limit`). "
+        "Unset: no clamp.",
+    )
+    alpha: float = Field(
+        1.0,
+        gt=0,
+        description="`glu` with `silu` only: the gate's activation is g * sigmoid(alpha * g) "
+        "(GPT-OSS's `swiglu_alpha`, 1.702); 1 is plain SiLU.",
+    )
+    up_offset: float = Field(
+        0.0,
+        description="`glu` only: the gate's activation multiplies (up + up_offset) instead of up "
+        "(GPT-OSS: 1).",
+    )
+
+    gate_softcap: float | None = Field(
+        None,
+        gt=0,
+        description="`glu` with `silu` only: SiLU's linear factor becomes c * tanh(g / c) with c = "
+        "`gate_softcap` (the sigmoid still sees g; Inkling-2's `mlp_gate_softcap`). Unset: g.",
+    )
+    up_softcap: float | None = Field(
+        None,
+        gt=0,
+        description="`glu` only: the up projection becomes c * tanh(up / c) with c = `up_softcap` "
+        "(Inkling-2's `mlp_up_softcap`). Unset: up.",
+    )
+
+    @property
+    def glu_options(self) -> dict[str, float]:
+        """The clamped-GLU options that differ from the plain form (empty for a plain block)."""
+        opts = {
+            "limit": self.limit, "alpha": self.alpha, "up_offset": self.up_offset,
+            "gate_softcap": self.gate_softcap, "up_softcap": self.up_softcap,
+        }  # fmt: skip
+        plain = {"limit": None, "alpha": 1.0, "up_offset": 0.0, "gate_softcap": None, "up_softcap": None}
+        return {k: v for k, v in opts.items() if v != plain[k]}
+
+    @property
+    def op_activation(self) -> str:
+        """The expert ops' ``activation`` argument: the activation's name, followed by the
+        clamped-GLU options as ``;name=value`` (``silu;limit=7.0;alpha=1.702;up_offset=1.0``;
+        ``moespec.ops.activations.parse`` reads it back)."""
+        return "".join([self.activation, *(f";{k}={v!r}" for k, v in self.glu_options.items())])
 
 
 class RoutedExpertGroup(FFNSpec):

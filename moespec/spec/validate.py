@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 
+from moespec.spec.experts import FFNSpec
 from moespec.spec.network import check_model
 from moespec.spec.routers.base import Path, Problem
 from moespec.spec.schedules import curve_values, round_half_even
@@ -24,7 +25,21 @@ MAX_NUMEL = 2**63 - 1  # a tensor's element count is an int64
 Tensor = tuple[str, tuple[int, ...], list[tuple[Path, int]]]
 
 
+def _check_glu_options(ffn: FFNSpec, at: Path) -> Iterator[Problem]:
+    """The clamped-GLU options (`limit`, `alpha`, `up_offset`) need `glu`; `alpha` needs silu."""
+    opts = ffn.glu_options
+    for name in opts if ffn.kind != "glu" else ():
+        yield (*at, name), f"`{name}` is an option of the gated form; this block is kind: {ffn.kind}"
+    for name in ("alpha", "gate_softcap"):
+        if ffn.kind == "glu" and name in opts and ffn.activation != "silu":
+            yield (*at, name), f"`{name}` is an option of SiLU; this block's activation is {ffn.activation}"
+
+
 def _check_layer(spec: Spec, layer: LayerSpec, at: Path) -> Iterator[Problem]:
+    for i, grp in enumerate(layer.experts.routed):
+        yield from _check_glu_options(grp, (*at, "experts", "routed", i))
+    if layer.experts.shared is not None:
+        yield from _check_glu_options(layer.experts.shared, (*at, "experts", "shared"))
     for i, grp in enumerate(layer.experts.routed):
         if grp.d_ff % grp.granularity:
             yield (

@@ -57,6 +57,8 @@ def router_output(block: nn.Module, x: Tensor) -> tuple[Tensor, Any]:
         y = block(x)
     finally:
         handle.remove()
+    if isinstance(y, tuple):  # GPT-OSS returns (output, router scores); the scores are checked below
+        y = y[0]
     out = seen[0]
     if not isinstance(out, tuple):  # DBRX's router returns the logits; the block picks the experts
         out = (out, *block.route_tokens_to_experts(out))  # (logits, weights, experts)

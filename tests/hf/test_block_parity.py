@@ -130,6 +130,11 @@ COHERE = {
     "shared_expert_combination_strategy": "sum",
 }  # fmt: skip
 
+INKLING = {
+    "moe_intermediate_size": 12, "n_routed_experts": 8, "num_experts_per_tok": 3,
+    "routed_scaling_factor": 1.5, "mlp_gate_softcap": 0.8, "mlp_up_softcap": 1.5,
+}  # fmt: skip
+
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "mixtral": ("mixtral", _mixtral),
     "qwen2_moe-norm": ("qwen2_moe", _qwen2(True)),
@@ -336,11 +341,64 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     ),
     "dbrx": ("dbrx", _dbrx),
     "unlimited_ocr": ("unlimited_ocr", _cfg("unlimited_ocr", "UnlimitedOcrTextConfig", **V2)),
+    # The clamped SwiGLU: a limit below the unit-scale pre-activations, so the clamps bite.
+    "gpt_oss": (
+        "gpt_oss",
+        _cfg(
+            "gpt_oss",
+            "GptOssConfig",
+            intermediate_size=12,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            swiglu_limit=0.7,
+        ),
+    ),
+    "glm5_next": ("glm5_next", _cfg("glm5_next", "Glm5NextTextConfig", **V3, swiglu_limit=0.7)),
+    "hy_v4": ("hy_v4", _cfg("hy_v4", "HYV4Config", **V3, swiglu_limit=0.7)),
+    "hy_v4_vl": ("hy_v4_vl", _cfg("hy_v4_vl", "HYV4VLTextConfig", **V3, swiglu_limit=0.7)),
+    # Softcaps below the unit-scale pre-activations, so they bend.
+    "inkling2": (
+        "inkling2",
+        _cfg("inkling2", "Inkling2TextConfig", **INKLING),
+    ),
+    "inkling2_loop": (
+        "inkling2_loop",
+        _cfg("inkling2_loop", "Inkling2LoopTextConfig", **INKLING),
+    ),
+    "minimax_m3_vl": (
+        "minimax_m3_vl",
+        _cfg(
+            "minimax_m3_vl",
+            "MiniMaxM3VLTextConfig",
+            intermediate_size=12,
+            shared_intermediate_size=10,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            routed_scaling_factor=1.5,
+            swiglu_limit=0.7,
+        ),
+    ),
+    "openai_privacy_filter": (
+        "openai_privacy_filter",
+        _cfg(
+            "openai_privacy_filter",
+            "OpenAIPrivacyFilterConfig",
+            intermediate_size=12,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            swiglu_limit=0.7,
+        ),
+    ),
 }
 
 
 # Families whose block multiplies the routed output by a config field the router's weights lack.
-OUTPUT_SCALE = {"laguna": "moe_routed_scaling_factor", "beam": "routed_scaling_factor"}
+OUTPUT_SCALE = {
+    "laguna": "moe_routed_scaling_factor",
+    "beam": "routed_scaling_factor",
+    "openai_privacy_filter": "num_experts_per_tok",  # its router divides by k, its block multiplies
+    "minimax_m3_vl": "routed_scaling_factor",
+}
 
 
 # A.X-K2 masks dropped groups with 0.0 (documented): parity holds where biased scores are positive.

@@ -52,8 +52,8 @@ def test_convert_refuses_what_it_cannot_express(tmp_path: Path, capsys: pytest.C
     ).save_pretrained(tmp_path / "m")
     assert main(["convert", "--from-hf", str(tmp_path / "m")]) == 1
     assert "router_jitter_noise = 0.1" in capsys.readouterr().err
-    transformers.GptOssConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path / "g")
+    transformers.PhimoeConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path / "g")
     assert main(["convert", "--from-hf", str(tmp_path / "g")]) == 1
-    assert "'gpt_oss'" in capsys.readouterr().err
+    assert "'phimoe'" in capsys.readouterr().err
     assert main(["convert", "--from-hf", str(tmp_path / "nothing")]) == 1
     assert "cannot read a transformers config" in capsys.readouterr().err

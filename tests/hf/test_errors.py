@@ -96,14 +96,14 @@ def test_a_config_field_moespec_cannot_follow_is_named() -> None:
 
 
 def test_unsupported_family_is_named_with_its_reason() -> None:
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
 
-    cfg = transformers.GptOssConfig(
+    cfg = transformers.PhimoeConfig(
         hidden_size=16, intermediate_size=8, num_local_experts=4, num_attention_heads=4
     )
-    with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'gpt_oss'.*clamped SwiGLU"):
-        moespec.hf.from_block(GptOssMLP(cfg), cfg)
-    with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'gpt_oss'"):
+    with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'phimoe'.*SparseMixer"):
+        moespec.hf.from_block(PhimoeSparseMoeBlock(cfg), cfg)
+    with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'phimoe'"):
         moespec.hf.spec_from_config(cfg)
 
 

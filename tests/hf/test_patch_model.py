@@ -120,6 +120,18 @@ MODELS: dict[str, Callable[[], Any]] = {
             )
         )
     ),
+    "gpt_oss": lambda: transformers.GptOssForCausalLM(
+        eager(
+            transformers.GptOssConfig(
+                **SMALL,
+                head_dim=8,
+                intermediate_size=16,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                swiglu_limit=1.0,
+            )
+        )
+    ),
     "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
         eager(
             transformers.DeepseekV3Config(
@@ -219,11 +231,11 @@ def _grads_in_hf_layout(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_patch_refuses_an_unsupported_family_untouched() -> None:
-    cfg = transformers.GptOssConfig(
+    cfg = transformers.PhimoeConfig(
         **{**SMALL, "num_hidden_layers": 1}, intermediate_size=16, num_local_experts=4
     )
-    model = transformers.GptOssForCausalLM(eager(cfg))
-    with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'gpt_oss'.*clamped SwiGLU"):
+    model = transformers.PhimoeForCausalLM(eager(cfg))
+    with pytest.raises(moespec.hf.UnsupportedFamilyError, match=r"'phimoe'.*SparseMixer"):
         moespec.hf.patch(model)
     assert not any(isinstance(m, PatchedBlock) for m in model.modules())
 

@@ -35,13 +35,14 @@ def test_table_has_no_family_twice_and_no_stale_entry() -> None:
 
 def test_status() -> None:
     assert status("mixtral") is None
-    assert "clamped SwiGLU" in status("gpt_oss")
+    assert status("gpt_oss") is None
+    assert "SparseMixer" in status("phimoe")
     assert "not in moespec's family table" in status("no_such_family")
     assert dict(rows())["mixtral"] == "parity-tested"
     assert dict(rows())["deepseek_v3"].startswith(
         "parity-tested; transformers keeps the correction bias frozen"
     )
-    assert dict(rows())["gpt_oss"].startswith("unsupported: experts use a clamped SwiGLU")
+    assert dict(rows())["phimoe"].startswith("unsupported: SparseMixer routing")
 
 
 def test_family_table_page_is_current() -> None:

@@ -47,6 +47,15 @@ CASES = [
         ("layer.capacity={kind: factor, train_factor: 0.6, eval_factor: 0.9, drop_policy: batch_priority}",),
     ),
     ("debug-tiny.yaml", ("layer.router.second_expert_policy=sampling", "layer.router.temperature=0.7")),
+    (  # GPT-OSS's clamped SwiGLU (a limit small enough to clamp at these sizes), shared too
+        "debug-tiny.yaml",
+        (
+            "layer.experts.routed.0={count: 4, kind: glu, activation: silu, d_ff: 64, bias: true, "
+            "limit: 0.05, alpha: 1.702, up_offset: 1.0}",
+            "layer.experts.shared={kind: glu, activation: gelu, d_ff: 16, limit: 0.05, up_offset: 1.0}",
+            "layer.router.bias=true",
+        ),
+    ),
     (
         "debug-tiny.yaml",
         (

@@ -3,7 +3,8 @@ reference.
 
 Matrix: forward and every gradient, fp64 gradcheck on tiny shapes, fp32 on odd shapes
 (T in 1, 7, 64; D 48/100), an expert with no tokens, all tokens on one expert, dropped rows,
-every activation, mlp and glu, with and without bias; torch.library.opcheck on every op.
+every activation, mlp and glu, with and without bias, the clamped GLU (GPT-OSS's limit, alpha
+and up + 1; DeepSeek-V4's limit alone); torch.library.opcheck on every op.
 Each case runs expert_ffn (its rows combined here by index_add) and expert_ffn_combine, with the
 CPU's blocked kernels and with the grouped kernels the other devices run (forced onto the CPU).
 The CPU kernels' parallel and recycled-buffer paths (off at these tiny shapes) are forced on
@@ -112,12 +113,34 @@ def _loop(x, idx_TK, keep_TK, w_TK, p, activation):
             up = x[t] @ p["w_up"][e].T + (p["b_up"][e] if has("b_up") else 0)
             if has("w_gate"):
                 gate = x[t] @ p["w_gate"][e].T + (p["b_gate"][e] if has("b_gate") else 0)
-                h = act(activation, gate) * up
+                h = _gated(activation, gate, up)
             else:
                 h = act(activation, up)
             acc = acc + w_TK[t, j] * (h @ p["w_down"][e].T + (p["b_down"][e] if has("b_down") else 0))
         out.append(acc)
     return torch.stack(out)
+
+
+# The clamped GLU's ops argument (FFNSpec.op_activation): limits small enough to clamp here.
+GPT_OSS = "silu;limit=1.0;alpha=1.702;up_offset=1.0"
+LIMIT_ONLY = "silu;limit=0.8"
+OFFSET_GELU = "gelu;up_offset=1.0"
+SOFTCAP = "silu;gate_softcap=0.8;up_softcap=1.5"  # Inkling-2's form
+
+
+def _gated(activation: str, gate, up):
+    """act(gate) * up, or the clamped form written as GPT-OSS's ``_apply_gate`` does."""
+    name, *opts = activation.split(";")
+    o = {k: float(v) for k, v in (s.split("=") for s in opts)}
+    if "limit" in o:
+        gate, up = gate.clamp(min=None, max=o["limit"]), up.clamp(min=-o["limit"], max=o["limit"])
+    if "up_softcap" in o:  # Inkling-2's softcapped SwiGLU: c tanh(v / c)
+        up = torch.tanh(up / o["up_softcap"]) * o["up_softcap"]
+    if "gate_softcap" in o:
+        lin = torch.tanh(gate / o["gate_softcap"]) * o["gate_softcap"]
+        return (up + o.get("up_offset", 0.0)) * lin * torch.sigmoid(gate * o.get("alpha", 1.0))
+    a = gate * torch.sigmoid(gate * o["alpha"]) if "alpha" in o else act(name, gate)
+    return (up + o.get("up_offset", 0.0)) * a
 
 
 def _grads(fn, x, w_TK, p):
@@ -138,6 +161,13 @@ CASES = [
     # Many experts with few rows each
     (64, 48, 40, 32, 2, "glu", "silu", True, None, 0.2),
     (7, 100, 48, 16, 3, "mlp", "gelu_tanh", False, None, 0.0),
+    # The clamped GLU
+    (1, 48, 100, 4, 2, "glu", GPT_OSS, True, None, 0.0),
+    (7, 100, 48, 5, 2, "glu", LIMIT_ONLY, False, None, 0.3),
+    (64, 48, 100, 8, 2, "glu", GPT_OSS, True, 3, 0.0),  # all tokens on expert 3
+    (64, 48, 40, 32, 2, "glu", OFFSET_GELU, True, None, 0.2),
+    (7, 48, 100, 6, 2, "glu", SOFTCAP, True, None, 0.2),
+    (64, 100, 48, 8, 2, "glu", SOFTCAP + ";limit=1.2", False, 3, 0.0),
 ]
 
 
@@ -177,9 +207,11 @@ def test_empty_expert_gets_zero_weight_grad(kernels):
     assert p["w_up"].grad[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", GPT_OSS, LIMIT_ONLY, SOFTCAP])
 @pytest.mark.parametrize("kind,bias", [("glu", True), ("mlp", False)])
 def test_gradcheck_fp64(kernels, activation, kind, bias):
+    if kind == "mlp" and ";" in activation:
+        pytest.skip("the clamped options are the gated form's")
     idx_TK, keep_TK = _routing(5, 2, 3, drop=0.2, seed=3)
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     w_TK = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
@@ -228,12 +260,14 @@ def test_expert_group_without_rows(kernels):
     assert all(gr[4:].abs().max() == 0 for gr in g1[2:])  # the empty group's experts
 
 
-def test_opcheck_every_op():
+@pytest.mark.parametrize("activation", ["silu", GPT_OSS])
+def test_opcheck_every_op(activation):
     idx_TK, keep_TK = _routing(7, 2, 4, drop=0.2)
     tok, _slot, offs = OPS.sort_by_expert(idx_TK, keep_TK, 4)
     x = torch.randn(7, 12, requires_grad=True)
     p = _params(4, 10, 12, True, True, torch.float32)
-    args = (x, tok, offs, 0, p["w_up"], p["w_gate"], p["w_down"], p["b_up"], p["b_gate"], p["b_down"], "silu")
+    w = (p["w_up"], p["w_gate"], p["w_down"], p["b_up"], p["b_gate"], p["b_down"])
+    args = (x, tok, offs, 0, *w, activation)
     w_N = torch.rand(14, requires_grad=True)
     for op, a in [
         (OPS.expert_ffn.default, args),

@@ -80,6 +80,69 @@ HETERO = layer(
 )
 
 
+def test_clamped_glu_by_hand() -> None:
+    """GPT-OSS's clamped SwiGLU, element by element: g = min(gate, limit),
+    u = clamp(up, -limit, limit), h = g sigmoid(alpha g) (u + 1)."""
+    x = torch.tensor([[1.0, 0.0]])
+    w_gate = torch.tensor([[9.0, 0.0], [-2.0, 0.0], [0.5, 0.0]])  # gate = 9 (clamped), -2, 0.5
+    w_up = torch.tensor([[-8.0, 0.0], [3.0, 0.0], [0.25, 0.0]])  # up = -8 (clamped), 3, 0.25
+    w_down = torch.eye(2, 3)
+    y = ffn(
+        x,
+        w_up,
+        w_down,
+        kind="glu",
+        activation="silu",
+        w_gate_FD=w_gate,
+        limit=7.0,
+        alpha=1.702,
+        up_offset=1.0,
+    )
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
+    h = [7 * sig(1.702 * 7) * (-7 + 1), -2 * sig(-1.702 * 2) * (3 + 1)]
+    torch.testing.assert_close(y, torch.tensor([h]))
+    # The limit alone (DeepSeek-V4): plain SiLU of the clamped gate times the clamped up.
+    y = ffn(x, w_up, w_down, kind="glu", activation="silu", w_gate_FD=w_gate, limit=2.5)
+    torch.testing.assert_close(
+        y, torch.tensor([[F.silu(torch.tensor(2.5)).item() * -2.5, F.silu(torch.tensor(-2.0)).item() * 2.5]])
+    )
+
+
+def test_clamped_glu_matches_transformers_gpt_oss() -> None:
+    """The reference's clamped GLU equals transformers' GptOssExperts._apply_gate (which
+    interleaves gate and up columns)."""
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    cfg = pytest.importorskip("transformers").GptOssConfig(
+        hidden_size=8, intermediate_size=6, num_local_experts=2, swiglu_limit=1.0
+    )
+    experts = gpt_oss.GptOssExperts(cfg)
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(5, 12, generator=g) * 2
+    want = experts._apply_gate(gate_up)
+    x = gate_up  # the rows are the pre-activations: identity weights pick gate and up columns
+    eye = torch.eye(12)
+    got = ffn(
+        x, eye[1::2], torch.eye(6), kind="glu", activation="silu", w_gate_FD=eye[::2],
+        limit=cfg.swiglu_limit, alpha=cfg.swiglu_alpha, up_offset=1.0,
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
+def test_softcapped_glu_matches_transformers_inkling2() -> None:
+    """The reference's softcapped SwiGLU equals transformers' Inkling2SoftcappedSwiGLU."""
+    inkling2 = pytest.importorskip("transformers.models.inkling2.modeling_inkling2")
+    cfg = pytest.importorskip("transformers").Inkling2TextConfig(mlp_gate_softcap=0.8, mlp_up_softcap=1.5)
+    g = torch.Generator().manual_seed(0)
+    gate_N6, up_N6 = torch.randn(5, 6, generator=g) * 2, torch.randn(5, 6, generator=g) * 2
+    want = inkling2.Inkling2SoftcappedSwiGLU(cfg)(gate_N6, up_N6)
+    eye = torch.eye(12)
+    got = ffn(
+        torch.cat([gate_N6, up_N6], 1), eye[6:], torch.eye(6), kind="glu", activation="silu",
+        w_gate_FD=eye[:6], gate_softcap=0.8, up_softcap=1.5,
+    )  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
 def test_expert_table_index_ranges() -> None:
     t = [(s.start, s.stop, s.kind, s.group) for s in expert_table(HETERO.experts)]
     assert t == [

@@ -1,7 +1,8 @@
 """The Triton expert ops (``torch.ops.moespec.triton_expert_ffn[_combine]``) against a per-token
 float64 loop: forward and every gradient (x, each weight and bias, the routing weights), fp32
 and fp16, odd shapes (T 1/7/64, D 48/100), an expert without rows, all tokens on one expert,
-dropped rows, every activation, mlp and glu, with and without bias, experts split into groups
+dropped rows, every activation, mlp and glu, with and without bias, the clamped GLU (GPT-OSS's
+limit, alpha and up + 1; a limit alone), experts split into groups
 (heterogeneous layers call the op once per group). Run under TRITON_INTERPRET=1 (conftest).
 """
 
@@ -28,6 +29,21 @@ def _act(name: str, a: torch.Tensor) -> torch.Tensor:
         "gelu": f.gelu,
         "gelu_tanh": lambda v: f.gelu(v, approximate="tanh"),
     }[name](a)
+
+
+def _gated(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up, or the clamped GLU as GPT-OSS's ``_apply_gate`` writes it."""
+    name, *opts = activation.split(";")
+    o = {k: float(v) for k, v in (s.split("=") for s in opts)}
+    if "limit" in o:
+        gate, up = gate.clamp(min=None, max=o["limit"]), up.clamp(min=-o["limit"], max=o["limit"])
+    if "up_softcap" in o:  # Inkling-2's softcapped SwiGLU: c tanh(v / c)
+        up = torch.tanh(up / o["up_softcap"]) * o["up_softcap"]
+    if "gate_softcap" in o:
+        lin = torch.tanh(gate / o["gate_softcap"]) * o["gate_softcap"]
+        return (up + o.get("up_offset", 0.0)) * lin * torch.sigmoid(gate * o.get("alpha", 1.0))
+    a = gate * torch.sigmoid(gate * o["alpha"]) if "alpha" in o else _act(name, gate)
+    return (up + o.get("up_offset", 0.0)) * a
 
 
 def _case(t, d, f, e, k, glu, bias, dtype, *, busy=None, drop=0.0, empty=None, seed=0):
@@ -71,7 +87,7 @@ def _loop(x, idx_TK, keep_TK, w_TK, p, activation):
             up = x[t] @ p["w_up"][e].T + (p["b_up"][e] if has("b_up") else 0)
             if has("w_gate"):
                 gate = x[t] @ p["w_gate"][e].T + (p["b_gate"][e] if has("b_gate") else 0)
-                h = _act(activation, gate) * up
+                h = _gated(activation, gate, up)
             else:
                 h = _act(activation, up)
             acc = acc + w_TK[t, j] * (h @ p["w_down"][e].T + (p["b_down"][e] if has("b_down") else 0))
@@ -117,6 +133,10 @@ CASES = [
     (7, 48, 100, 6, 1, True, True, "gelu_tanh", {"drop": 0.3}),
     (64, 48, 40, 8, 2, False, False, "relu", {"busy": 3}),  # all tokens on expert 3
     (64, 100, 48, 8, 3, True, True, "silu", {"empty": 5, "drop": 0.2}),  # expert 5 has no rows
+    # The clamped GLU, limits small enough to clamp here
+    (7, 48, 40, 5, 2, True, True, "silu;limit=1.0;alpha=1.702;up_offset=1.0", {"drop": 0.2}),
+    (64, 48, 40, 6, 2, True, False, "silu;limit=0.8", {"busy": 2}),
+    (7, 100, 48, 5, 2, True, True, "silu;limit=1.2;gate_softcap=0.8;up_softcap=1.5", {}),
 ]
 
 

@@ -1,8 +1,9 @@
 """Layers built with ``target.backend: triton`` (under TRITON_INTERPRET=1, on the CPU) against
 the plain-PyTorch reference (``moespec.reference``): output, aux loss and the gradient of x and
 of every parameter, for a top-k layer, a heterogeneous layer (two expert groups of different
-width and kind, biases, a gated shared expert, zero-compute experts), expert choice and Soft
-MoE (torch routing, Triton experts); the artifact of a triton spec holds its kernels and loads.
+width and kind, biases, a gated shared expert, zero-compute experts), the clamped GLU,
+expert choice and Soft MoE (torch routing, Triton experts); the artifact of a triton spec holds
+its kernels and loads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ LAYERS = {
                                              "layer.experts.routed.0.count=6")),
     "soft-moe": ("soft-moe.yaml", ("d_model=48", "layer.experts.routed.0.d_ff=40",
                                    "layer.experts.routed.0.count=4", "layer.router.group_size=7")),
+    # GPT-OSS's clamped SwiGLU (limits small enough to clamp at the 0.02 init), a clamped shared expert
+    "clamped": ("mixtral-8x7b.yaml", ("d_model=48", "layer.experts.routed.0.d_ff=40",
+                                      "layer.experts.routed.0.bias=true",
+                                      "layer.experts.routed.0.limit=0.05",
+                                      "layer.experts.routed.0.alpha=1.702",
+                                      "layer.experts.routed.0.up_offset=1.0",
+                                      "layer.experts.shared={kind: glu, activation: silu, d_ff: 16, "
+                                      "limit: 0.05}",
+                                      "layer.router.bias=true")),
 }  # fmt: skip
 
 
