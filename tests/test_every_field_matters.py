@@ -196,6 +196,7 @@ MODEL_CASES: dict[str, Case] = {
 for _kind, _base in (("DecoderLMSpec", "model"), ("EncoderSpec", "encoder")):
     MODEL_CASES |= {
         f"{_kind}.vocab_size": Case(_base, {"model.vocab_size": 32}),
+        f"{_kind}.pad_token_id": Case(_base, {"model.pad_token_id": 0}),
         f"{_kind}.blocks": Case(_base, {"model.blocks": 4}),
         f"{_kind}.max_seq_len": Case(_base, {"model.max_seq_len": 32}),
         f"{_kind}.moe_blocks": Case(_base, {"model.moe_blocks": {"kind": "all"}}),

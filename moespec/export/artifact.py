@@ -161,14 +161,18 @@ def _write_files(tmp: Path, loaded: LoadedSpec, module: MoELayer | MoENetwork, s
     if isinstance(module, MoENetwork):
         layer = L.NETWORK
         report, texts = _network_texts(loaded, module, sha, vers)
+        layers = list(module.moe_layers)
     else:
         layer = module.ir.name
         report, texts = _layer_texts(loaded, module, sha, vers)
-        if module.ir.backend == "triton":  # the generated kernels, readable and importable
-            texts |= {
-                f"{L.KERNELS}/{name}": text for name, text in _kernels(loaded.spec, module, sha).items()
-            }
-            (tmp / L.KERNELS).mkdir()
+        layers = [module]
+    kernels: dict[str, str] = {}
+    for one in layers:  # a network's designs share kernels where their specialisations agree
+        if one.ir.backend == "triton":  # the generated kernels, readable and importable
+            kernels |= _kernels(loaded.spec, one, sha)
+    if kernels:
+        texts |= {f"{L.KERNELS}/{name}": text for name, text in kernels.items()}
+        (tmp / L.KERNELS).mkdir()
     for name, text in texts.items():
         (tmp / name).write_text(text, encoding="utf-8")
     meta = {"moespec_version": __version__, "spec_sha256": sha, "layer": layer, "format": L.LAYOUT}

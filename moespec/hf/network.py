@@ -68,6 +68,7 @@ def network_spec_from_config(config: Config, *, name: str | None = None) -> dict
     model: dict[str, Any] = {
         "kind": "decoder_lm",
         "vocab_size": field(config, "vocab_size"),
+        "pad_token_id": getattr(config, "pad_token_id", None),
         "blocks": n,
         "max_seq_len": field(config, "max_position_embeddings"),
         "attention": attention,
@@ -90,6 +91,7 @@ def network_spec_from_config(config: Config, *, name: str | None = None) -> dict
 # Spec path -> the config field it comes from (comments of `moespec convert --from-hf --network`).
 MODEL_SOURCES = {
     "model.vocab_size": "vocab_size",
+    "model.pad_token_id": "pad_token_id",
     "model.blocks": "num_hidden_layers",
     "model.max_seq_len": "max_position_embeddings",
     "model.attention.heads": "num_attention_heads",

@@ -99,7 +99,7 @@ def _common_config(m: ModelNode, layer: MoELayerNode) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
         "num_experts_per_tok": layer.router.config.k,  # type: ignore[attr-defined]
         "output_router_logits": False,
-        "pad_token_id": None,
+        "pad_token_id": m.pad_token_id,
         "bos_token_id": None,
         "eos_token_id": None,
     }

@@ -119,7 +119,8 @@ def build_model(spec: Spec) -> ModelNode | None:
         f = m.dense_ffn
         dense = DenseFFNNode(f.kind, f.activation, f.d_ff, f.bias)
     return ModelNode(
-        kind=m.kind, d_model=spec.d_model, vocab_size=m.vocab_size, max_seq_len=m.max_seq_len,
+        kind=m.kind, d_model=spec.d_model, vocab_size=m.vocab_size, pad_token_id=m.pad_token_id,
+        max_seq_len=m.max_seq_len,
         attention=attention, norm=m.norm.kind, norm_eps=m.norm.eps, dense_ffn=dense,
         blocks=tuple(block_plan(spec)),
         tie_embeddings=getattr(m, "tie_embeddings", False), pool=getattr(m, "pool", "mean"),

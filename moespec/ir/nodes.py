@@ -207,6 +207,7 @@ class ModelNode:
     kind: str
     d_model: int
     vocab_size: int
+    pad_token_id: int | None
     max_seq_len: int
     attention: AttentionNode
     norm: str

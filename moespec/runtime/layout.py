@@ -14,7 +14,7 @@ An artifact directory holds::
 
 A network artifact (a spec with a `model:` section built without a layer name) is the same
 directory with ``layer`` = :data:`NETWORK`, the network's state_dict and its module.py from
-``templates/module/network.py.jinja`` (no kernels/ yet).
+``templates/module/network.py.jinja`` (kernels/: the union of its MoE designs' kernels).
 
 This module imports nothing heavy, so readers (``moespec.load``) and writers share it cheaply;
 reading and checking a manifest is ``moespec.runtime.manifest``.

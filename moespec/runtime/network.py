@@ -74,7 +74,8 @@ class MoENetwork(nn.Module):
         init = torch.Generator().manual_seed(seed)
         layers = {lay.name: lay for lay in program.layers}
         d = m.d_model
-        self.embed_tokens = nn.Embedding(m.vocab_size, d)
+        # padding_idx: the padding row's gradient is zero (and _init_dense leaves the row zero).
+        self.embed_tokens = nn.Embedding(m.vocab_size, d, padding_idx=m.pad_token_id)
         blocks = []
         for i, name in enumerate(m.blocks):
             attn = Attention(m.attention, d, m.norm_eps)
@@ -108,6 +109,8 @@ class MoENetwork(nn.Module):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.zero_()
+                if isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+                    mod.weight[mod.padding_idx].zero_()
 
     @property
     def moe_layers(self) -> list[MoELayer]:

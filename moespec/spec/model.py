@@ -106,6 +106,13 @@ class _ModelBase(Strict):
     """What a decoder and an encoder share: sizes, attention, norm, FFNs and the MoE pattern."""
 
     vocab_size: int = Field(gt=0, description="Vocabulary size (rows of the token embedding).")
+    pad_token_id: int | None = Field(
+        None,
+        ge=0,
+        description="The padding token's embedding row: zero at init and never updated (its gradient "
+        "is zero), as `nn.Embedding(padding_idx=...)` and transformers' models do. Must be below "
+        "`vocab_size`. None: no padding row.",
+    )
     blocks: int = Field(gt=0, description="Number of transformer blocks.")
     max_seq_len: int = Field(
         gt=0,

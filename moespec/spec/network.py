@@ -135,6 +135,9 @@ def check_model(spec: Spec) -> Iterator[Problem]:
     m = spec.model
     if m is None:
         return
+    if m.pad_token_id is not None and m.pad_token_id >= m.vocab_size:
+        message = f"pad_token_id={m.pad_token_id} is not below vocab_size={m.vocab_size}"
+        yield ("model", "pad_token_id"), message
     a = m.attention
     if a.kv_heads is not None and a.heads % a.kv_heads:
         yield ("model", "attention", "kv_heads"), f"kv_heads={a.kv_heads} does not divide heads={a.heads}"

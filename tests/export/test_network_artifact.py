@@ -58,3 +58,24 @@ def test_network_artifact_checks(tmp_path: Path, capsys):
     layer_out = tmp_path / "layer"
     build_artifact(SPEC, layer_out, SMALL, layer="layer")
     assert isinstance(moespec.load(layer_out), MoELayer)
+
+
+def test_triton_network_artifact_holds_every_designs_kernels(tmp_path: Path, monkeypatch):
+    """A triton network's artifact has kernels/ with the kernels of each MoE design it uses
+    (here a SwiGLU design and a GELU-MLP group: both sets), written on a machine without a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    groups = (
+        "+groups=[{name: a, count: 1, layer: {}}, {name: b, count: 1, layer: {experts: {routed: "
+        "[{count: 4, kind: mlp, activation: gelu, d_ff: 32}]}}}]"
+    )
+    out = tmp_path / "net"
+    triton = "+target={backend: triton, device: cuda}"
+    art = build_artifact(SPEC, out, [*SMALL, "model.blocks=3", triton, groups])
+    kernels = sorted(p.name for p in (out / "kernels").iterdir())
+    assert {k.split("__")[1] for k in kernels} == {
+        "silu-glu-nobias-fp32.py",
+        "gelu-mlp-nobias-fp32.py",
+        "softmax-softmax_then_topk-renorm-max.py",
+    }, kernels
+    assert all(f"kernels/{k}" in art.manifest["files"] for k in kernels)
+    assert "moespec" in (out / "kernels" / kernels[0]).read_text().splitlines()[0]

@@ -37,6 +37,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
              mlp_only_layers=[1], attention_bias=True),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=E, norm_topk_prob=False)),
+    "olmoe_pad": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=E, pad_token_id=1)),  # OLMoE's default
     "olmoe_tied": (
         "OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=E, norm_topk_prob=True, tie_word_embeddings=True)
     ),
@@ -90,6 +91,24 @@ def test_every_gradient_equals_transformers(case: str) -> None:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_the_padding_row_gets_no_gradient_as_in_transformers() -> None:
+    """`pad_token_id` maps to `model.pad_token_id`: the padding token's embedding row gets a
+    zero gradient in both models although the batch holds it, and the other rows match."""
+    hf = _model("olmoe_pad").train()
+    net = moespec.hf.network_from_model(hf).train()
+    assert net.ir.pad_token_id == 1
+    ids = _ids()
+    ids[:, ::3] = 1
+    hf(input_ids=ids, labels=ids).loss.backward()
+    net(ids, labels=ids).loss.backward()
+    want, got = hf.model.embed_tokens.weight.grad, net.embed_tokens.weight.grad
+    assert not got[1].any() and not want[1].any() and want[2:].abs().sum() > 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert moespec.hf.to_hf_model(net).config.pad_token_id == 1
+    fresh = moespec.build(SPECS / "tiny-decoder.yaml", ["+model.pad_token_id=0"])
+    assert not fresh.embed_tokens.weight[0].any() and fresh.embed_tokens.weight[1].any()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_network_to_model_round_trips_exactly(case: str) -> None:
     src, dst = _model(case, seed=0), _model(case, seed=1)
@@ -99,7 +118,7 @@ def test_network_to_model_round_trips_exactly(case: str) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe", "olmoe_tied"])
+@pytest.mark.parametrize("case", ["qwen3_moe", "olmoe_tied", "olmoe_pad"])
 def test_save_hf_loads_in_transformers(case: str, tmp_path: Path) -> None:
     hf = _model(case)
     net = moespec.hf.network_from_model(hf).eval()
