@@ -60,7 +60,8 @@ def test_train_and_resume_on_device(device, on_device, tmp_path: Path):
         train(SPEC, SMALL, out=tmp_path / "a", cfg=TrainConfig(steps=3, **cfg))
         train(SPEC, SMALL, out=tmp_path / "a", cfg=TrainConfig(steps=6, **cfg))
         train(SPEC, SMALL, out=tmp_path / "b", cfg=TrainConfig(steps=6, **cfg))
-    rows = {r: [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab"}
+    rows = {r: [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in "ab"}  # fmt: skip
     assert [r["step"] for r in rows["a"]] == [r["step"] for r in rows["b"]] == list(range(1, 7))
     for x, y in zip(rows["a"], rows["b"], strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(y["loss"]), (x, y)
